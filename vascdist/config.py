@@ -1,0 +1,476 @@
+"""The one typed config tree of vascdist.
+
+Every section is a dataclass; each field has a docstring. YAML is loaded strictly (an unknown key is an
+error naming the closest valid one), dotted command-line overrides win over the file, the file wins over
+the defaults, and every section checks its ranges in ``check()`` with messages that name the dotted key.
+The resolved tree is written into every run directory and checkpoint (``to_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vascdist.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+# --------------------------------------------------------------------------------------------- preprocessing
+@dataclass
+class AudioConfig:
+    sample_rate: int = 4000
+    """Rate (Hz) every recording is resampled to before anything else."""
+    bandpass_low_hz: float = 25.0
+    """High-pass corner (Hz): removes DC, breathing and most of the 50/60 Hz mains hum's sub-harmonics."""
+    bandpass_high_hz: float = 1800.0
+    """Low-pass corner (Hz); must stay below Nyquist."""
+    min_rms: float = 1e-4
+    """A recording whose RMS (full scale = 1) is below this is rejected as silent."""
+
+    def check(self, key: str) -> None:
+        _require(self.sample_rate >= 500, f"{key}.sample_rate", f"must be >= 500 Hz, got {self.sample_rate}")
+        _require(0 < self.bandpass_low_hz < self.bandpass_high_hz, f"{key}.bandpass_low_hz",
+                 "must be > 0 and below bandpass_high_hz")
+        _require(self.bandpass_high_hz < self.sample_rate / 2, f"{key}.bandpass_high_hz",
+                 f"must be below Nyquist ({self.sample_rate / 2} Hz), got {self.bandpass_high_hz}")
+
+
+@dataclass
+class CycleConfig:
+    min_bpm: float = 40.0
+    """Slowest heart rate the period search considers."""
+    max_bpm: float = 150.0
+    """Fastest heart rate the period search considers."""
+    envelope_hz: float = 200.0
+    """Rate (Hz) of the smoothed energy envelope that onsets are picked on."""
+    envelope_smoothing_s: float = 0.03
+    """Length (s) of the moving average applied to the squared signal to form the envelope."""
+    min_cycles: int = 2
+    """A recording with fewer detected cycles is rejected."""
+
+    def check(self, key: str) -> None:
+        _require(0 < self.min_bpm < self.max_bpm, f"{key}.min_bpm", "must be > 0 and below max_bpm")
+        _require(self.envelope_hz > 0, f"{key}.envelope_hz", "must be > 0")
+        _require(self.envelope_smoothing_s > 0, f"{key}.envelope_smoothing_s", "must be > 0")
+        _require(self.min_cycles >= 1, f"{key}.min_cycles", "must be >= 1")
+
+
+@dataclass
+class SpectrogramConfig:
+    n_fft: int = 256
+    """FFT size (samples) of the short-time transform."""
+    hop_length: int = 40
+    """Hop (samples) between frames; the cycle window is hop_length * (n_frames - 1) samples long."""
+    n_mels: int = 40
+    """Mel bands (the F of 1 x F x T)."""
+    n_frames: int = 100
+    """Frames per cycle (the T of 1 x F x T)."""
+    f_min: float = 20.0
+    """Lowest mel filter edge (Hz)."""
+    f_max: float = 2000.0
+    """Highest mel filter edge (Hz); at most Nyquist."""
+    top_db: float = 80.0
+    """Dynamic range kept by the amplitude-to-dB step."""
+
+    def check(self, key: str) -> None:
+        for name in ("n_fft", "hop_length", "n_mels", "n_frames"):
+            _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        _require(0 <= self.f_min < self.f_max, f"{key}.f_min", "must be >= 0 and below f_max")
+
+
+@dataclass
+class SplitConfig:
+    seed: int = 0
+    """Seed of the patient-level split (the same seed always gives the same split)."""
+    val_fraction: float = 0.15
+    """Fraction of patients (per label) held out for validation."""
+    test_fraction: float = 0.2
+    """Fraction of patients (per label) held out for test."""
+
+    def check(self, key: str) -> None:
+        _require(0 <= self.val_fraction < 1, f"{key}.val_fraction", "must be in [0, 1)")
+        _require(0 <= self.test_fraction < 1, f"{key}.test_fraction", "must be in [0, 1)")
+        _require(self.val_fraction + self.test_fraction < 1, f"{key}.test_fraction",
+                 "plus val_fraction must leave patients for training")
+
+
+@dataclass
+class PreprocessConfig:
+    classes: list[str] = field(default_factory=lambda: ["normal", "stenosis"])
+    """Class names in index order; 'normal' first. Manifest labels must be one of these."""
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    cycles: CycleConfig = field(default_factory=CycleConfig)
+    spectrogram: SpectrogramConfig = field(default_factory=SpectrogramConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    shard_size: int = 8192
+    """Samples per HDF5 shard file."""
+    chunk_size: int = 256
+    """HDF5 chunk length along N; the loader reads whole chunks."""
+    allow_mixed_patient_labels: bool = False
+    """Whether one patient may carry recordings of different labels (e.g. a stenosis at one site only)."""
+
+    def check(self, key: str) -> None:
+        _require(len(self.classes) >= 2, f"{key}.classes", "needs at least two classes")
+        _require(len(set(self.classes)) == len(self.classes), f"{key}.classes", "has duplicates")
+        _require(self.shard_size >= self.chunk_size > 0, f"{key}.shard_size", "must be >= chunk_size > 0")
+        _require(self.spectrogram.f_max <= self.audio.sample_rate / 2, f"{key}.spectrogram.f_max",
+                 f"must be at most Nyquist ({self.audio.sample_rate / 2} Hz)")
+
+
+# --------------------------------------------------------------------------------------------- training
+@dataclass
+class DataConfig:
+    shards: str = "data/quickstart/shards"
+    """Directory of shards written by `vascdist preprocess` (holds index.json)."""
+    synth_patients: int = 0
+    """If > 0 and `shards` does not exist, `vascdist train` synthesises this many patients and preprocesses them."""
+    synth_seed: int = 0
+    """Seed of that synthetic data set."""
+    batch_size: int = 64
+    """Global batch size (all ranks together, per optimiser step before accumulation)."""
+    num_workers: int = 2
+    """Loader worker processes per rank."""
+    shuffle_chunks: int = 16
+    """Chunks mixed together by the shuffle window (bigger: better shuffle, more memory)."""
+    prefetch_factor: int = 2
+    """Windows each worker prepares ahead."""
+    spec_augment: bool = False
+    """Apply SpecAugment (time and frequency masking) to training batches."""
+    freq_mask: int = 6
+    """Widest frequency mask (mel bands) of SpecAugment."""
+    time_mask: int = 12
+    """Widest time mask (frames) of SpecAugment."""
+
+    def check(self, key: str) -> None:
+        _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
+        _require(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
+        _require(self.shuffle_chunks >= 1, f"{key}.shuffle_chunks", "must be >= 1")
+        _require(self.prefetch_factor >= 1, f"{key}.prefetch_factor", "must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    """Registry name; `vascdist models` lists them."""
+    stem: str = "small"
+    """ResNet stem: 'imagenet' (7x7/2 + max-pool) or 'small' (3x3/1, no pool; suits 40 x 100 inputs)."""
+    width: float = 1.0
+    """Width multiplier on every channel count (0.25 trains on a CPU in minutes)."""
+    dropout: float = 0.0
+    """Dropout before the classifier."""
+
+    def check(self, key: str) -> None:
+        _require(self.stem in ("imagenet", "small"), f"{key}.stem", f"must be 'imagenet' or 'small', got '{self.stem}'")
+        _require(self.width > 0, f"{key}.width", "must be > 0")
+        _require(0 <= self.dropout < 1, f"{key}.dropout", "must be in [0, 1)")
+
+
+@dataclass
+class LossConfig:
+    name: str = "bce_onehot"
+    """'bce_onehot' (softmax + BCE on one-hot labels), 'cross_entropy' or 'focal'."""
+    class_weights: list[float] = field(default_factory=list)
+    """Per-class weights (empty: none)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of cross_entropy."""
+    focal_gamma: float = 2.0
+    """Focusing parameter of the focal loss."""
+    focal_alpha: list[float] = field(default_factory=list)
+    """Per-class balance of the focal loss (empty: none)."""
+
+    def check(self, key: str) -> None:
+        _require(self.name in ("bce_onehot", "cross_entropy", "focal"), f"{key}.name",
+                 f"must be one of bce_onehot, cross_entropy, focal; got '{self.name}'")
+        _require(0 <= self.label_smoothing < 1, f"{key}.label_smoothing", "must be in [0, 1)")
+        _require(self.focal_gamma >= 0, f"{key}.focal_gamma", "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """'sgd', 'adam', 'adamw' or 'adabound'."""
+    lr: float = 0.05
+    """Peak learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """Nesterov momentum for SGD."""
+    weight_decay: float = 1e-4
+    """L2 penalty (decoupled for adamw)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam-family betas."""
+    final_lr: float = 0.1
+    """AdaBound: the SGD learning rate the bounds converge to."""
+    gamma: float = 1e-3
+    """AdaBound: convergence speed of the bounds."""
+
+    def check(self, key: str) -> None:
+        _require(self.name in ("sgd", "adam", "adamw", "adabound"), f"{key}.name",
+                 f"must be one of sgd, adam, adamw, adabound; got '{self.name}'")
+        _require(self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
+        _require(0 <= self.momentum < 1, f"{key}.momentum", "must be in [0, 1)")
+        _require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{key}.betas",
+                 "must be two numbers in [0, 1)")
+
+
+@dataclass
+class SchedConfig:
+    name: str = "step"
+    """'none', 'step', 'exponential', 'cosine' (linear warm-up then cosine), 'onecycle' or 'plateau'."""
+    step_size: int = 1
+    """StepLR: epochs between decays."""
+    gamma: float = 0.5
+    """StepLR / ExponentialLR / plateau decay factor."""
+    warmup_steps: int = 0
+    """Linear warm-up steps of 'cosine'."""
+    min_lr: float = 0.0
+    """Floor of 'cosine'."""
+    patience: int = 2
+    """ReduceLROnPlateau: evaluations without improvement before a decay."""
+
+    def check(self, key: str) -> None:
+        _require(self.name in ("none", "step", "exponential", "cosine", "onecycle", "plateau"), f"{key}.name",
+                 f"must be one of none, step, exponential, cosine, onecycle, plateau; got '{self.name}'")
+        _require(self.step_size >= 1, f"{key}.step_size", "must be >= 1")
+        _require(0 < self.gamma <= 1, f"{key}.gamma", "must be in (0, 1]")
+        _require(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    """Epochs to train."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps (0: no limit)."""
+    seed: int = 0
+    """Seed of model init, shuffling and augmentation."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step; the global batch is split into this many."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this (0: off)."""
+    precision: str = "auto"
+    """'fp32', 'bf16' (autocast) or 'auto' (bf16 on GPUs that support it, else fp32)."""
+    channels_last: bool = False
+    """Use channels_last memory format for 2-D models."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    max_bad_steps: int = 5
+    """Stop after this many non-finite losses in a row (each is skipped and counted)."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: at the end of every epoch)."""
+    early_stop_metric: str = "recording/balanced_accuracy"
+    """Validation metric that picks the best checkpoint and drives early stopping / plateau."""
+    early_stop_patience: int = 0
+    """Evaluations without improvement before stopping (0: never stop early)."""
+    keep_last: int = 2
+    """Checkpoints kept besides best.pt."""
+    checkpoint_every: int = 0
+    """Also checkpoint every N steps (0: only after each evaluation)."""
+    device: str = "auto"
+    """'auto' (CUDA if present), 'cpu' or 'cuda'."""
+
+    def check(self, key: str) -> None:
+        _require(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
+        _require(self.max_steps >= 0, f"{key}.max_steps", "must be >= 0")
+        _require(self.grad_accum >= 1, f"{key}.grad_accum", "must be >= 1")
+        _require(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0")
+        _require(self.precision in ("auto", "fp32", "bf16"), f"{key}.precision", "must be auto, fp32 or bf16")
+        _require(self.max_bad_steps >= 1, f"{key}.max_bad_steps", "must be >= 1")
+        _require(self.keep_last >= 1, f"{key}.keep_last", "must be >= 1")
+        _require(self.device in ("auto", "cpu", "cuda"), f"{key}.device", "must be auto, cpu or cuda")
+
+
+@dataclass
+class DistConfig:
+    engine: str = "ddp"
+    """'ddp' or 'deepspeed' (used when more than one process runs)."""
+    timeout_s: int = 600
+    """Collective / rendezvous timeout."""
+    bucket_cap_mb: float = 25.0
+    """DDP gradient bucket size."""
+    gradient_as_bucket_view: bool = True
+    """DDP: gradients alias the all-reduce buckets (saves a copy)."""
+    static_graph: bool = False
+    """DDP static_graph."""
+    sync_batchnorm: bool = False
+    """Convert BatchNorm to SyncBatchNorm (batch statistics over all ranks)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0-3)."""
+    deepspeed_config: str = ""
+    """Optional DeepSpeed JSON; keys that contradict this config are an error."""
+    requeue_signal: str = "USR2"
+    """Signal that asks for checkpoint-and-requeue (SIGTERM is always handled too)."""
+    max_requeues: int = 10
+    """Requeues allowed before the job gives up."""
+
+    def check(self, key: str) -> None:
+        _require(self.engine in ("ddp", "deepspeed"), f"{key}.engine", "must be ddp or deepspeed")
+        _require(self.timeout_s > 0, f"{key}.timeout_s", "must be > 0")
+        _require(self.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", "must be 0, 1, 2 or 3")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name: runs/<name>/<time>/."""
+    out_dir: str = "runs"
+    """Parent of all run directories."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def check(self, key: str = "") -> None:
+        _require(self.data.batch_size % self.train.grad_accum == 0, "train.grad_accum",
+                 f"must divide data.batch_size ({self.data.batch_size})")
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field's annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+        return from_dict(annotation, value, key)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(annotation):
+            return None
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if annotation in (int, float, str) and (not isinstance(value, annotation) or isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    known = _fields(cls)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean '{(prefix + '.' if prefix else '') + close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint} (valid keys under '{prefix or 'top level'}': "
+                              f"{', '.join(known)})")
+        kwargs[name] = _coerce(value, hints[name], key)
+    obj = cls(**kwargs)
+    if hasattr(obj, "check"):
+        obj.check(prefix)
+    return obj
+
+
+def to_dict(cfg) -> dict:
+    """The resolved tree as plain data (what is written to config.yaml and into checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ['optim.lr=0.01', 'data.batch_size=128'] into a nested dict; values are parsed as YAML."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc.problem})") from None
+        _set_dotted(tree, dotted.strip(), value)
+    return tree
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config argument is a path, or the name of a file in the repository's configs/ ('quickstart')."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"config file '{path}' not found (nor in {CONFIG_DIR})")
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file < dotted overrides, validated."""
+    tree = read_yaml(path) if path else {}
+    tree = _merge(tree, parse_overrides(overrides or []))
+    cfg = from_dict(Config, tree)
+    cfg.check()
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config saved by `to_dict` (from a checkpoint or run directory)."""
+    cfg = from_dict(Config, tree)
+    cfg.check()
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
