@@ -1,0 +1,254 @@
+"""Sharded HDF5 storage: one split per shard, atomic writes, an index.json, `info` and `verify`.
+
+Layout of a shards directory:
+  shard-00000.h5 ...  datasets x [N, *sample_shape] float16 (chunked along N), y, patient, recording, cycle
+                      (int64; patient/recording index into index.json's tables); attrs: schema_version,
+                      kind, split, preprocess (JSON), package_version, manifest_sha256, checksum
+  index.json          shards (file, split, samples, sha256 of the file, checksum of the data), per-split and
+                      per-label counts, the train-split normalisation, class names, patient/recording tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+import vascdist
+from vascdist.data.manifest import file_sha256
+from vascdist.errors import DataError
+
+SCHEMA_VERSION = 1
+INDEX = "index.json"
+FIELDS = ("x", "y", "patient", "recording", "cycle")
+
+
+def data_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the datasets' bytes, in FIELDS order (stored in the shard, so it cannot hash the file)."""
+    digest = hashlib.sha256()
+    for name in FIELDS:
+        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict, chunk_size: int) -> dict:
+    """Write one shard under a temporary name, fsync, rename. Returns its index entry."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    checksum = data_checksum(arrays)
+    n = len(arrays["y"])
+    with h5py.File(tmp, "w") as f:
+        for name in FIELDS:
+            data = arrays[name]
+            chunks = (min(chunk_size, n),) + data.shape[1:] if n else None
+            f.create_dataset(name, data=data, chunks=chunks)
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.attrs["checksum"] = checksum
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    labels = Counter(int(v) for v in arrays["y"])
+    return {"file": path.name, "split": attrs["split"], "samples": n, "sha256": file_sha256(path),
+            "checksum": checksum, "labels": {str(k): v for k, v in sorted(labels.items())}}
+
+
+class ShardSetWriter:
+    """Buffers samples per split and writes `shard_size`-sample shards; keeps train-split sums for normalisation.
+
+    `finish()` flushes the rest and writes index.json last, so a directory without index.json is an
+    interrupted run. `abort()` removes everything this writer put in the directory.
+    """
+
+    def __init__(self, out_dir: Path, kind: str, sample_shape: tuple[int, ...], classes: list[str],
+                 preprocess: dict, shard_size: int, chunk_size: int, manifest_sha256: str, norm_axis: int):
+        self.out_dir, self.kind, self.sample_shape = out_dir, kind, tuple(sample_shape)
+        self.classes, self.preprocess = classes, preprocess
+        self.shard_size, self.chunk_size = shard_size, chunk_size
+        self.manifest_sha256 = manifest_sha256
+        self.norm_axis = norm_axis  # axis of sample_shape that gets its own mean/std (mel band for spectrograms)
+        self.buffers: dict[str, list[dict[str, np.ndarray]]] = {"train": [], "val": [], "test": []}
+        self.buffered = Counter()
+        self.entries: list[dict] = []
+        n_stats = sample_shape[norm_axis] if norm_axis >= 0 else 1
+        self.sum = np.zeros(n_stats, np.float64)
+        self.sumsq = np.zeros(n_stats, np.float64)
+        self.count = 0
+        self.written: list[Path] = []
+
+    def add(self, split: str, arrays: dict[str, np.ndarray]) -> None:
+        """Add a block of samples (all FIELDS, same length) to `split`."""
+        if split == "train" and len(arrays["y"]):
+            x = arrays["x"].astype(np.float64)
+            axes = tuple(i for i in range(x.ndim) if i != 1 + self.norm_axis) if self.norm_axis >= 0 else None
+            self.sum += x.sum(axis=axes)
+            self.sumsq += (x * x).sum(axis=axes)
+            self.count += x.size // len(self.sum)
+        self.buffers[split].append(arrays)
+        self.buffered[split] += len(arrays["y"])
+        while self.buffered[split] >= self.shard_size:
+            self._flush(split, self.shard_size)
+
+    def _flush(self, split: str, n: int) -> None:
+        merged = {k: np.concatenate([b[k] for b in self.buffers[split]]) for k in FIELDS}
+        head = {k: v[:n] for k, v in merged.items()}
+        rest = {k: v[n:] for k, v in merged.items()}
+        self.buffers[split] = [rest] if len(rest["y"]) else []
+        self.buffered[split] -= n
+        path = self.out_dir / f"shard-{len(self.entries):05d}.h5"
+        attrs = {"schema_version": SCHEMA_VERSION, "kind": self.kind, "split": split,
+                 "preprocess": json.dumps(self.preprocess), "package_version": vascdist.__version__,
+                 "manifest_sha256": self.manifest_sha256, "classes": json.dumps(self.classes)}
+        self.written.append(path)
+        self.entries.append(write_shard(path, head, attrs, self.chunk_size))
+
+    def finish(self, patients: list[str], recordings: list[dict]) -> dict:
+        for split in self.buffers:
+            if self.buffered[split]:
+                self._flush(split, self.buffered[split])
+        if self.count == 0:
+            raise DataError(f"{self.out_dir}: the train split is empty; add patients or lower the val/test fractions")
+        mean = self.sum / self.count
+        std = np.sqrt(np.maximum(self.sumsq / self.count - mean * mean, 1e-12))
+        splits = {}
+        for split in ("train", "val", "test"):
+            entries = [e for e in self.entries if e["split"] == split]
+            labels = Counter()
+            for e in entries:
+                labels.update({int(k): v for k, v in e["labels"].items()})
+            recs = [r for r in recordings if r["split"] == split]
+            splits[split] = {"samples": sum(e["samples"] for e in entries),
+                             "labels": {self.classes[k]: labels.get(k, 0) for k in range(len(self.classes))},
+                             "patients": len({r["patient"] for r in recs}), "recordings": len(recs)}
+        index = {"schema_version": SCHEMA_VERSION, "kind": self.kind, "sample_shape": list(self.sample_shape),
+                 "classes": self.classes, "package_version": vascdist.__version__,
+                 "manifest_sha256": self.manifest_sha256, "preprocess": self.preprocess,
+                 "normalization": {"axis": self.norm_axis, "mean": mean.tolist(), "std": std.tolist(),
+                                   "fitted_on": "train"},
+                 "shards": self.entries, "splits": splits, "patients": patients, "recordings": recordings}
+        atomic_write_text(self.out_dir / INDEX, json.dumps(index, indent=1))
+        return index
+
+    def abort(self) -> None:
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        for tmp in self.out_dir.glob(".shard-*.h5.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def prepare_output_dir(out_dir: str | Path, kind: str, overwrite: bool) -> Path:
+    """Make `out_dir` ready for a new shard set without ever mixing schemas or silently replacing a finished set.
+
+    Leftovers of an interrupted run (shards but no index.json) are removed: such shards were never complete.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index_path = out / INDEX
+    if index_path.exists():
+        try:
+            old = json.loads(index_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{index_path}: unreadable index ({exc}); remove the directory or choose another --out") from None
+        if old.get("schema_version") != SCHEMA_VERSION or old.get("kind") != kind:
+            raise DataError(f"{out}: holds shards of another schema (schema {old.get('schema_version')}, kind "
+                            f"{old.get('kind')}; this is schema {SCHEMA_VERSION}, kind {kind}); choose another --out")
+        if not overwrite:
+            raise DataError(f"{out}: already holds a finished shard set; pass --overwrite to replace it or choose another --out")
+        index_path.unlink()
+    for stale in list(out.glob("shard-*.h5")) + list(out.glob(".shard-*.h5.tmp")) + [out / "skipped.csv"]:
+        stale.unlink(missing_ok=True)
+    return out
+
+
+def load_index(shards_dir: str | Path) -> dict:
+    """Read index.json and check the schema; errors name the directory."""
+    path = Path(shards_dir) / INDEX
+    if not path.is_file():
+        raise DataError(f"{shards_dir}: no {INDEX} (not a shards directory, or preprocessing did not finish)")
+    try:
+        index = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if index.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"{path}: shards of schema {index.get('schema_version')}, this vascdist reads schema "
+                        f"{SCHEMA_VERSION}; re-run `vascdist preprocess`")
+    return index
+
+
+def read_shard(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: f[k][...] for k in FIELDS}, dict(f.attrs)
+    except (OSError, KeyError) as exc:
+        raise DataError(f"{path}: unreadable shard ({exc})") from None
+
+
+def verify(shards_dir: str | Path) -> dict:
+    """Check schema, file and data checksums, counts against index.json and patient leakage across splits."""
+    root = Path(shards_dir)
+    index = load_index(root)
+    patient_split: dict[int, str] = {}
+    totals = Counter()
+    for entry in index["shards"]:
+        path = root / entry["file"]
+        if not path.is_file():
+            raise DataError(f"{path}: shard listed in {INDEX} is missing")
+        if file_sha256(path) != entry["sha256"]:
+            raise DataError(f"{path}: file checksum does not match {INDEX} (corrupted or modified)")
+        arrays, attrs = read_shard(path)
+        if attrs.get("schema_version") != SCHEMA_VERSION or attrs.get("split") != entry["split"]:
+            raise DataError(f"{path}: schema/split attributes do not match {INDEX}")
+        if data_checksum(arrays) != attrs.get("checksum"):
+            raise DataError(f"{path}: data checksum does not match the shard's own checksum (corrupted)")
+        if len(arrays["y"]) != entry["samples"] or list(arrays["x"].shape[1:]) != index["sample_shape"]:
+            raise DataError(f"{path}: holds {len(arrays['y'])} samples of shape {list(arrays['x'].shape[1:])}, "
+                            f"{INDEX} says {entry['samples']} of {index['sample_shape']}")
+        for p in np.unique(arrays["patient"]):
+            previous = patient_split.setdefault(int(p), entry["split"])
+            if previous != entry["split"]:
+                name = index["patients"][int(p)]
+                raise DataError(f"{path}: patient '{name}' appears in split '{entry['split']}' and in '{previous}' (leakage)")
+        totals[entry["split"]] += len(arrays["y"])
+    for split, counts in index["splits"].items():
+        if counts["samples"] != totals[split]:
+            raise DataError(f"{root}: split '{split}' has {totals[split]} samples in shards, {INDEX} says {counts['samples']}")
+    extra = sorted({p.name for p in root.glob("shard-*.h5")} - {e["file"] for e in index["shards"]})
+    if extra:
+        raise DataError(f"{root / extra[0]}: shard not listed in {INDEX}")
+    return index
+
+
+def info(shards_dir: str | Path) -> str:
+    """Human-readable summary: counts per split / label / patient and the preprocessing parameters."""
+    root = Path(shards_dir)
+    index = load_index(root)
+    lines = [f"{root}: {len(index['shards'])} shards, kind {index['kind']}, sample shape {index['sample_shape']}, "
+             f"schema {index['schema_version']}, vascdist {index['package_version']}",
+             f"classes: {', '.join(index['classes'])}", "",
+             f"{'split':<6} {'samples':>8} {'patients':>8} {'recordings':>10}  per label"]
+    for split, c in index["splits"].items():
+        labels = "  ".join(f"{k}={v}" for k, v in c["labels"].items())
+        lines.append(f"{split:<6} {c['samples']:>8} {c['patients']:>8} {c['recordings']:>10}  {labels}")
+    per_patient = Counter()
+    for entry in index["shards"]:
+        arrays, _ = read_shard(root / entry["file"])
+        per_patient.update(int(p) for p in arrays["patient"])
+    if per_patient:
+        counts = np.array(list(per_patient.values()))
+        lines.append(f"\nsamples per patient: min {counts.min()}, median {int(np.median(counts))}, max {counts.max()} "
+                     f"over {len(counts)} patients")
+    lines += ["", "preprocessing parameters:", json.dumps(index["preprocess"], indent=1)]
+    return "\n".join(lines)
