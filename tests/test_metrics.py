@@ -205,7 +205,8 @@ def test_evaluate_levels_binary_youden_then_fixed():
     t_probs, t_labels, t_rec, t_pat = _levels_fixture(seed=1)
     test = metrics.evaluate_levels(t_probs, t_labels, t_rec, t_pat, names, threshold=fixed)
     assert {level: test[f"{level}/threshold"] for level in metrics.LEVELS} == fixed
-    assert test["cycle/confusion"] == skm.confusion_matrix(t_labels, (t_probs[:, 1] >= fixed["cycle"]).astype(int)).tolist()
+    t_preds = (t_probs[:, 1] >= fixed["cycle"]).astype(int)
+    assert test["cycle/confusion"] == skm.confusion_matrix(t_labels, t_preds).tolist()
     with pytest.raises(VascdistError, match="lacks levels"):
         metrics.evaluate_levels(t_probs, t_labels, t_rec, t_pat, names, threshold={"cycle": 0.5})
 

@@ -219,7 +219,8 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: l
     """
     probs, labels = _check_inputs(probs, labels)
     if len(class_names) != probs.shape[1]:
-        raise VascdistError(f"metrics: {len(class_names)} class names {class_names} for {probs.shape[1]} columns of probs")
+        raise VascdistError(f"metrics: {len(class_names)} class names {class_names} "
+                            f"for {probs.shape[1]} columns of probs")
     if probs.shape[1] == 2:
         return _binary_metrics(probs, labels, 0.5 if threshold is None else float(threshold))
     if threshold is not None:
