@@ -1,0 +1,82 @@
+"""Recording -> float32 mono signal at the configured rate, band-passed to the bruit band."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from vascdist.config import AudioConfig
+from vascdist.errors import DataError
+
+# torchaudio's biquads run through lfilter, which clamps its output to [-1, 1]. The filters are linear, so we
+# filter a copy scaled to this peak (headroom for overshoot) and scale the result back.
+_FILTER_PEAK = 0.25
+
+
+def _zero_phase(x: torch.Tensor, biquad) -> torch.Tensor:
+    """Apply a biquad forward then backward: zero phase (cycle onsets are not delayed) and twice the roll-off."""
+    return biquad(biquad(x).flip(-1)).flip(-1)
+
+
+def bandpass(x: torch.Tensor, sample_rate: int, cfg: AudioConfig) -> torch.Tensor:
+    """Forward-backward 2nd-order Butterworth high-pass and low-pass: 4th-order (24 dB/octave) skirts, -6 dB
+    at each corner, and no phase shift, so envelope timing (cycle onsets) is preserved."""
+    peak = float(x.abs().max())
+    if peak == 0.0:
+        return x
+    scale = _FILTER_PEAK / peak
+    y = x * scale
+    y = _zero_phase(y, lambda v: AF.highpass_biquad(v, sample_rate, cfg.bandpass_low_hz))
+    y = _zero_phase(y, lambda v: AF.lowpass_biquad(v, sample_rate, cfg.bandpass_high_hz))
+    return y / scale
+
+
+def prepare_audio(samples: np.ndarray, source_rate: int, cfg: AudioConfig) -> np.ndarray:
+    """In-memory samples (frames,) or (frames, channels) at source_rate -> float32 mono at cfg.sample_rate,
+    band-passed between cfg.bandpass_low_hz and cfg.bandpass_high_hz.
+
+    Raises DataError (without a file name; load_audio adds it) for empty or silent input.
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    if x.ndim == 2:
+        x = x.mean(axis=1)  # channels -> mono
+    elif x.ndim != 1:
+        raise DataError(f"expected samples shaped (frames,) or (frames, channels), got shape {x.shape}")
+    if x.size == 0:
+        raise DataError("empty recording (0 frames)")
+    if not np.all(np.isfinite(x)):
+        raise DataError("recording contains NaN or infinite samples")
+    x = x - x.mean()
+    rms = float(np.sqrt(np.mean(x ** 2)))
+    if rms < cfg.min_rms:
+        raise DataError(f"silent recording (RMS {rms:.2e} after removing DC is below "
+                        f"preprocess.audio.min_rms={cfg.min_rms:g})")
+    wave = torch.from_numpy(x)
+    if source_rate != cfg.sample_rate:
+        wave = AF.resample(wave, int(source_rate), int(cfg.sample_rate))
+    return bandpass(wave, cfg.sample_rate, cfg).numpy().astype(np.float32)
+
+
+def load_audio(path: str | Path, cfg: AudioConfig) -> np.ndarray:
+    """Read any file soundfile reads -> float32 mono at cfg.sample_rate, band-passed (see prepare_audio).
+
+    Every problem (missing, unreadable, empty, silent) is a DataError starting with the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    try:
+        samples, rate = sf.read(str(path), dtype="float64", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        reason = getattr(exc, "error_string", "") or str(exc).splitlines()[0] or type(exc).__name__
+        raise DataError(f"{path}: unreadable audio file ({reason})") from None
+    try:
+        return prepare_audio(samples, rate, cfg)
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
