@@ -1,0 +1,284 @@
+"""Exact, crash-safe checkpoints: atomic writes, RNG capture, keep-last-N pruning and resume resolution.
+
+Nothing here imports ``torch.distributed``: the training loop decides which rank saves (global rank 0) and
+which ranks load (all of them).
+
+Every file is written temp file -> flush -> fsync -> ``os.replace`` -> fsync(directory), so a crash or a
+signal mid-write never leaves a half-written file under the final name. Temp files are named
+``.<final name>.<pid>.<random>.tmp``: they never match ``step-*.pt``, so loading ignores them, and the manager
+removes leftovers after its next successful save.
+
+States are kept loadable with ``torch.load(weights_only=True)`` (the safe unpickler): ``capture_rng_state``
+stores numpy's key as a tensor, and ``CheckpointManager.save`` refuses, at save time and naming the key, a
+value that the safe unpickler would refuse at resume time (a numpy scalar, a slice, a defaultdict ...).
+``CheckpointManager(weights_only=False)`` lifts both for states that need arbitrary python objects.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import re
+import shutil
+import sys
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
+import torch
+
+from vascdist.errors import VascdistError
+
+STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+BEST_FILE = "best.pt"
+TEMP_FILE = re.compile(r"^\.(step-\d+\.pt|best\.pt)\.\d+\.[0-9a-f]+\.tmp$")  # what _atomic_write names
+
+# Types the safe unpickler of torch.load(weights_only=True) accepts without add_safe_globals (checked on
+# torch 2.11; exact types: a subclass such as defaultdict or a namedtuple is refused).
+_SAFE_LEAVES = (str, bytes, int, float, bool, complex, type(None), torch.Size, torch.dtype, torch.device,
+                torch.Tensor, torch.nn.Parameter)
+_SAFE_MAPPINGS = (dict, collections.OrderedDict)
+_SAFE_SEQUENCES = (list, tuple, set)
+
+
+# --------------------------------------------------------------------------------------------- atomic writes
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable: the directory entry itself must reach the disk."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms / file systems cannot open a directory; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(f) on a temp file beside `path`, fsync it, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "xb") as f:  # "x": never reuse a name; normal umask permissions (mkstemp gives 0600)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # includes KeyboardInterrupt and an exception raised by a signal handler
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` that either fully replaces `path` or leaves it untouched (no temp file left)."""
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    """Copy the bytes of `src` to `dst` atomically (no second serialisation)."""
+    def write(f: BinaryIO) -> None:
+        with open(src, "rb") as s:
+            shutil.copyfileobj(s, f, length=16 * 1024 * 1024)
+    _atomic_write(dst, write)
+
+
+# --------------------------------------------------------------------------------------------- RNG state
+def capture_rng_state() -> dict:
+    """RNG states of python ``random``, numpy's global generator, torch CPU and every visible CUDA device.
+
+    The result holds only ints, strings, floats, tuples and tensors, so it loads with weights_only=True.
+    """
+    np_state = np.random.get_state(legacy=False)  # {'bit_generator', 'state': {'key', 'pos'}, 'has_gauss', 'gauss'}
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),  # uint32 (624,) as int64
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of `capture_rng_state`: the next draws equal those that followed the capture."""
+    random.setstate(_as_tuples(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state({
+        "bit_generator": np_state["bit_generator"],
+        "state": {"key": np_state["key"].cpu().numpy().astype(np.uint32), "pos": int(np_state["pos"])},
+        "has_gauss": int(np_state["has_gauss"]),
+        "gauss": float(np_state["gauss"]),
+    })
+    torch.set_rng_state(state["torch"].cpu())  # a map_location='cuda' load would have moved it
+    saved_cuda = state.get("cuda")
+    if saved_cuda and torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        if len(saved_cuda) != n:
+            warnings.warn(f"checkpoint holds CUDA RNG states of {len(saved_cuda)} devices but {n} are visible; "
+                          f"restoring the first {min(n, len(saved_cuda))}", stacklevel=2)
+        for device, dev_state in enumerate(saved_cuda[:n]):
+            torch.cuda.set_rng_state(dev_state.cpu(), device)
+
+
+def _as_tuples(value: Any) -> Any:
+    """random.setstate needs tuples; a state that went through JSON or lists would hold lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# --------------------------------------------------------------------------------------------- checking
+def check_weights_only(state: Any, key: str = "state") -> None:
+    """Raise VascdistError naming the first value that torch.load(weights_only=True) would refuse."""
+    kind = type(state)
+    if kind in _SAFE_MAPPINGS:
+        for k, v in state.items():
+            if type(k) not in _SAFE_LEAVES:
+                raise VascdistError(f"checkpoint state key '{key}' has a key of type {_type_name(k)}; "
+                                    "use str or int keys")
+            check_weights_only(v, f"{key}.{k}")
+    elif kind in _SAFE_SEQUENCES:
+        for i, v in enumerate(state):
+            check_weights_only(v, f"{key}[{i}]")
+    elif kind not in _SAFE_LEAVES:
+        raise VascdistError(
+            f"checkpoint state key '{key}' holds a {_type_name(state)}, which torch.load(weights_only=True) "
+            "refuses; convert it (float(x), int(x), torch.as_tensor(x), dict(x)) or use "
+            "CheckpointManager(weights_only=False)")
+
+
+def _type_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _short_reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", lines[0] if lines else "")  # torch colours its weights_only message
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+# --------------------------------------------------------------------------------------------- manager
+class CheckpointManager:
+    """Writes ``step-{step:08d}.pt`` files (and ``best.pt``) in `directory`; keeps the newest `keep_last`.
+
+    Construction does no I/O, so every rank may build one; only the saving rank should call `save`.
+    """
+
+    def __init__(self, directory: str | Path, keep_last: int, weights_only: bool = True):
+        if keep_last < 1:
+            raise VascdistError(f"CheckpointManager keep_last must be >= 1, got {keep_last} (train.keep_last)")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.weights_only = weights_only
+
+    def step_path(self, step: int) -> Path:
+        return self.directory / f"step-{step:08d}.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.directory / BEST_FILE
+
+    def step_files(self) -> list[tuple[int, Path]]:
+        """(step, path) of every step file, oldest step first; temp files and best.pt are not listed."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.iterdir():
+            match = STEP_FILE.match(path.name)
+            if match and path.is_file():
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def save(self, step: int, state: dict, is_best: bool = False) -> Path:
+        """Atomically write `state` as the checkpoint of `step` (and as best.pt), then prune old step files.
+
+        Older files are deleted only after the new ones are in place, so a crash at any point leaves at
+        least the previous loadable checkpoint.
+        """
+        if step < 0:
+            raise VascdistError(f"checkpoint step must be >= 0, got {step}")
+        if not isinstance(state, dict):
+            raise VascdistError(f"checkpoint state must be a dict, got {_type_name(state)}")
+        if self.weights_only:
+            check_weights_only(state)
+        path = self.step_path(step)
+        atomic_torch_save(state, path)
+        if is_best:
+            _atomic_copy(path, self.best_path)
+        self._prune(keep=path)
+        self._remove_stale_temp_files()
+        return path
+
+    def _prune(self, keep: Path) -> None:
+        """Keep `keep` (just written) plus the newest keep_last - 1 other step files."""
+        others = [p for _, p in self.step_files() if p != keep]
+        for path in others[: max(0, len(others) - (self.keep_last - 1))]:
+            path.unlink(missing_ok=True)
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files left by a crash or a kill mid-write; safe now because our own writes are finished."""
+        for path in self.directory.iterdir():
+            if TEMP_FILE.match(path.name):
+                path.unlink(missing_ok=True)
+
+    def _try_load(self, path: Path, map_location: Any) -> tuple[dict | None, str]:
+        """(state, '') or (None, why it cannot be loaded)."""
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=self.weights_only)
+        except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad bytes
+            return None, _short_reason(exc)
+        if not isinstance(state, dict):
+            return None, f"not a vascdist checkpoint (holds a {_type_name(state)}, not a dict)"
+        return state, ""
+
+    def load(self, path: str | Path, map_location: Any = "cpu") -> dict:
+        """Load one checkpoint file; VascdistError naming the file if it is missing, truncated or corrupt."""
+        path = Path(path)
+        if not path.is_file():
+            raise VascdistError(f"checkpoint '{path}' does not exist or is not a file")
+        state, reason = self._try_load(path, map_location)
+        if state is None:
+            raise VascdistError(f"checkpoint '{path}' is unreadable: {reason}")
+        return state
+
+    def latest_loadable(self, map_location: Any = "cpu") -> tuple[Path, dict] | None:
+        """The newest step file that loads, with its state; corrupt files are skipped with one stderr line."""
+        for _, path in reversed(self.step_files()):
+            state, reason = self._try_load(path, map_location)
+            if state is not None:
+                return path, state
+            print(f"skipping corrupt checkpoint {path}: {reason}", file=sys.stderr, flush=True)
+        return None
+
+
+def resolve_resume(resume: str, run_dir_checkpoints: str | Path, weights_only: bool = True) -> Path | None:
+    """The checkpoint file a `--resume` value names.
+
+    '' or 'none': no resume (None). 'auto': the newest loadable step file in `run_dir_checkpoints`, or None
+    when there is none. A directory: the newest loadable step file in it (error if none). Otherwise a file
+    path, which must exist.
+    """
+    if resume in ("", "none"):
+        return None
+    if resume == "auto":
+        found = CheckpointManager(run_dir_checkpoints, 1, weights_only).latest_loadable()
+        return found[0] if found else None
+    path = Path(resume)
+    if path.is_dir():
+        found = CheckpointManager(path, 1, weights_only).latest_loadable()
+        if found is None:
+            raise VascdistError(f"resume directory '{path}' holds no loadable step-*.pt checkpoint")
+        return found[0]
+    if not path.is_file():
+        raise VascdistError(f"resume checkpoint '{path}' not found (give a file, a checkpoint directory or 'auto')")
+    return path
