@@ -48,6 +48,7 @@ def _add_preprocess(sub) -> None:
     p.add_argument("--config", default=None, help="YAML config (its preprocess section is used)")
     p.add_argument("--workers", type=int, default=1, help="parallel recording workers")
     p.add_argument("--skip-bad", action="store_true", help="skip bad recordings, listing them in skipped.csv")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished shard set in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. preprocess.shard_size=4096")
 
@@ -56,11 +57,11 @@ def _add_preprocess(sub) -> None:
         cfg = load_config(a.config, a.overrides)
         if a.beats:
             from vascdist.data.beats import preprocess_beats
-            index = preprocess_beats(a.beats, a.out, cfg.preprocess)
+            index = preprocess_beats(a.beats, a.out, cfg.preprocess, overwrite=a.overwrite)
         else:
             from vascdist.data.preprocess import preprocess
             index = preprocess(a.manifest, a.out, cfg.preprocess, workers=a.workers, skip_bad=a.skip_bad,
-                               progress=not a.quiet)
+                               progress=not a.quiet, overwrite=a.overwrite)
         print(f"wrote {len(index['shards'])} shards to {a.out}: " +
               ", ".join(f"{s}={c['samples']}" for s, c in index["splits"].items()))
     p.set_defaults(func=run)
@@ -91,10 +92,68 @@ def _add_models(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train (with no arguments: the embedded quickstart, end to end)")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (path or name in configs/); default quickstart")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01 data.batch_size=128")
+    p.add_argument("--resume", default=None, help="'auto' (newest loadable checkpoint of this run name) or a file")
+    p.add_argument("--run-dir", default=None, help="explicit run directory (default runs/<name>/<time>/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def run(a):
+        config, overrides = a.config, list(a.overrides)
+        if config is not None and "=" in config:  # `vascdist train optim.lr=0.1`: overrides only
+            config, overrides = None, [config] + overrides
+        from vascdist.jobs import run_training
+        summary = run_training(config, overrides, resume=a.resume, run_dir=a.run_dir, quiet=a.quiet)
+        return 0
+    p.set_defaults(func=run)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a run or checkpoint on a split (JSON + confusion-matrix PNG)")
+    p.add_argument("run", help="run directory or checkpoint file")
+    p.add_argument("--shards", default=None, help="shards directory (default: the one the run trained on)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", default=None, help="metrics JSON to write (default RUN/eval-<split>.json)")
+
+    def run(a):
+        from vascdist.inference import evaluate_checkpoint
+        from vascdist.jobs import format_summary
+        result = evaluate_checkpoint(a.run, a.shards, a.split, a.out)
+        classes = result["classes"]
+        print(format_summary({"test": result["metrics"], "classes": classes, "best_step": "-",
+                              "run_dir": result["checkpoint"]}).replace("test set", f"{a.split} set"))
+        print(f"wrote {result['json']} and {result['png']}")
+    p.set_defaults(func=run)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="per-cycle probabilities and a verdict for each recording")
+    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    p.add_argument("files", nargs="+", help="WAV (or any soundfile-readable) recordings")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    def run(a):
+        import json
+        from vascdist.inference import predict_files
+        results = predict_files(a.checkpoint, a.files)
+        if a.json:
+            print(json.dumps(results, indent=1))
+            return
+        for r in results:
+            probs = "  ".join(f"P({k})={v:.3f}" for k, v in r["probabilities"].items())
+            per_cycle = " ".join(f"{list(c['probabilities'].values())[-1]:.2f}" for c in r["cycles"])
+            print(f"{r['file']}: {r['verdict'].upper()}  {probs}  ({len(r['cycles'])} cycles; "
+                  f"per-cycle P({list(r['probabilities'])[-1]}): {per_cycle})")
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vascdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_synth, _add_manifest, _add_preprocess, _add_shards, _add_models):
+    for add in (_add_synth, _add_manifest, _add_preprocess, _add_shards, _add_train, _add_evaluate, _add_predict,
+                _add_models):
         add(sub)
     return parser
 

@@ -232,7 +232,10 @@ class StreamingLoader:
         stream.epoch, stream.start_batch = self.epoch, self.batches
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            persistent_workers=False)
+                            persistent_workers=False,
+                            # Its own generator: creating an iterator must not draw from the global torch RNG,
+                            # or a resumed run would diverge from an uninterrupted one.
+                            generator=torch.Generator().manual_seed(stream.seed * 100003 + self.epoch))
         size = stream.local_batch
         carry: list[dict[str, torch.Tensor]] = []
         carried = 0

@@ -1,0 +1,165 @@
+"""Everything distributed lives here: reading the launcher's environment, the process group, devices,
+collectives the loop needs, and rank-0-only side effects. Other modules get a `DistEnv` as a plain argument.
+
+Launchers understood (first match wins):
+  torchrun / torch.distributed.run: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+  srun without torchrun:            SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, first host of SLURM_JOB_NODELIST
+                                    as master, port derived from SLURM_JOB_ID (every task agrees without talking)
+  otherwise:                        a single process
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from vascdist.errors import VascdistError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    launcher: str = "single"  # 'single', 'torchrun' or 'slurm'
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist ('n[1-2],gpu07' -> 'n1'); scontrol when present, else parsed here."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # containers often lack scontrol (submitit issue 1601): parse the common forms ourselves
+    match = re.match(r"([^\[,]+)(?:\[([^\]]+)\])?", nodelist)
+    if not match:
+        raise VascdistError(f"cannot parse SLURM_JOB_NODELIST '{nodelist}'")
+    prefix, ranges = match.group(1), match.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{first}"
+
+
+def slurm_master_port(job_id: str) -> int:
+    """A port every task of the job derives alike (the submitit convention), in 20000-29999."""
+    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 10000
+
+
+def read_launch_env(environ: dict | None = None) -> tuple[str, int, int, int]:
+    """(launcher, rank, world_size, local_rank) from the environment; sets MASTER_* for srun tasks."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_NODELIST" in env:
+        env.setdefault("MASTER_ADDR", first_slurm_host(env["SLURM_JOB_NODELIST"]))
+        env.setdefault("MASTER_PORT", str(slurm_master_port(env.get("SLURM_JOB_ID", "0"))))
+        return "slurm", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return "single", 0, 1, 0
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise VascdistError("train.device=cuda but no CUDA device is visible")
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> DistEnv:
+    """Set up the process group (NCCL on CUDA, gloo on CPU) from whatever launched us."""
+    launcher, rank, world_size, local_rank = read_launch_env()
+    device = pick_device(device_preference, local_rank)
+    if world_size > 1 and not torch_dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            torch_dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                          timeout=datetime.timedelta(seconds=timeout_s),
+                                          device_id=device if device.type == "cuda" else None)
+        except Exception as exc:  # a rendezvous that never completes ends here after the timeout
+            raise VascdistError(f"rank {rank}/{world_size}: process group init failed via "
+                                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({exc})") from None
+    return DistEnv(rank, world_size, local_rank, device, launcher)
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.distributed and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        torch_dist.barrier()
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank if `flag` is True on any (one small all-reduce)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_finite(loss: torch.Tensor, env: DistEnv) -> bool:
+    """Whether the loss is finite on every rank (so all ranks skip a bad step together)."""
+    finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+    if env.distributed:
+        torch_dist.all_reduce(finite, op=torch_dist.ReduceOp.MIN)
+    return bool(finite.item() > 0)
+
+
+def gather_arrays(arrays: dict[str, np.ndarray], env: DistEnv) -> dict[str, np.ndarray]:
+    """Concatenate each rank's arrays in rank order on every rank (exact metrics: raw scores, not averages)."""
+    if not env.distributed:
+        return arrays
+    parts: list = [None] * env.world_size
+    torch_dist.all_gather_object(parts, arrays)
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's value of `obj` on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_across_ranks(value: float, env: DistEnv) -> float:
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    torch_dist.all_reduce(t)
+    return float(t.item()) / env.world_size
+
+
+@contextmanager
+def main_first(env: DistEnv):
+    """Rank 0 runs the block first (e.g. to create a directory), the others after it."""
+    if not env.is_main:
+        barrier(env)
+    yield
+    if env.is_main:
+        barrier(env)

@@ -1,0 +1,132 @@
+"""`vascdist evaluate` and `vascdist predict`: models from checkpoints, applied to shards or to WAV files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vascdist.config import Config, PreprocessConfig, config_from_dict, from_dict
+from vascdist.data.loader import ShardStream, StreamingLoader
+from vascdist.data.shards import load_index
+from vascdist.dist import DistEnv
+from vascdist.errors import VascdistError
+from vascdist.models import build_model
+from vascdist.train.checkpoint import CheckpointManager
+
+
+def json_safe(value):
+    """NaN -> None so that what we write is valid JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def find_checkpoint(run_or_ckpt: str | Path) -> Path:
+    """A checkpoint file, or a run directory (its best.pt, else its newest step file)."""
+    path = Path(run_or_ckpt)
+    if path.is_file():
+        return path
+    ckpts = path / "checkpoints"
+    if (ckpts / "best.pt").is_file():
+        return ckpts / "best.pt"
+    steps = sorted(ckpts.glob("step-*.pt"))
+    if steps:
+        return steps[-1]
+    raise VascdistError(f"{path}: neither a checkpoint file nor a run directory with checkpoints")
+
+
+def load_model(checkpoint: Path) -> tuple[torch.nn.Module, dict, Config]:
+    """Rebuild the model a checkpoint was trained with and load its weights."""
+    state = CheckpointManager(checkpoint.parent, keep_last=1).load(checkpoint)
+    for key in ("engine", "config", "data"):
+        if key not in state:
+            raise VascdistError(f"{checkpoint}: not a vascdist checkpoint (no '{key}')")
+    cfg = config_from_dict(state["config"])
+    info = state["data"]
+    model = build_model(cfg.model, len(info["classes"]), tuple(info["sample_shape"]))
+    try:
+        model.load_state_dict(state["engine"]["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise VascdistError(f"{checkpoint}: weights do not fit model '{cfg.model.name}' ({first})") from None
+    model.eval()
+    return model, state, cfg
+
+
+def check_compatible(info: dict, index: dict, shards: Path, checkpoint: Path) -> None:
+    for key in ("kind", "classes", "sample_shape"):
+        if info[key] != index[key]:
+            raise VascdistError(f"{shards}: {key} {index[key]} does not match the checkpoint {checkpoint} ({info[key]})")
+    if info["preprocess"] != index["preprocess"]:
+        changed = sorted(k for k in set(info["preprocess"]) | set(index["preprocess"])
+                         if info["preprocess"].get(k) != index["preprocess"].get(k))
+        raise VascdistError(f"{shards}: preprocessed with other parameters than the checkpoint {checkpoint} "
+                            f"(differs in: {', '.join(changed)})")
+
+
+def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str = "test", out: str | None = None) -> dict:
+    """Metrics of a checkpoint on a split, at the thresholds it chose on validation; writes JSON and a PNG."""
+    from vascdist.train.evaluate import predict_arrays, split_metrics
+    from vascdist.train.metrics import save_confusion_png
+    checkpoint = find_checkpoint(run_or_ckpt)
+    model, state, cfg = load_model(checkpoint)
+    shards_dir = Path(shards or cfg.data.shards)
+    index = load_index(shards_dir)
+    check_compatible(state["data"], index, shards_dir, checkpoint)
+    stream = ShardStream(shards_dir, split, cfg.data.batch_size, train=False)
+    arrays = predict_arrays(model, StreamingLoader(stream), DistEnv())
+    thresholds = state["progress"].get("val_thresholds") if split != "val" else None
+    metrics = split_metrics(arrays, index["classes"], index["kind"] == "beats", thresholds)
+    out_path = Path(out) if out else checkpoint.parent.parent / f"eval-{split}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(json_safe(metrics), indent=1))
+    level = "cycle" if index["kind"] == "beats" else "recording"
+    save_confusion_png(np.array(metrics[f"{level}/confusion"]), index["classes"], out_path.with_suffix(".png"),
+                       title=f"{split}, per {level}")
+    return {"metrics": metrics, "classes": index["classes"], "json": str(out_path), "png": str(out_path.with_suffix(".png")),
+            "checkpoint": str(checkpoint)}
+
+
+@torch.no_grad()
+def predict_files(checkpoint: str, files: list[str]) -> list[dict]:
+    """Per recording: per-cycle probabilities and the verdict, with the checkpoint's own preprocessing."""
+    from vascdist.data.audio import load_audio
+    from vascdist.data.preprocess import recording_spectrograms
+    path = find_checkpoint(checkpoint)
+    model, state, _ = load_model(path)
+    info = state["data"]
+    if info["kind"] != "spectrogram":
+        raise VascdistError(f"{path}: predict takes recordings, but this model was trained on {info['kind']}")
+    pcfg = from_dict(PreprocessConfig, info["preprocess"], "preprocess")
+    norm = info["normalization"]
+    mean = torch.tensor(norm["mean"], dtype=torch.float32).view(1, 1, -1, 1)
+    std = torch.tensor(norm["std"], dtype=torch.float32).view(1, 1, -1, 1)
+    classes = info["classes"]
+    thresholds = state["progress"].get("val_thresholds") or {}
+    results = []
+    for file in files:
+        signal = load_audio(file, pcfg.audio)
+        try:
+            spec, cycles = recording_spectrograms(signal, pcfg)
+        except VascdistError as exc:
+            raise VascdistError(f"{file}: {exc}") from None
+        x = (torch.from_numpy(spec.astype(np.float16).astype(np.float32)) - mean) / std  # as stored in shards
+        probs = torch.softmax(model(x).float(), dim=1).numpy()
+        mean_probs = probs.mean(axis=0)
+        if len(classes) == 2:
+            threshold = float(thresholds.get("recording", 0.5))
+            verdict = classes[1] if mean_probs[1] >= threshold else classes[0]
+        else:
+            threshold, verdict = None, classes[int(mean_probs.argmax())]
+        results.append({"file": str(file), "verdict": verdict, "probabilities": dict(zip(classes, mean_probs.tolist())),
+                        "threshold": threshold, "cycles": [
+                            {"cycle": int(c), "probabilities": dict(zip(classes, p.tolist()))} for c, p in zip(cycles, probs)]})
+    return results

@@ -1,0 +1,89 @@
+"""What `vascdist train` runs, in whichever process launched it (plain, torchrun, srun, submitit):
+resolve the config, make sure the data exist, pick the run directory, train, report, clean up."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from vascdist.config import Config, load_config, save_config
+from vascdist.dist import DistEnv, broadcast_object, init_distributed, main_first, shutdown
+from vascdist.errors import VascdistError
+from vascdist.inference import json_safe
+
+DEFAULT_CONFIG = "quickstart"
+
+
+def ensure_data(cfg: Config, quiet: bool) -> None:
+    """If the configured shards are missing and data.synth_patients > 0, synthesise and preprocess them (cached)."""
+    shards = Path(cfg.data.shards)
+    if (shards / "index.json").exists():
+        return
+    if cfg.data.synth_patients <= 0:
+        raise VascdistError(f"data.shards '{shards}' holds no shards; run `vascdist preprocess --out {shards}` first")
+    from vascdist.data.preprocess import preprocess
+    from vascdist.data.synth import synthesize
+    raw = shards.parent / "recordings"
+    if not quiet:
+        print(f"synthesising {cfg.data.synth_patients} patients into {raw} (seed {cfg.data.synth_seed})", flush=True)
+    manifest = synthesize(raw, n_patients=cfg.data.synth_patients, seed=cfg.data.synth_seed,
+                          sample_rate=cfg.preprocess.audio.sample_rate)
+    preprocess(manifest, shards, cfg.preprocess, workers=2, progress=not quiet)
+
+
+def pick_run_dir(cfg: Config, resume: str | None, run_dir: str | None) -> Path:
+    """runs/<name>/<time>/; with --resume auto, the newest run of that name that has checkpoints."""
+    if run_dir:
+        return Path(run_dir)
+    parent = Path(cfg.run.out_dir) / cfg.run.name
+    if resume == "auto" and parent.is_dir():
+        candidates = sorted(d for d in parent.iterdir() if any((d / "checkpoints").glob("step-*.pt")))
+        if candidates:
+            return candidates[-1]
+    return parent / time.strftime("%Y%m%d-%H%M%S")
+
+
+def format_summary(summary: dict) -> str:
+    """The table a user sees at the end of training: test metrics per level."""
+    test = summary["test"]
+    levels = [lv for lv in ("cycle", "recording", "patient") if f"{lv}/accuracy" in test]
+    names = ["balanced_accuracy", "sensitivity", "specificity", "auroc", "f1", "n"] if len(summary["classes"]) == 2 \
+        else ["balanced_accuracy", "accuracy", "macro_f1", "macro_auroc", "n"]
+    fmt = lambda v: "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (
+        f"{v:>5d}" if isinstance(v, int) else f"{v:5.3f}")
+    lines = [f"test set ({', '.join(summary['classes'])}), thresholds chosen on validation; best step {summary['best_step']}",
+             f"{'level':<10}" + "".join(f"{n:>19}" for n in names)]
+    for lv in levels:
+        lines.append(f"{lv:<10}" + "".join(f"{fmt(test.get(f'{lv}/{n}')):>19}" for n in names))
+    lines.append(f"run directory: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']}/tb)")
+    return "\n".join(lines)
+
+
+def run_training(config: str | None, overrides: list[str], resume: str | None = None, run_dir: str | None = None,
+                 quiet: bool = False, stop_requested: Callable[[], bool] = lambda: False,
+                 env: DistEnv | None = None) -> dict:
+    """Parse, build, train, report; the process group is torn down on every exit path."""
+    cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    own_env = env is None
+    env = env or init_distributed(cfg.train.device, cfg.dist.timeout_s)
+    try:
+        with main_first(env):
+            if env.is_main:
+                ensure_data(cfg, quiet)
+        path = Path(broadcast_object(str(pick_run_dir(cfg, resume, run_dir)) if env.is_main else None, env))
+        if env.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, path / "config.yaml")
+            print(f"run directory: {path}", flush=True)
+        from vascdist.train.loop import train
+        summary = train(cfg, env, path, resume=resume, quiet=quiet, stop_requested=stop_requested)
+        if env.is_main and not summary["stopped"]:
+            (path / "test_metrics.json").write_text(json.dumps(json_safe(summary["test"]), indent=1))
+            print(format_summary(summary), flush=True)
+        return summary
+    finally:
+        if own_env:
+            shutdown(env)

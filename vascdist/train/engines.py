@@ -1,0 +1,73 @@
+"""Engines: how one optimiser step is carried out (plain, DDP, later DeepSpeed). The loop calls the same
+five methods on each: `micro_step_context`, `backward`, `step`, `skip`, `state_dict`/`load_state_dict`."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from vascdist.config import Config
+from vascdist.dist import DistEnv
+
+
+class TorchEngine:
+    """Single process or DistributedDataParallel; gradient accumulation uses DDP's no_sync()."""
+
+    name = "ddp"
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv):
+        self.module, self.optimizer, self.cfg, self.env = module, optimizer, cfg, env
+        model: nn.Module = module
+        if env.distributed:
+            model = DistributedDataParallel(
+                module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                bucket_cap_mb=cfg.dist.bucket_cap_mb, gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
+                static_graph=cfg.dist.static_graph)
+        self.model = torch.compile(model) if cfg.train.compile else model
+        self._wrapped = model
+
+    def micro_step_context(self, is_last: bool):
+        """No gradient all-reduce on the micro-batches before the last one of an optimiser step."""
+        if self.env.distributed and not is_last:
+            return self._wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """Clip (if configured), step, zero the grads; returns the global gradient norm before clipping."""
+        max_norm = self.cfg.train.grad_clip or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def skip(self) -> None:
+        """Drop this step's gradients (non-finite loss)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def prepare_module(module: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
+    """Device, memory format and SyncBatchNorm: everything done to the bare model before the optimiser sees it."""
+    if cfg.dist.sync_batchnorm and env.distributed:
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    module = module.to(env.device)
+    if cfg.train.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv) -> TorchEngine:
+    return TorchEngine(module, optimizer, cfg, env)

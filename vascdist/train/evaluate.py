@@ -1,0 +1,60 @@
+"""Running a model over a split and turning its outputs into metrics (used by the loop and `vascdist evaluate`)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from vascdist.data.loader import StreamingLoader
+from vascdist.dist import DistEnv, gather_arrays
+from vascdist.train.metrics import evaluate_levels
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast when asked for (or 'auto' on a GPU that supports it); fp32 otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.no_grad()
+def predict_arrays(model: nn.Module, loader: StreamingLoader, env: DistEnv, precision: str = "fp32",
+                   channels_last: bool = False) -> dict[str, np.ndarray]:
+    """Class probabilities and ids for every sample of the loader's split, gathered from all ranks."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("probs", "y", "recording", "patient", "position")}
+    for batch in loader:
+        with autocast_context(precision, env.device):
+            logits = model(to_device(batch["x"], env.device, channels_last))
+        parts["probs"].append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        for k in ("y", "recording", "patient", "position"):
+            parts[k].append(batch[k].numpy())
+    model.train(was_training)
+    arrays = {k: (np.concatenate(v) if v else np.zeros((0,), np.int64)) for k, v in parts.items()}
+    if not parts["probs"]:
+        arrays["probs"] = np.zeros((0, len(loader.stream.index["classes"])), np.float32)
+    arrays = gather_arrays(arrays, env)
+    order = np.argsort(arrays["position"], kind="stable")  # the same order whatever the world size
+    return {k: v[order] for k, v in arrays.items()}
+
+
+def split_metrics(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool,
+                  thresholds: dict[str, float] | None = None) -> dict:
+    """Metrics per cycle, recording and patient (per beat only for beat shards)."""
+    if per_beat:
+        ids = np.arange(len(arrays["y"]))
+        results = evaluate_levels(arrays["probs"], arrays["y"], ids, ids, classes, thresholds)
+        return {k: v for k, v in results.items() if k.startswith("cycle/")}
+    return evaluate_levels(arrays["probs"], arrays["y"], arrays["recording"], arrays["patient"], classes, thresholds)
