@@ -16,8 +16,7 @@ def _train_state(seed: int = 0) -> dict:
     """A small model + Adam after two real steps, so the optimiser holds per-parameter tensors."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                                torch.nn.LazyLinear(2))
-    model(torch.randn(2, 1, 6, 6))  # materialise the lazy layer
+                                torch.nn.Linear(4 * 4 * 4, 2))  # (B, 1, 6, 6) -> (B, 4, 4, 4) -> (B, 2)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for _ in range(2):
@@ -195,3 +194,17 @@ def test_resolve_resume(tmp_path):
     empty.mkdir()
     with pytest.raises(VascdistError, match="no loadable"):
         resolve_resume(str(empty), ckpts)
+
+
+def test_flipped_bytes_inside_a_tensor_are_detected(tmp_path, capfd):
+    # torch.load alone would return the damaged tensor; the CRC check of the zip members catches it.
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save(1, {"w": torch.arange(10_000.0)})
+    manager.save(2, {"w": torch.arange(10_000.0)})
+    raw = bytearray(manager.step_path(2).read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    manager.step_path(2).write_bytes(bytes(raw))
+    assert manager.latest_loadable()[0] == manager.step_path(1)
+    assert "fails its CRC-32 check" in capfd.readouterr().err
+    with pytest.raises(VascdistError, match="CRC-32"):
+        manager.load(manager.step_path(2))

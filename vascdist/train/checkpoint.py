@@ -23,6 +23,7 @@ import re
 import shutil
 import sys
 import uuid
+import zipfile
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -157,14 +158,34 @@ def check_weights_only(state: Any, key: str = "state") -> None:
             "CheckpointManager(weights_only=False)")
 
 
+def _zip_problem(path: Path) -> str:
+    """'' if `path` is a complete zip whose members match their CRC-32s, else why not.
+
+    torch.save writes a zip archive with its directory at the end (so truncation is caught) and a CRC per
+    member, which torch.load itself does not check: flipped bytes in a tensor would load silently.
+    """
+    if not zipfile.is_zipfile(path):
+        return "not a complete torch zip archive (truncated, or not a checkpoint)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return f"damaged zip archive: {exc}"
+    return f"member '{bad}' fails its CRC-32 check" if bad else ""
+
+
 def _type_name(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def _short_reason(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    text = re.sub(r"\x1b\[[0-9;]*m", "", lines[0] if lines else "")  # torch colours its weights_only message
-    return f"{type(exc).__name__}: {text[:200]}"
+    """One line: torch's weights_only messages are paragraphs whose useful part follows 'WeightsUnpickler error:'."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours parts of its weights_only message
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+        return f"torch.load(weights_only=True) refused it: {detail[:200]}"
+    lines = text.strip().splitlines()
+    return f"{type(exc).__name__}: {(lines[0] if lines else '')[:200]}"
 
 
 # --------------------------------------------------------------------------------------------- manager
@@ -233,6 +254,9 @@ class CheckpointManager:
 
     def _try_load(self, path: Path, map_location: Any) -> tuple[dict | None, str]:
         """(state, '') or (None, why it cannot be loaded)."""
+        problem = _zip_problem(path)
+        if problem:
+            return None, problem
         try:
             state = torch.load(path, map_location=map_location, weights_only=self.weights_only)
         except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad bytes
