@@ -1,0 +1,39 @@
+"""Shared fixtures: one small synthetic data set and its shards, made once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vascdist.config import PreprocessConfig
+from vascdist.data.preprocess import preprocess
+from vascdist.data.synth import synthesize
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """12 synthetic patients (about 36 recordings)."""
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, n_patients=12, seed=7)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards_dir(synth_dir, tmp_path_factory) -> Path:
+    """Shards of `synth_dir` with small shards and chunks, so that loaders cross shard and chunk borders."""
+    out = tmp_path_factory.mktemp("shards")
+    cfg = PreprocessConfig(shard_size=512, chunk_size=64)
+    preprocess(synth_dir / "manifest.csv", out, cfg, workers=2, progress=False)
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `vascdist ARGS` in a real subprocess."""
+    return subprocess.run([sys.executable, "-m", "vascdist.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)

@@ -1,0 +1,44 @@
+import pytest
+
+from vascdist.config import Config, config_from_dict, load_config, to_dict
+from vascdist.errors import ConfigError
+
+
+def test_overrides_beat_file_beat_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.2\ndata:\n  batch_size: 32\n")
+    cfg = load_config(path, ["optim.lr=0.01", "model.width=0.5"])
+    assert cfg.optim.lr == 0.01 and cfg.data.batch_size == 32 and cfg.model.width == 0.5
+    assert cfg.train.epochs == Config().train.epochs
+
+
+def test_round_trip_through_dict():
+    cfg = load_config("quickstart")
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("optim.lr=-1", "config key 'optim.lr' must be > 0"),
+    ("data.batch_size=abc", "config key 'data.batch_size' must be int"),
+    ("model.stem=huge", "config key 'model.stem'"),
+    ("train.grad_accum=3", "config key 'train.grad_accum' must divide data.batch_size"),
+    ("optim=3", "config key 'optim' must be a mapping"),
+    ("nonsense", "must look like section.key=value"),
+])
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'; did you mean 'train.epochs'"):
+        load_config(path)
+
+
+def test_shipped_configs_load():
+    for name in ("quickstart", "resnet50"):
+        load_config(name)
