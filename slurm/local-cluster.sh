@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# A real two-node SLURM cluster on this one host, for vascdist's tests and for trying sbatch on a laptop.
+#
+#   slurm/local-cluster.sh start    # install what is missing, start munged + slurmctld + 2 slurmd, wait for idle
+#   slurm/local-cluster.sh status   # print sinfo; exit non-zero unless both nodes are up
+#   slurm/local-cluster.sh stop     # cancel jobs, stop the daemons (state stays in the state dir)
+#
+# Everything lives under $VASCDIST_SLURM_DIR (default /tmp/vascdist-slurm): slurm.conf, a private munge key
+# and socket, state, spool, pids, logs.  Nothing touches /etc/slurm or the system munged, and the ports
+# (slurmctld 16817, slurmd 17001-17002) avoid a system SLURM's defaults.  After `start`:
+#   source /tmp/vascdist-slurm/env.sh      # or: export SLURM_CONF=/tmp/vascdist-slurm/slurm.conf
+#
+# Environment: VASCDIST_SLURM_DIR (state dir), VASCDIST_SLURM_WAIT (seconds to wait for idle nodes, default 60).
+# Needs root or sudo for apt-get and for adding `127.0.0.1 n1 n2` to /etc/hosts; the daemons run as the
+# invoking user (jobs can then only be submitted by that user, which is all a test cluster needs).
+set -euo pipefail
+
+STATE="${VASCDIST_SLURM_DIR:-/tmp/vascdist-slurm}"
+WAIT="${VASCDIST_SLURM_WAIT:-60}"
+CONF="$STATE/slurm.conf"
+MUNGE="$STATE/munge"
+LOGS="$STATE/log"
+NODES=(n1 n2)
+PACKAGES=(slurmctld slurmd slurm-client munge)
+PATH="$PATH:/usr/sbin:/sbin"
+export SLURM_CONF="$CONF"
+
+die() { echo "local-cluster: $*" >&2; exit 1; }
+log() { echo "local-cluster: $*" >&2; }
+
+# Run as root: directly if we are root, else through sudo.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+install_packages() {
+    local missing=() p
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get; install them by hand"
+    log "installing ${missing[*]} (apt-get)"
+    # Update the package lists only when apt has none (a fresh container); a laptop's lists are usually fine.
+    mkdir -p "$STATE"
+    if ! compgen -G "/var/lib/apt/lists/*_Packages" >/dev/null; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >"$STATE/apt.log" 2>&1 \
+            || die "apt-get update failed: $(tail -n 5 "$STATE/apt.log")"
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        -o Dpkg::Options::=--force-confold "${missing[@]}" >>"$STATE/apt.log" 2>&1 \
+        || die "apt-get install ${missing[*]} failed: $(tail -n 5 "$STATE/apt.log")"
+}
+
+# n1 and n2 must resolve to 127.0.0.1: `scontrol show hostnames` gives n1, and torchrun's rendezvous uses it.
+ensure_hosts() {
+    local n
+    for n in "${NODES[@]}"; do
+        if [ "$(getent ahostsv4 "$n" 2>/dev/null | awk 'NR==1{print $1}')" != "127.0.0.1" ]; then
+            log "adding '127.0.0.1 ${NODES[*]}' to /etc/hosts"
+            echo "127.0.0.1 ${NODES[*]}  # vascdist local SLURM cluster" | as_root tee -a /etc/hosts >/dev/null
+            return 0
+        fi
+    done
+}
+
+# RealMemory per node: 90% of this host's memory in MB (each slurmd reports the whole host, so both fit).
+# With CR_CPU memory is not consumed, so any --mem up to this is accepted on either node.
+real_memory_mb() {
+    awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo
+}
+
+write_conf() {
+    local user host
+    user="$(id -un)"
+    host="$(hostname -s)"
+    mkdir -p "$STATE/ctld" "$LOGS"
+    cat >"$CONF.tmp" <<EOF
+# Written by slurm/local-cluster.sh; rewritten on every start.
+ClusterName=vascdist
+SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=16817
+SlurmUser=$user
+SlurmdUser=$user
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$MUNGE/munge.socket
+StateSaveLocation=$STATE/ctld
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmctldLogFile=$LOGS/slurmctld.log
+SlurmdSpoolDir=$STATE/spool-%n
+SlurmdPidFile=$STATE/slurmd-%n.pid
+SlurmdLogFile=$LOGS/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# No cgroups: they are often unavailable in containers and VMs, and a test cluster needs no confinement.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+JobRequeue=1
+MinJobAge=30
+KillWait=5
+ReturnToService=2
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=1 RealMemory=$(real_memory_mb) State=UNKNOWN
+PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
+EOF
+    mv "$CONF.tmp" "$CONF"
+    echo "export SLURM_CONF=$CONF" >"$STATE/env.sh"
+}
+
+# A private munged with its own key and socket, so the system munge (if any) is neither needed nor touched.
+start_munge() {
+    mkdir -p "$MUNGE"
+    chmod 0700 "$MUNGE"
+    if [ ! -s "$MUNGE/munge.key" ]; then
+        dd if=/dev/urandom of="$MUNGE/munge.key" bs=1024 count=1 status=none
+    fi
+    chmod 0400 "$MUNGE/munge.key"  # munged refuses a key readable by others
+    if pid_alive "$MUNGE/munged.pid"; then return 0; fi
+    local force=()
+    [ "$(id -u)" -eq 0 ] && force=(--force)  # munged refuses to run as root without it
+    munged "${force[@]}" --socket="$MUNGE/munge.socket" --key-file="$MUNGE/munge.key" \
+        --pid-file="$MUNGE/munged.pid" --log-file="$MUNGE/munged.log" --seed-file="$MUNGE/munged.seed" \
+        || die "munged failed to start: $(tail -n 5 "$MUNGE/munged.log" 2>/dev/null)"
+    munge -n -S "$MUNGE/munge.socket" | unmunge -S "$MUNGE/munge.socket" >/dev/null \
+        || die "munge round trip failed; see $MUNGE/munged.log"
+}
+
+pid_alive() {
+    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+start_daemons() {
+    if ! pid_alive "$STATE/slurmctld.pid"; then
+        slurmctld -f "$CONF" || die "slurmctld failed to start: $(tail -n 20 "$LOGS/slurmctld.log" 2>/dev/null)"
+    fi
+    local n
+    for n in "${NODES[@]}"; do
+        mkdir -p "$STATE/spool-$n"
+        if ! pid_alive "$STATE/slurmd-$n.pid"; then
+            slurmd -f "$CONF" -N "$n" || die "slurmd $n failed to start: $(tail -n 20 "$LOGS/slurmd-$n.log" 2>/dev/null)"
+        fi
+    done
+}
+
+# True when slurmctld answers and both nodes are idle, allocated or mixed (not down, drained or unknown).
+cluster_up() {
+    local states
+    scontrol ping 2>/dev/null | grep -q "is UP" || return 1
+    states="$(sinfo -h -N -p debug -o '%N %t' 2>/dev/null)" || return 1
+    [ "$(echo "$states" | grep -cE ' (idle|alloc|mix)$')" -eq ${#NODES[@]} ]
+}
+
+wait_idle() {
+    local deadline=$((SECONDS + WAIT))
+    while [ $SECONDS -lt $deadline ]; do
+        if cluster_up; then return 0; fi
+        sleep 1
+    done
+    sinfo -N 2>&1 >&2 || true
+    for f in "$LOGS/slurmctld.log" "$LOGS"/slurmd-*.log; do
+        [ -f "$f" ] && { echo "--- tail $f" >&2; tail -n 15 "$f" >&2; }
+    done
+    die "nodes not idle after ${WAIT}s (state dir $STATE)"
+}
+
+cmd_start() {
+    install_packages
+    ensure_hosts
+    write_conf
+    start_munge
+    start_daemons
+    wait_idle
+    echo "export SLURM_CONF=$CONF"
+}
+
+# Stop a daemon by its pid file: TERM, wait up to 10 s, then KILL.
+stop_pidfile() {
+    local f="$1" pid i
+    pid_alive "$f" || { rm -f "$f"; return 0; }
+    pid="$(cat "$f")"
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$f"
+}
+
+# slurmstepd processes outlive slurmd; ours are the ones whose environment carries our SLURM_CONF.
+stop_stepds() {
+    local p
+    for p in $(pgrep -x slurmstepd 2>/dev/null || true); do
+        if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "SLURM_CONF=$CONF"; then
+            kill -KILL "$p" 2>/dev/null || true
+        fi
+    done
+}
+
+cmd_stop() {
+    if scontrol ping 2>/dev/null | grep -q "is UP"; then
+        scancel --full --quiet -u "$(id -un)" 2>/dev/null || true
+        local i
+        for i in $(seq 20); do [ -z "$(squeue -h -t R,CG 2>/dev/null)" ] && break; sleep 0.5; done
+    fi
+    local n
+    for n in "${NODES[@]}"; do stop_pidfile "$STATE/slurmd-$n.pid"; done
+    stop_pidfile "$STATE/slurmctld.pid"
+    stop_stepds
+    stop_pidfile "$MUNGE/munged.pid"
+    log "stopped (state kept in $STATE)"
+}
+
+cmd_status() {
+    [ -f "$CONF" ] || die "not started (no $CONF)"
+    sinfo 2>&1 || true
+    cluster_up || die "cluster is not up"
+}
+
+case "${1:-}" in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
