@@ -371,6 +371,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads '1e-3' (no dot) as a string; accept what every user means by it
+            return float(value)
+        except ValueError:
+            pass
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
     if annotation in (int, float, str) and (not isinstance(value, annotation) or isinstance(value, bool)):

@@ -89,7 +89,6 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     scheduler = build_scheduler(cfg.sched, optimizer, steps_per_epoch, cfg.train.epochs)
     loss_fn = build_loss(cfg.loss, len(classes)).to(env.device)
     checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.train.keep_last)
-    log = RunLogger(run_dir, enabled=env.is_main)
     progress = Progress()
 
     def state() -> dict:
@@ -113,6 +112,9 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
             print(f"resumed from {resume_path} at step {progress.step} (epoch {progress.epoch}, "
                   f"{train_loader.batches}/{steps_per_epoch} batches in)", flush=True)
 
+    # Created after the resume so that TensorBoard drops the points an interrupted attempt logged past it.
+    log = RunLogger(run_dir, enabled=env.is_main, purge_step=progress.step + 1 if resume_path else None)
+
     def evaluate() -> dict:
         arrays = predict_arrays(engine.module, val_loader, env, cfg.train.precision, cfg.train.channels_last)
         metrics = split_metrics(arrays, classes, per_beat)
@@ -130,7 +132,7 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
         log.scalars(progress.step, {f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)})
         level = "cycle" if per_beat else "recording"
         log.image("val/confusion", progress.step, render_confusion_matrix(np.array(metrics[f"{level}/confusion"]), classes))
-        if len(classes) == 2:
+        if len(classes) == 2 and np.isfinite(arrays["probs"]).all():
             log.pr_curve("val/pr_cycle", progress.step, arrays["y"], arrays["probs"][:, 1])
         log.jsonl({"step": progress.step, "epoch": progress.epoch, "split": "val", **metrics})
         progress.history.append({"step": progress.step, "metric": value})

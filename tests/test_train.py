@@ -1,0 +1,143 @@
+"""The training loop end to end on real shards: exact resume, TensorBoard read-back, evaluate/predict, faults."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run_cli
+from vascdist.errors import VascdistError
+from vascdist.jobs import run_training
+from vascdist.train.checkpoint import CheckpointManager
+
+BATCH = 16
+
+
+def overrides(shards_dir, tmp_path, *extra):
+    return [f"data.shards={shards_dir}", f"run.out_dir={tmp_path / 'runs'}", "run.name=t", "model.name=resnet18",
+            "model.width=0.125", "model.stem=imagenet", f"data.batch_size={BATCH}", "data.num_workers=1",
+            "data.spec_augment=true", "train.epochs=2", "train.device=cpu", "sched.name=cosine",
+            "sched.warmup_steps=5", "optim.lr=0.05", "train.keep_last=3", *extra]
+
+
+@pytest.fixture(scope="module")
+def straight_run(shards_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    summary = run_training(None, overrides(shards_dir, tmp), run_dir=str(tmp / "run"), quiet=True)
+    return tmp / "run", summary
+
+
+def test_resume_is_bitwise_exact(shards_dir, straight_run, tmp_path):
+    run_a, summary = straight_run
+    steps_per_epoch = summary["step"] // 2
+    assert steps_per_epoch > 37
+    run_b = tmp_path / "run"
+    stopped = run_training(None, overrides(shards_dir, tmp_path, f"train.max_steps={steps_per_epoch + 37}"),
+                           run_dir=str(run_b), quiet=True)
+    assert stopped["step"] == steps_per_epoch + 37
+    resumed = run_training(None, overrides(shards_dir, tmp_path), resume="auto", run_dir=str(run_b), quiet=True)
+    assert resumed["step"] == summary["step"]
+    final = f"step-{summary['step']:08d}.pt"
+    a = CheckpointManager(run_a / "checkpoints", 1).load(run_a / "checkpoints" / final)
+    b = CheckpointManager(run_b / "checkpoints", 1).load(run_b / "checkpoints" / final)
+    for key, value in a["engine"]["model"].items():
+        assert torch.equal(value, b["engine"]["model"][key]), key
+    mom_a = [s["momentum_buffer"] for s in a["engine"]["optimizer"]["state"].values()]
+    mom_b = [s["momentum_buffer"] for s in b["engine"]["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
+    assert a["loader"] == b["loader"]
+    assert summary["test"]["recording/balanced_accuracy"] == resumed["test"]["recording/balanced_accuracy"]
+
+
+def test_tensorboard_events_read_back(straight_run):
+    run, summary = straight_run
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/lr", "train/lr/group0", "train/lr/group1", "train/grad_norm",
+                "train/samples_per_s", "train/data_wait_fraction", "val/recording/balanced_accuracy",
+                "val/patient/auroc", "val/cycle/ece", "test/recording/balanced_accuracy"):
+        assert tag in tags["scalars"], tag
+    assert {"val/confusion", "val/spectrogram_examples"} <= set(tags["images"])
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, summary["step"] + 1))  # every step
+    lr = [e.value for e in acc.Scalars("train/lr")]
+    assert max(lr) == pytest.approx(0.05, rel=1e-6) and lr[-1] < lr[len(lr) // 2]  # warm-up then cosine decay
+    test = acc.Scalars("test/recording/balanced_accuracy")[-1].value
+    assert test == pytest.approx(summary["test"]["recording/balanced_accuracy"], rel=1e-6)
+    assert "val/pr_cycle" in tags["tensors"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "val", "test"}
+    assert (run / "config.yaml").exists() and (run / "test_confusion.png").exists()
+
+
+def test_evaluate_and_predict_cli(straight_run, synth_dir, tmp_path):
+    run, summary = straight_run
+    out = tmp_path / "eval.json"
+    result = run_cli("evaluate", str(run), "--split", "test", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(out.read_text())
+    assert metrics["recording/balanced_accuracy"] == pytest.approx(summary["test"]["recording/balanced_accuracy"])
+    assert out.with_suffix(".png").exists()
+
+    wavs = sorted((synth_dir / "wav").glob("*.wav"))[:2]
+    result = run_cli("predict", str(run / "checkpoints" / "best.pt"), *map(str, wavs), "--json")
+    assert result.returncode == 0, result.stderr
+    predictions = json.loads(result.stdout)
+    assert [p["file"] for p in predictions] == list(map(str, wavs))
+    for p in predictions:
+        assert p["verdict"] in ("normal", "stenosis") and len(p["cycles"]) >= 2
+        assert math.isclose(sum(p["probabilities"].values()), 1.0, rel_tol=1e-5)
+
+    short = tmp_path / "short.wav"
+    sf.write(short, np.random.default_rng(0).normal(0, 0.1, 3000).astype(np.float32), 4000)
+    result = run_cli("predict", str(run), str(short))
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+    assert "short.wav" in result.stderr and "cycle" in result.stderr
+
+
+def test_corrupt_newest_checkpoint_is_skipped_on_resume(straight_run, shards_dir, tmp_path, capfd):
+    run, summary = straight_run
+    import shutil
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    newest = sorted((copy / "checkpoints").glob("step-*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    resumed = run_training(None, overrides(shards_dir, tmp_path), resume="auto", run_dir=str(copy), quiet=True)
+    assert f"skipping corrupt checkpoint {newest}" in capfd.readouterr().err
+    assert resumed["step"] == summary["step"]
+
+
+def test_incompatible_checkpoint_and_missing_shards(straight_run, tmp_path):
+    run, _ = straight_run
+    result = run_cli("evaluate", str(run), "--shards", str(tmp_path / "nowhere"))
+    assert result.returncode != 0 and "nowhere: no index.json" in result.stderr
+    state = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    state["config"]["model"]["name"] = "resnet34"
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    result = run_cli("evaluate", str(bad))
+    assert result.returncode != 0 and "weights do not fit model 'resnet34'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_non_finite_losses_stop_the_run(shards_dir, tmp_path):
+    with pytest.raises(VascdistError, match="non-finite losses in a row"):
+        run_training(None, overrides(shards_dir, tmp_path, "optim.lr=1e30", "sched.name=none", "train.max_bad_steps=3",
+                                     "train.checkpoint_every=1", "optim.momentum=0.0"), run_dir=str(tmp_path / "r"), quiet=True)
+    assert list((tmp_path / "r" / "checkpoints").glob("step-*.pt"))  # the last checkpoint is kept
+
+
+def test_train_cli_end_to_end_with_synthesis(tmp_path):
+    result = run_cli("train", "quickstart", "data.synth_patients=8", f"data.shards={tmp_path}/d/shards",
+                     f"run.out_dir={tmp_path}/runs", "train.epochs=1", "model.width=0.125", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "recording" in result.stdout and "balanced_accuracy" in result.stdout
+    run = next((tmp_path / "runs" / "quickstart").iterdir())
+    assert json.loads((run / "test_metrics.json").read_text())["recording/n"] > 0
+    bad = run_cli("train", "quickstart", "optim.lr=-1", cwd=tmp_path)
+    assert bad.returncode != 0 and bad.stderr.strip() == "vascdist train: error: config key 'optim.lr' must be > 0, got -1.0"
