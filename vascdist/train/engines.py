@@ -1,5 +1,7 @@
-"""Engines: how one optimiser step is carried out (plain, DDP, later DeepSpeed). The loop calls the same
-five methods on each: `micro_step_context`, `backward`, `step`, `skip`, `state_dict`/`load_state_dict`."""
+"""Engines: how one optimiser step is carried out and checkpointed (plain/DDP here, DeepSpeed beside it).
+
+The loop calls the same methods on each: `micro_step_context`, `backward`, `step`, `skip`, `state_dict`,
+`save_checkpoint` (called on every rank; the engine decides which ranks write) and `load_checkpoint`."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vascdist.config import Config
 from vascdist.dist import DistEnv
+from vascdist.train.checkpoint import CheckpointManager
 
 
 class TorchEngine:
@@ -57,6 +60,17 @@ class TorchEngine:
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+    def save_checkpoint(self, manager: CheckpointManager, step: int, state: dict, is_best: bool = False) -> None:
+        """Model and optimiser are replicated on every rank, so global rank 0 alone writes the one file."""
+        if self.env.is_main:
+            manager.save(step, state, is_best=is_best)
+
+    def load_checkpoint(self, manager: CheckpointManager, path) -> dict:
+        """Every rank reads the file and restores model and optimiser; returns the whole saved state."""
+        state = manager.load(path)
+        self.load_state_dict(state["engine"])
+        return state
 
 
 def prepare_module(module: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:

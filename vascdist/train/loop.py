@@ -97,13 +97,11 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
                 "config": to_dict(cfg), "data": data_info(index), "world_size": env.world_size}
 
     def save(is_best: bool = False) -> None:
-        if env.is_main:
-            checkpoints.save(progress.step, state(), is_best=is_best)
+        engine.save_checkpoint(checkpoints, progress.step, state(), is_best=is_best)
 
     resume_path = resolve_resume(resume, run_dir / "checkpoints") if resume else None
     if resume_path is not None:
-        saved = checkpoints.load(resume_path)
-        engine.load_state_dict(saved["engine"])
+        saved = engine.load_checkpoint(checkpoints, resume_path)
         scheduler.load_state_dict(saved["scheduler"])
         train_loader.load_state_dict(saved["loader"])
         restore_rng_state(saved["rng"])
