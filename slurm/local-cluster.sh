@@ -3,7 +3,7 @@
 #
 #   slurm/local-cluster.sh start    # install what is missing, start munged + slurmctld + 2 slurmd, wait for idle
 #   slurm/local-cluster.sh status   # print sinfo; exit non-zero unless both nodes are up
-#   slurm/local-cluster.sh stop     # cancel jobs, stop the daemons (state stays in the state dir)
+#   slurm/local-cluster.sh stop     # cancel all jobs, stop the daemons (the next start begins clean)
 #
 # Everything lives under $VASCDIST_SLURM_DIR (default /tmp/vascdist-slurm): slurm.conf, a private munge key
 # and socket, state, spool, pids, logs.  Nothing touches /etc/slurm or the system munged, and the ports
@@ -84,7 +84,8 @@ SlurmUser=$user
 SlurmdUser=$user
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE/munge.socket
+# cred_expire is also how long a requeued job waits before it may start again (default 120 s).
+AuthInfo=socket=$MUNGE/munge.socket,cred_expire=10
 StateSaveLocation=$STATE/ctld
 SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmctldLogFile=$LOGS/slurmctld.log
@@ -141,7 +142,9 @@ pid_alive() {
 
 start_daemons() {
     if ! pid_alive "$STATE/slurmctld.pid"; then
-        slurmctld -f "$CONF" || die "slurmctld failed to start: $(tail -n 20 "$LOGS/slurmctld.log" 2>/dev/null)"
+        # -c: start clean. `stop` cancels every job anyway, and recovered node states would read "idle"
+        # before the slurmds have registered, so waiting for idle nodes would prove nothing.
+        slurmctld -c -f "$CONF" || die "slurmctld failed to start: $(tail -n 20 "$LOGS/slurmctld.log" 2>/dev/null)"
     fi
     local n
     for n in "${NODES[@]}"; do
@@ -183,15 +186,21 @@ cmd_start() {
     echo "export SLURM_CONF=$CONF"
 }
 
-# Stop a daemon by its pid file: TERM, wait up to 10 s, then KILL.
-stop_pidfile() {
-    local f="$1" pid i
-    pid_alive "$f" || { rm -f "$f"; return 0; }
-    pid="$(cat "$f")"
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$pid" 2>/dev/null || true
-    rm -f "$f"
+# Stop the daemons named by pid files: TERM them all at once, wait up to 10 s, then KILL what is left.
+stop_pidfiles() {
+    local pids=() f p i
+    for f in "$@"; do
+        pid_alive "$f" && pids+=("$(cat "$f")")
+        rm -f "$f"
+    done
+    [ ${#pids[@]} -eq 0 ] && return 0
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    for i in $(seq 100); do
+        for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && break; done
+        kill -0 "$p" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -KILL "${pids[@]}" 2>/dev/null || true
 }
 
 # slurmstepd processes outlive slurmd; ours are the ones whose environment carries our SLURM_CONF.
@@ -210,12 +219,10 @@ cmd_stop() {
         local i
         for i in $(seq 20); do [ -z "$(squeue -h -t R,CG 2>/dev/null)" ] && break; sleep 0.5; done
     fi
-    local n
-    for n in "${NODES[@]}"; do stop_pidfile "$STATE/slurmd-$n.pid"; done
-    stop_pidfile "$STATE/slurmctld.pid"
+    stop_pidfiles "$STATE/slurmctld.pid" "$STATE"/slurmd-*.pid
     stop_stepds
-    stop_pidfile "$MUNGE/munged.pid"
-    log "stopped (state kept in $STATE)"
+    stop_pidfiles "$MUNGE/munged.pid"
+    log "stopped"
 }
 
 cmd_status() {
