@@ -285,6 +285,50 @@ class CheckpointManager:
         return None
 
 
+# --------------------------------------------------------------------------------------------- DeepSpeed
+# A DeepSpeed checkpoint is a directory per step (every rank writes its ZeRO partition into it) beside the
+# vascdist step file: <checkpoints>/deepspeed/step-00000040/ and <checkpoints>/step-00000040.pt. The tag
+# directory is written first and the step file last, so a step file's presence marks both complete; a tag
+# directory without its step file is a crashed save and is removed by `prune_deepspeed_tags`.
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = re.compile(r"^step-(\d+)$")
+
+
+def deepspeed_tag(step: int) -> str:
+    """The DeepSpeed tag (directory name) of the checkpoint of `step`: the step file's name without '.pt'."""
+    return f"step-{step:08d}"
+
+
+def deepspeed_root(checkpoint_dir: str | Path) -> Path:
+    """Where DeepSpeed tag directories live for the step files in `checkpoint_dir`."""
+    return Path(checkpoint_dir) / DEEPSPEED_DIR
+
+
+def fsync_tree(directory: str | Path) -> None:
+    """fsync every file under `directory` and the directories themselves (DeepSpeed writes with plain torch.save)."""
+    directory = Path(directory)
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for path in [directory, *[p for p in directory.rglob("*") if p.is_dir()], directory.parent]:
+        _fsync_dir(path)
+
+
+def prune_deepspeed_tags(manager: "CheckpointManager") -> list[Path]:
+    """Remove DeepSpeed tag directories whose step file is gone (pruned, or never written); returns them."""
+    root = deepspeed_root(manager.directory)
+    if not root.is_dir():
+        return []
+    kept = {path.stem for _, path in manager.step_files()}
+    removed = []
+    for path in sorted(root.iterdir()):
+        if DEEPSPEED_TAG.match(path.name) and path.is_dir() and path.name not in kept:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def resolve_resume(resume: str, run_dir_checkpoints: str | Path, weights_only: bool = True) -> Path | None:
     """The checkpoint file a `--resume` value names.
 

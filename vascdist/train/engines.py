@@ -83,5 +83,9 @@ def prepare_module(module: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
     return module
 
 
-def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv) -> TorchEngine:
+def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv):
+    """The engine named by dist.engine: TorchEngine ('ddp', also a single process) or DeepSpeedEngine."""
+    if cfg.dist.engine == "deepspeed":
+        from vascdist.train.deepspeed_engine import DeepSpeedEngine  # imports deepspeed only when asked for
+        return DeepSpeedEngine(module, optimizer, cfg, env)
     return TorchEngine(module, optimizer, cfg, env)

@@ -1,0 +1,270 @@
+"""The DeepSpeed engine (`dist.engine: deepspeed`): ZeRO stages 0-2 behind the loop's engine interface.
+
+DeepSpeed owns gradient accumulation, clipping and (for ZeRO) the partitioned optimiser state; the optimiser
+itself is still vascdist's (`build_optimizer`), so `LRSchedule` keeps driving its param groups' lr (ZeRO
+steps the client optimiser over flat fp32 partitions placed in those same param groups).
+
+The DeepSpeed config is derived from the vascdist config (`derive_deepspeed_config`) and may be extended by
+the JSON file `dist.deepspeed_config`; a key in that file that contradicts the vascdist config is a
+ConfigError naming both. On a CPU it runs on DeepSpeed's CPU accelerator over gloo, in the process group
+that `vascdist.dist.init_distributed` created (a one-rank group is made here for a single process).
+
+Checkpoints: every rank writes its partition into <checkpoints>/deepspeed/step-N/ (DeepSpeed needs all
+ranks), then global rank 0 writes the usual vascdist step file (full model weights plus loop state), whose
+presence marks the pair complete; `evaluate`, `predict` and `--resume auto` read the step file as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from vascdist.config import Config
+from vascdist.dist import DistEnv, barrier
+from vascdist.errors import ConfigError, VascdistError
+from vascdist.train.checkpoint import (CheckpointManager, deepspeed_root, deepspeed_tag, fsync_tree,
+                                       prune_deepspeed_tags)
+
+# Keys of a DeepSpeed JSON that vascdist builds itself from its own config sections.
+_OWNED_SECTIONS = {"optimizer": "optim.*", "scheduler": "sched.*"}
+
+
+# --------------------------------------------------------------------------------------------- config
+def resolves_to_bf16(precision: str, device: torch.device) -> bool:
+    """Whether train.precision means bf16 here (the rule of `evaluate.autocast_context`)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def derive_deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict[str, tuple[Any, str]]:
+    """{dotted DeepSpeed key: (value, the vascdist setting it comes from)} for the keys vascdist decides."""
+    batch, accum = cfg.data.batch_size, cfg.train.grad_accum
+    if batch % (world_size * accum):
+        raise ConfigError(f"config key 'data.batch_size' ({batch}) must be divisible by world size x train.grad_accum "
+                          f"({world_size} x {accum}) for dist.engine=deepspeed")
+    bf16 = resolves_to_bf16(cfg.train.precision, device)
+    precision = f"train.precision={cfg.train.precision}" + (f" ({'bf16' if bf16 else 'fp32'} here)"
+                                                             if cfg.train.precision == "auto" else "")
+    return {
+        "train_batch_size": (batch, f"data.batch_size={batch}"),
+        "gradient_accumulation_steps": (accum, f"train.grad_accum={accum}"),
+        "train_micro_batch_size_per_gpu": (batch // world_size // accum,
+                                           f"data.batch_size/world size/train.grad_accum={batch}/{world_size}/{accum}"),
+        "gradient_clipping": (cfg.train.grad_clip, f"train.grad_clip={cfg.train.grad_clip}"),
+        "zero_optimization.stage": (cfg.dist.zero_stage, f"dist.zero_stage={cfg.dist.zero_stage}"),
+        "bf16.enabled": (bf16, precision),
+        "fp16.enabled": (False, precision),  # vascdist has no fp16 (no loss scaling); never on a CPU
+    }
+
+
+def read_deepspeed_json(path: str) -> dict:
+    """The DeepSpeed JSON named by dist.deepspeed_config; ConfigError naming the file if unreadable."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config key 'dist.deepspeed_config': file '{path}' not found")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a JSON object of DeepSpeed settings")
+    return data
+
+
+def build_deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict:
+    """The dict handed to deepspeed.initialize: the JSON file (if any) plus the derived keys, checked.
+
+    A derived key that the file leaves out or sets to "auto" is filled in; any other value must equal the
+    derived one, else ConfigError "FILE sets KEY=V but SETTING" (one line).
+    """
+    derived = derive_deepspeed_config(cfg, world_size, device)
+    path = cfg.dist.deepspeed_config
+    merged = read_deepspeed_json(path) if path else {}
+    for section, owner in _OWNED_SECTIONS.items():
+        if section in merged:
+            raise ConfigError(f"{path} sets '{section}' but vascdist builds it from {owner}; remove '{section}'")
+    for dotted, (value, source) in derived.items():
+        *parents, leaf = dotted.split(".")
+        node = merged
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: '{part}' must be an object")
+        given = node.get(leaf, "auto")
+        if given != "auto" and not _same(given, value):
+            raise ConfigError(f"{path} sets {dotted}={json.dumps(given)} but {source}; "
+                              "remove the key (or set it to \"auto\") or make them agree")
+        node[leaf] = value
+    merged.setdefault("zero_allow_untested_optimizer", True)  # the client optimiser is vascdist's own (SGD, AdaBound...)
+    merged.setdefault("steps_per_print", 2 ** 31)  # vascdist logs; DeepSpeed's progress lines would duplicate it
+    return merged
+
+
+def _same(given: Any, value: Any) -> bool:
+    if isinstance(value, bool) or isinstance(given, bool):
+        return given is value
+    if isinstance(value, (int, float)) and isinstance(given, (int, float)):
+        return float(given) == float(value)
+    return given == value
+
+
+# --------------------------------------------------------------------------------------------- runtime
+def import_deepspeed(env: DistEnv):
+    """Import deepspeed for `env.device` without JIT-building anything, and check the accelerator it picked."""
+    if env.device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, at the first get_accelerator()
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed asserts it (srun without torchrun lacks it)
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a minute of g++ per machine) that only
+    # its inference all-reduce uses; marking it incompatible keeps training on plain gloo collectives.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines dump the whole config on every rank
+    accelerator = get_accelerator().device_name()
+    if accelerator != env.device.type:
+        raise VascdistError(f"DeepSpeed picked the '{accelerator}' accelerator but vascdist runs on "
+                            f"{env.device.type} (train.device); set DS_ACCELERATOR={env.device.type}")
+    return deepspeed
+
+
+def ensure_process_group(env: DistEnv) -> None:
+    """DeepSpeed needs a process group even for one process; vascdist only makes one for several ranks."""
+    if not torch_dist.is_initialized():
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize around vascdist's module and optimiser, driven by the loop's engine calls.
+
+    The loop calls backward() grad_accum times, then step() once. DeepSpeed counts micro-steps itself and
+    wants step() after every backward: backward() calls it between micro-batches (no update there), and
+    step() makes the call on the accumulation boundary, where DeepSpeed reduces, clips and updates.
+    """
+
+    name = "deepspeed"
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv):
+        if cfg.train.compile:
+            raise ConfigError("config key 'train.compile' is not supported with dist.engine=deepspeed")
+        if cfg.dist.zero_stage == 3:
+            raise ConfigError("config key 'dist.zero_stage' = 3 is not supported by vascdist's DeepSpeed engine "
+                              "(the loop evaluates and saves the unpartitioned module); use 0, 1 or 2")
+        ds_config = build_deepspeed_config(cfg, env.world_size, env.device)
+        deepspeed = import_deepspeed(env)
+        ensure_process_group(env)
+        self.ds, wrapped, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+        self.module, self.optimizer, self.cfg, self.env = module, optimizer, cfg, env
+        self.model = self.ds  # forward goes through DeepSpeed's engine (its hooks, its dtype)
+        self.zero_stage = cfg.dist.zero_stage
+        self.bf16 = bool(ds_config["bf16"]["enabled"])
+        # Stage 0 in fp32 steps the client optimiser itself: DeepSpeed clips there but reports no norm and
+        # has no overflow check, so step() measures the norm and skip() drops the gradients itself.
+        self._plain = wrapped is optimizer
+        if not self._plain and wrapped.param_groups is not optimizer.param_groups:
+            raise VascdistError(f"DeepSpeed's {type(wrapped).__name__} does not step vascdist's optimiser param "
+                                "groups, so the lr schedule would not reach it")
+
+    def micro_step_context(self, is_last: bool):
+        """DeepSpeed decides itself when to reduce gradients (its own micro-step count)."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch; `loss` is already divided by grad_accum, so DeepSpeed must not divide again."""
+        # x * (1 + 0 * x) is x bit for bit when x is finite and NaN otherwise: a non-finite loss then always gives
+        # non-finite gradients, which DeepSpeed's overflow check in skip() relies on.
+        loss = loss * (1 + 0 * loss.detach())
+        self.ds.backward(loss, scale_wrt_gas=False)
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()  # only advances DeepSpeed's micro-step counter
+
+    def step(self) -> float:
+        """Reduce, clip (gradient_clipping), update, zero the grads; returns the global gradient norm before clipping."""
+        self._check_boundary()
+        norm = self._plain_grad_norm() if self._plain else None
+        self.ds.step()
+        if norm is None:
+            norm = self.ds.get_global_grad_norm()
+        self._sync_buffers()
+        return math.nan if norm is None else float(norm)
+
+    def skip(self) -> None:
+        """Drop this step's gradients (some rank's loss was not finite); weights and optimiser state stay as they are."""
+        self._check_boundary()
+        if self._plain:
+            self.ds.zero_grad()  # no gradient: the client optimiser leaves every parameter alone
+            self.ds.step()
+        else:
+            # ZeRO and bf16 optimisers keep reduced gradients in their own buffers and clear them only in step(),
+            # which sees the non-finite gradients that backward() made sure of and skips the update as an overflow.
+            self.ds.step()
+            if self.ds.was_step_applied():
+                raise VascdistError("DeepSpeed applied an update that vascdist asked it to skip (non-finite loss)")
+        self._sync_buffers()
+
+    def _check_boundary(self) -> None:
+        if not self.ds.is_gradient_accumulation_boundary():
+            raise VascdistError(f"DeepSpeed is not at a gradient accumulation boundary (micro step {self.ds.micro_steps},"
+                                f" gradient_accumulation_steps={self.ds.gradient_accumulation_steps()}): "
+                                "backward() must run train.grad_accum times per step")
+
+    def _plain_grad_norm(self) -> float:
+        """Global norm of the (already all-reduced, replicated) gradients."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's BatchNorm running statistics on every rank (DDP does this each forward; DeepSpeed never),
+        so that all ranks evaluate the model the checkpoint holds."""
+        if self.env.distributed:
+            for buffer in self.module.buffers():
+                torch_dist.broadcast(buffer, src=0)
+
+    def state_dict(self) -> dict:
+        """Full model weights (replicated under ZeRO 0-2); the optimiser state lives in the DeepSpeed directory."""
+        return {"model": self.module.state_dict(), "engine": self.name, "zero_stage": self.zero_stage}
+
+    def save_checkpoint(self, manager: CheckpointManager, step: int, state: dict, is_best: bool = False) -> None:
+        """Every rank writes its DeepSpeed partition; then rank 0 writes the step file that marks both complete."""
+        root, tag = deepspeed_root(manager.directory), deepspeed_tag(step)
+        if self.env.is_main and (root / tag).exists():
+            shutil.rmtree(root / tag)  # a crashed attempt's leftover: never mix its files with this save
+        barrier(self.env)
+        self.ds.save_checkpoint(str(root), tag=tag, save_latest=False)
+        barrier(self.env)  # every partition is on disk before the step file claims it
+        if self.env.is_main:
+            fsync_tree(root / tag)
+            manager.save(step, {**state, "engine": {**state["engine"], "deepspeed_tag": tag}}, is_best=is_best)
+            prune_deepspeed_tags(manager)
+
+    def load_checkpoint(self, manager: CheckpointManager, path) -> dict:
+        """Every rank reads the step file and loads weights plus its optimiser partition from the tag directory."""
+        path = Path(path)
+        state = manager.load(path)
+        saved = state["engine"]
+        if saved.get("engine") != self.name:
+            raise VascdistError(f"checkpoint '{path}' was written by dist.engine={saved.get('engine', 'ddp')}; resume "
+                                "it with that engine (its optimiser state is not in DeepSpeed's format)")
+        if saved["zero_stage"] != self.zero_stage or state["world_size"] != self.env.world_size:
+            raise VascdistError(f"checkpoint '{path}' holds ZeRO-{saved['zero_stage']} state of {state['world_size']} "
+                                f"ranks; resume it with dist.zero_stage={saved['zero_stage']} on {state['world_size']} "
+                                f"ranks (now {self.zero_stage} on {self.env.world_size})")
+        tag_dir = deepspeed_root(path.parent) / saved["deepspeed_tag"]
+        if not tag_dir.is_dir():
+            raise VascdistError(f"checkpoint '{path}' has no DeepSpeed directory '{tag_dir}' (pruned or not copied)")
+        loaded, _ = self.ds.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                            load_lr_scheduler_states=False, load_module_strict=True)
+        if loaded is None:
+            raise VascdistError(f"DeepSpeed could not load '{tag_dir}'")
+        return state
