@@ -171,11 +171,15 @@ class ModelConfig:
     """Width multiplier on every channel count (0.25 trains on a CPU in minutes)."""
     dropout: float = 0.0
     """Dropout before the classifier."""
+    norm: str = "batch"
+    """ResNet normalisation: 'batch' (BatchNorm; dist.sync_batchnorm makes it SyncBatchNorm on GPUs) or 'group'
+    (GroupNorm: no batch statistics, so identical on any number of ranks, CPUs included)."""
 
     def check(self, key: str) -> None:
         _require(self.stem in ("imagenet", "small"), f"{key}.stem", f"must be 'imagenet' or 'small', got '{self.stem}'")
         _require(self.width > 0, f"{key}.width", "must be > 0")
         _require(0 <= self.dropout < 1, f"{key}.dropout", "must be in [0, 1)")
+        _require(self.norm in ("batch", "group"), f"{key}.norm", f"must be 'batch' or 'group', got '{self.norm}'")
 
 
 @dataclass

@@ -86,15 +86,29 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -> torch_dist.Store:
+    """The key-value store ranks meet in, with a prefix per torchrun restart attempt.
+
+    After an elastic restart torchrun hands the workers the same agent store again, and the process group's
+    keys from the failed attempt are still in it: gloo then dials the dead workers' addresses and init fails
+    with 'connectFullMesh ... Connection refused' (seen with torch 2.11). A prefix per attempt avoids them.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                is_master=not agent_store and rank == 0, timeout=timeout)
+    return torch_dist.PrefixStore(f"vascdist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> DistEnv:
     """Set up the process group (NCCL on CUDA, gloo on CPU) from whatever launched us."""
     launcher, rank, world_size, local_rank = read_launch_env()
     device = pick_device(device_preference, local_rank)
     if world_size > 1 and not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
         try:
-            torch_dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                          timeout=datetime.timedelta(seconds=timeout_s),
+            torch_dist.init_process_group(backend, store=rendezvous_store(rank, world_size, timeout), rank=rank,
+                                          world_size=world_size, timeout=timeout,
                                           device_id=device if device.type == "cuda" else None)
         except Exception as exc:  # a rendezvous that never completes ends here after the timeout
             raise VascdistError(f"rank {rank}/{world_size}: process group init failed via "
@@ -121,12 +135,15 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     return bool(t.item() > 0)
 
 
-def all_finite(loss: torch.Tensor, env: DistEnv) -> bool:
-    """Whether the loss is finite on every rank (so all ranks skip a bad step together)."""
-    finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+def global_mean(value: torch.Tensor, env: DistEnv) -> float:
+    """Mean of a scalar over all ranks (one all-reduce); NaN/inf on any rank makes it non-finite everywhere,
+    so the same value serves the log (the global loss) and the NaN guard (all ranks skip together)."""
+    t = value.detach().float().reshape(1)
     if env.distributed:
-        torch_dist.all_reduce(finite, op=torch_dist.ReduceOp.MIN)
-    return bool(finite.item() > 0)
+        t = t.clone()
+        torch_dist.all_reduce(t)
+        t /= env.world_size
+    return float(t.item())
 
 
 def gather_arrays(arrays: dict[str, np.ndarray], env: DistEnv) -> dict[str, np.ndarray]:

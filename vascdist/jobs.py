@@ -13,6 +13,7 @@ from vascdist.config import Config, load_config, save_config
 from vascdist.dist import DistEnv, broadcast_object, init_distributed, main_first, shutdown
 from vascdist.errors import VascdistError
 from vascdist.inference import json_safe
+from vascdist.preemption import StopSignals
 
 DEFAULT_CONFIG = "quickstart"
 
@@ -79,7 +80,12 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
             save_config(cfg, path / "config.yaml")
             print(f"run directory: {path}", flush=True)
         from vascdist.train.loop import train
-        summary = train(cfg, env, path, resume=resume, quiet=quiet, stop_requested=stop_requested)
+        with StopSignals((cfg.dist.requeue_signal, "TERM")) as signals:
+            summary = train(cfg, env, path, resume=resume, quiet=quiet,
+                            stop_requested=lambda: signals.requested() or stop_requested())
+        if env.is_main and summary["stopped"]:
+            print(f"stopped at step {summary['step']} ({signals.received.name if signals.received else 'requested'}); "
+                  f"checkpoint saved in {path / 'checkpoints'}; continue with --resume auto", flush=True)
         if env.is_main and not summary["stopped"]:
             (path / "test_metrics.json").write_text(json.dumps(json_safe(summary["test"]), indent=1))
             print(format_summary(summary), flush=True)

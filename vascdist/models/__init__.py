@@ -106,6 +106,8 @@ def build_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]
     kwargs = {"width": cfg.width, "dropout": cfg.dropout}
     if "stem" in _options(_MODELS[cfg.name]):
         kwargs["stem"] = cfg.stem
+    if "norm" in _options(_MODELS[cfg.name]):
+        kwargs["norm"] = cfg.norm
     return create_model(cfg.name, num_classes, input_shape, **kwargs)
 
 

@@ -16,6 +16,18 @@ from vascdist.errors import ConfigError
 from vascdist.models import check_options, register_model, scaled
 
 STEMS = ("imagenet", "small")
+NORMS = ("batch", "group")
+
+
+def norm_layer(norm: str):
+    """BatchNorm2d, or GroupNorm (groups of up to 32 channels' worth; no batch statistics, so results do not
+    depend on how the batch is split over ranks: SyncBatchNorm's alternative where SyncBatchNorm cannot run,
+    e.g. on CPU/gloo)."""
+    if norm == "batch":
+        return nn.BatchNorm2d
+    if norm == "group":
+        return lambda channels: nn.GroupNorm(max(1, min(32, channels // 4)), channels)
+    raise ConfigError(f"model.norm must be one of {', '.join(NORMS)}, got '{norm}'")
 
 
 def _stem(stem: str, in_chans: int, planes: int) -> tuple[nn.Conv2d, nn.Module]:
@@ -37,15 +49,16 @@ class ScaledResNet(ResNet):
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int, *,
                  in_chans: int = 1, stem: str = "small", base_planes: int = 64, groups: int = 1,
-                 width_per_group: float = 64, dropout: float = 0.0, zero_init_residual: bool = True) -> None:
+                 width_per_group: float = 64, dropout: float = 0.0, zero_init_residual: bool = True,
+                 norm: str = "batch") -> None:
         nn.Module.__init__(self)
-        self._norm_layer = nn.BatchNorm2d
+        self._norm_layer = norm_layer(norm)
         self.dilation = 1
         self.groups = groups
         self.base_width = width_per_group
         self.inplanes = base_planes
         self.conv1, self.maxpool = _stem(stem, in_chans, base_planes)
-        self.bn1 = nn.BatchNorm2d(base_planes)
+        self.bn1 = self._norm_layer(base_planes)
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = self._make_layer(block, base_planes, layers[0])
         self.layer2 = self._make_layer(block, base_planes * 2, layers[1], stride=2)
@@ -61,7 +74,7 @@ class ScaledResNet(ResNet):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
@@ -92,7 +105,7 @@ def _resnext_group_width(base_planes: int, group_width: int) -> float:
     return 64.0 * group_width / base_planes * (1 + 1e-9)
 
 
-def _resnet(block, layers, num_classes, input_shape, *, stem, width, dropout, zero_init_residual,
+def _resnet(block, layers, num_classes, input_shape, *, stem, width, dropout, zero_init_residual, norm,
             name, cardinality: int = 0, group_width: int = 0) -> ScaledResNet:
     check_options(name, width, dropout)
     base_planes = scaled(64, width)
@@ -104,37 +117,37 @@ def _resnet(block, layers, num_classes, input_shape, *, stem, width, dropout, ze
         width_per_group = _resnext_group_width(base_planes, group_width)
     return ScaledResNet(block, layers, num_classes, in_chans=input_shape[0], stem=stem, base_planes=base_planes,
                         groups=groups, width_per_group=width_per_group, dropout=dropout,
-                        zero_init_residual=zero_init_residual)
+                        zero_init_residual=zero_init_residual, norm=norm)
 
 
 @register_model
 def resnet18(num_classes: int, input_shape: tuple[int, ...], stem: str = "small", width: float = 1.0,
-             dropout: float = 0.0, zero_init_residual: bool = True) -> ScaledResNet:
+             dropout: float = 0.0, zero_init_residual: bool = True, norm: str = "batch") -> ScaledResNet:
     """ResNet-18: BasicBlock x [2, 2, 2, 2]; planes 64/128/256/512 times `width`."""
     return _resnet(BasicBlock, [2, 2, 2, 2], num_classes, input_shape, stem=stem, width=width, dropout=dropout,
-                   zero_init_residual=zero_init_residual, name="resnet18")
+                   zero_init_residual=zero_init_residual, norm=norm, name="resnet18")
 
 
 @register_model
 def resnet34(num_classes: int, input_shape: tuple[int, ...], stem: str = "small", width: float = 1.0,
-             dropout: float = 0.0, zero_init_residual: bool = True) -> ScaledResNet:
+             dropout: float = 0.0, zero_init_residual: bool = True, norm: str = "batch") -> ScaledResNet:
     """ResNet-34: BasicBlock x [3, 4, 6, 3]; planes 64/128/256/512 times `width`."""
     return _resnet(BasicBlock, [3, 4, 6, 3], num_classes, input_shape, stem=stem, width=width, dropout=dropout,
-                   zero_init_residual=zero_init_residual, name="resnet34")
+                   zero_init_residual=zero_init_residual, norm=norm, name="resnet34")
 
 
 @register_model
 def resnet50(num_classes: int, input_shape: tuple[int, ...], stem: str = "small", width: float = 1.0,
-             dropout: float = 0.0, zero_init_residual: bool = True) -> ScaledResNet:
+             dropout: float = 0.0, zero_init_residual: bool = True, norm: str = "batch") -> ScaledResNet:
     """ResNet-50: Bottleneck x [3, 4, 6, 3]; planes 64/128/256/512 (outputs x4) times `width`."""
     return _resnet(Bottleneck, [3, 4, 6, 3], num_classes, input_shape, stem=stem, width=width, dropout=dropout,
-                   zero_init_residual=zero_init_residual, name="resnet50")
+                   zero_init_residual=zero_init_residual, norm=norm, name="resnet50")
 
 
 @register_model
 def resnext50_32x4d(num_classes: int, input_shape: tuple[int, ...], stem: str = "small", width: float = 1.0,
-                    dropout: float = 0.0, zero_init_residual: bool = True) -> ScaledResNet:
+                    dropout: float = 0.0, zero_init_residual: bool = True, norm: str = "batch") -> ScaledResNet:
     """ResNeXt-50 32x4d: Bottleneck x [3, 4, 6, 3], 32 groups of 4 channels in stage 1 (both times `width`
     for the groups: width 0.25 gives 8 groups of 4)."""
     return _resnet(Bottleneck, [3, 4, 6, 3], num_classes, input_shape, stem=stem, width=width, dropout=dropout,
-                   zero_init_residual=zero_init_residual, name="resnext50_32x4d", cardinality=32, group_width=4)
+                   zero_init_residual=zero_init_residual, norm=norm, name="resnext50_32x4d", cardinality=32, group_width=4)

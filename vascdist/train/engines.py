@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vascdist.config import Config
 from vascdist.dist import DistEnv
+from vascdist.errors import ConfigError
 from vascdist.train.checkpoint import CheckpointManager
 
 
@@ -76,6 +77,9 @@ class TorchEngine:
 def prepare_module(module: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
     """Device, memory format and SyncBatchNorm: everything done to the bare model before the optimiser sees it."""
     if cfg.dist.sync_batchnorm and env.distributed:
+        if env.device.type != "cuda":
+            raise ConfigError("dist.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+                              "use model.norm=group for batch-size-independent normalisation on CPU")
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     module = module.to(env.device)
     if cfg.train.channels_last:

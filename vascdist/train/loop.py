@@ -17,7 +17,7 @@ from tqdm import tqdm
 from vascdist.config import Config, to_dict
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.data.shards import load_index
-from vascdist.dist import DistEnv, all_finite, any_rank
+from vascdist.dist import DistEnv, any_rank, global_mean
 from vascdist.errors import VascdistError
 from vascdist.models import build_model
 from vascdist.train.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
@@ -161,8 +161,8 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
                         loss = loss_fn(engine.model(x), y) / cfg.train.grad_accum
                     engine.backward(loss)
                 losses.append(loss.detach())
-            step_loss = torch.stack(losses).sum()
-            if all_finite(step_loss, env):
+            step_loss = global_mean(torch.stack(losses).sum(), env)  # the loss of the global batch
+            if math.isfinite(step_loss):
                 grad_norm = engine.step()
                 scheduler.after_step()
                 progress.bad_steps_in_a_row = 0
@@ -183,14 +183,14 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
             window_samples += cfg.data.batch_size
             elapsed = time.perf_counter() - window_start
             lrs = scheduler.current_lrs()
-            scalars = {"train/loss": float(step_loss), "train/grad_norm": grad_norm, "train/lr": lrs[0],
+            scalars = {"train/loss": step_loss, "train/grad_norm": grad_norm, "train/lr": lrs[0],
                        **{f"train/lr/group{g}": lr for g, lr in enumerate(lrs)},
                        "train/bad_steps": progress.bad_steps_total}
             if progress.step % 10 == 0 or progress.step == 1:
                 scalars["train/samples_per_s"] = window_samples / elapsed
                 scalars["train/data_wait_fraction"] = data_wait / elapsed
                 log.jsonl({"step": progress.step, "epoch": progress.epoch, "split": "train", **scalars})
-                bar.set_postfix(loss=f"{float(step_loss):.4f}", lr=f"{lrs[0]:.3g}")
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lrs[0]:.3g}")
                 window_start, data_wait, window_samples = time.perf_counter(), 0.0, 0
             log.scalars(progress.step, scalars)
 
@@ -224,6 +224,8 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
         return {"stopped": True, "step": progress.step}
 
     # ---- final test evaluation with the best checkpoint and the thresholds chosen on validation
+    if progress.best_step < 0:
+        evaluate()  # no evaluation happened yet (max_steps before the first one): thresholds come from val, never test
     best = run_dir / "checkpoints" / "best.pt"
     if best.exists():
         engine.module.load_state_dict(checkpoints.load(best)["engine"]["model"])

@@ -1,0 +1,122 @@
+"""Real torchrun processes on CPU/gloo: world-size invariance (1, 2 and 2x2 ranks), resume 2 -> 1, elastic restart."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+STEPS = 50
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_args(shards_dir, run_dir, *extra):
+    return ["train", "quickstart", f"data.shards={shards_dir}", "data.batch_size=16", "data.num_workers=0",
+            "model.name=resnet18", "model.width=0.125", "model.stem=imagenet", "model.norm=group",
+            "optim.lr=0.01", "sched.name=cosine", "sched.warmup_steps=5", "train.epochs=3", f"train.max_steps={STEPS}",
+            "train.device=cpu", "train.eval_every=1000", "data.synth_patients=0", "--run-dir", str(run_dir),
+            "--quiet", *extra]
+
+
+def torchrun(*args, nproc=2, nnodes=1, node_rank=0, port=None, extra=()):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port or free_port()}", f"--node-rank={node_rank}",
+            *extra, "-m", "vascdist.cli", *args]
+
+
+def env():
+    # one intra-op thread per rank: several ranks share these 2 cores
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(cmd, timeout=600):
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(run_dir) -> dict[int, float]:
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("split") == "train" and "train/loss" in record:
+            out[record["step"]] = record["train/loss"]
+    return out
+
+
+def all_losses(run_dir) -> list[float]:
+    """train/loss of every step, from TensorBoard's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.value for e in acc.Scalars("train/loss")]
+
+
+@pytest.fixture(scope="module")
+def single_run(shards_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    run([sys.executable, "-m", "vascdist.cli", *train_args(shards_dir, run_dir)])
+    return run_dir
+
+
+def test_two_ranks_follow_the_single_process_curve(shards_dir, single_run, tmp_path):
+    run(torchrun(*train_args(shards_dir, tmp_path / "run")))
+    one, two = all_losses(single_run), all_losses(tmp_path / "run")
+    assert len(one) == len(two) == STEPS
+    worst = max(abs(a - b) for a, b in zip(one, two))
+    print(f"max |loss(1 rank) - loss(2 ranks)| over {STEPS} steps: {worst:.2e}")
+    assert worst < 1e-4
+
+
+def test_two_nodes_of_two_ranks_follow_the_single_process_curve(shards_dir, single_run, tmp_path):
+    port = free_port()
+    nodes = [subprocess.Popen(torchrun(*train_args(shards_dir, tmp_path / "run"), nnodes=2, node_rank=rank, port=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+             for rank in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), outputs[0][-3000:] + outputs[1][-3000:]
+    one, four = all_losses(single_run), all_losses(tmp_path / "run")
+    worst = max(abs(a - b) for a, b in zip(one, four))
+    print(f"max |loss(1 rank) - loss(2 nodes x 2 ranks)| over {STEPS} steps: {worst:.2e}")
+    assert len(four) == STEPS and worst < 1e-4
+
+
+def test_checkpoint_from_two_ranks_resumes_on_one(shards_dir, single_run, tmp_path):
+    run_dir = tmp_path / "run"
+    run(torchrun(*train_args(shards_dir, run_dir, f"train.max_steps={STEPS // 2}")))
+    result = run([sys.executable, "-m", "vascdist.cli", *train_args(shards_dir, run_dir), "--resume", "auto"])
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{STEPS // 2:08d}.pt'}" in result.stdout
+    one, resumed = all_losses(single_run), all_losses(run_dir)  # TensorBoard purges nothing: steps continue
+    worst = max(abs(a - b) for a, b in zip(one, resumed))
+    print(f"max |loss(1 rank) - loss(2 ranks, then resumed on 1)|: {worst:.2e}")
+    assert len(resumed) == STEPS and worst < 1e-4
+
+
+def test_elastic_restart_after_kill_9_resumes_and_finishes(shards_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = torchrun(*train_args(shards_dir, run_dir, "train.checkpoint_every=5", "--resume", "auto"),
+                   extra=("--max-restarts=1", "--monitor-interval=1"))
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+    deadline = time.time() + 300
+    while not list((run_dir / "checkpoints").glob("step-*.pt")):
+        assert agent.poll() is None and time.time() < deadline, "no checkpoint before the kill"
+        time.sleep(0.5)
+    workers = [p for p in psutil.Process(agent.pid).children(recursive=True) if "vascdist.cli" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[1].send_signal(signal.SIGKILL)
+    output = agent.communicate(timeout=600)[0]
+    assert agent.returncode == 0, output[-3000:]
+    assert "resumed from" in output
+    steps = sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
+    assert steps[-1] == STEPS
