@@ -141,3 +141,17 @@ def test_train_cli_end_to_end_with_synthesis(tmp_path):
     assert json.loads((run / "test_metrics.json").read_text())["recording/n"] > 0
     bad = run_cli("train", "quickstart", "optim.lr=-1", cwd=tmp_path)
     assert bad.returncode != 0 and bad.stderr.strip() == "vascdist train: error: config key 'optim.lr' must be > 0, got -1.0"
+
+
+def test_corrupt_shard_stops_training_with_one_line(shards_dir, tmp_path):
+    import shutil
+    copy = tmp_path / "shards"
+    shutil.copytree(shards_dir, copy)
+    target = copy / "shard-00000.h5"
+    data = bytearray(target.read_bytes())
+    data[-100] ^= 0x01
+    target.write_bytes(bytes(data))
+    result = run_cli("train", "quickstart", f"data.shards={copy}", f"run.out_dir={tmp_path}/runs", "data.synth_patients=0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"vascdist train: error: {target}: file checksum does not match "
+                                                  "index.json (corrupted or modified); re-run `vascdist preprocess` or restore the file"]

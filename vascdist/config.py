@@ -143,6 +143,8 @@ class DataConfig:
     """Global batch size (all ranks together, per optimiser step before accumulation)."""
     num_workers: int = 2
     """Loader worker processes per rank."""
+    verify_checksums: bool = True
+    """Check every shard's sha256 against index.json before training (rank 0; about 1 s per GB)."""
     shuffle_chunks: int = 16
     """Chunks mixed together by the shuffle window (bigger: better shuffle, more memory)."""
     prefetch_factor: int = 2

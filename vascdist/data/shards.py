@@ -188,6 +188,20 @@ def load_index(shards_dir: str | Path) -> dict:
     return index
 
 
+def verify_files(shards_dir: str | Path) -> dict:
+    """The cheap half of `verify` that training runs at start: every listed shard present, with its sha256."""
+    root = Path(shards_dir)
+    index = load_index(root)
+    for entry in index["shards"]:
+        path = root / entry["file"]
+        if not path.is_file():
+            raise DataError(f"{path}: shard listed in {INDEX} is missing")
+        if file_sha256(path) != entry["sha256"]:
+            raise DataError(f"{path}: file checksum does not match {INDEX} (corrupted or modified); "
+                            f"re-run `vascdist preprocess` or restore the file")
+    return index
+
+
 def read_shard(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     try:
         with h5py.File(path, "r") as f:

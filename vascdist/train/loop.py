@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from vascdist.config import Config, to_dict
 from vascdist.data.loader import ShardStream, StreamingLoader
-from vascdist.data.shards import load_index
-from vascdist.dist import DistEnv, any_rank, global_mean
+from vascdist.data.shards import load_index, verify_files
+from vascdist.dist import DistEnv, any_rank, broadcast_object, global_mean
 from vascdist.errors import VascdistError
 from vascdist.models import build_model
 from vascdist.train.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
@@ -74,6 +74,15 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     """
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
+    problem = None
+    if env.is_main and cfg.data.verify_checksums:
+        try:
+            verify_files(cfg.data.shards)
+        except VascdistError as exc:
+            problem = str(exc)
+    problem = broadcast_object(problem, env)  # every rank stops with the same message instead of hanging
+    if problem:
+        raise VascdistError(problem)
     index = load_index(cfg.data.shards)
     classes, per_beat = index["classes"], index["kind"] == "beats"
     train_loader, val_loader, test_loader = build_loaders(cfg, env)
