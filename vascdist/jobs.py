@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -13,7 +14,7 @@ from vascdist.config import Config, load_config, save_config
 from vascdist.dist import DistEnv, broadcast_object, init_distributed, main_first, shutdown
 from vascdist.errors import VascdistError
 from vascdist.inference import json_safe
-from vascdist.preemption import StopSignals
+from vascdist.preemption import StopSignals, requeue_slurm_job
 
 DEFAULT_CONFIG = "quickstart"
 
@@ -86,6 +87,8 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
         if env.is_main and summary["stopped"]:
             print(f"stopped at step {summary['step']} ({signals.received.name if signals.received else 'requested'}); "
                   f"checkpoint saved in {path / 'checkpoints'}; continue with --resume auto", flush=True)
+            if os.environ.get("VASCDIST_REQUEUE") == "scontrol":  # set by slurm/train.sbatch
+                print(requeue_slurm_job(cfg.dist.max_requeues), flush=True)
         if env.is_main and not summary["stopped"]:
             (path / "test_metrics.json").write_text(json.dumps(json_safe(summary["test"]), indent=1))
             print(format_summary(summary), flush=True)
