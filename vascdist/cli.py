@@ -149,25 +149,14 @@ def _add_predict(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (loader, train, make-shards, scaling, dist); see BENCHMARKS.md",
-                       add_help=False)
+def _add_passthrough(sub, name: str, help: str, module: str) -> None:
+    """A sub-command whose own parser lives in `module.main(argv)` (bench, submit)."""
+    p = sub.add_parser(name, help=help, add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
 
     def run(a):
-        from vascdist.bench import main as bench_main
-        return bench_main(a.args)
-    p.set_defaults(func=run)
-
-
-def _add_submit(sub) -> None:
-    p = sub.add_parser("submit", help="submit training to SLURM through submitit (see launch/submit.py)",
-                       add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER)
-
-    def run(a):
-        from launch.submit import main as submit_main
-        return submit_main(a.args)
+        import importlib
+        return importlib.import_module(module).main(a.args)
     p.set_defaults(func=run)
 
 
@@ -175,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vascdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_synth, _add_manifest, _add_preprocess, _add_shards, _add_train, _add_evaluate, _add_predict,
-                _add_models, _add_bench, _add_submit):
+                _add_models):
         add(sub)
+    _add_passthrough(sub, "bench", "benchmarks (loader, train, make-shards, scaling, dist); see BENCHMARKS.md",
+                     "vascdist.bench")
+    _add_passthrough(sub, "submit", "submit training to SLURM through submitit (launch/submit.py)", "launch.submit")
     return parser
 
 
