@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after options too (`train cfg --quiet optim.lr=0.1`); argparse alone stops at the option.
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides) + extra
-    elif extra and not hasattr(args, "args"):
+    elif extra and hasattr(args, "args"):  # pass-through commands parse their own options
+        args.args = list(extra) + list(args.args)
+    elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         result = args.func(args)
