@@ -28,9 +28,13 @@ export SLURM_CONF="$CONF"
 die() { echo "local-cluster: $*" >&2; exit 1; }
 log() { echo "local-cluster: $*" >&2; }
 
-# Run as root: directly if we are root, else through sudo.
+# Run as root: directly if we are root, else through sudo (never prompting when there is no terminal,
+# so a test run fails fast instead of hanging on a password).
 as_root() {
-    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+    if [ "$(id -u)" -eq 0 ]; then "$@"
+    elif [ -t 0 ]; then sudo "$@"
+    else sudo -n "$@"
+    fi
 }
 
 install_packages() {
@@ -84,8 +88,9 @@ SlurmUser=$user
 SlurmdUser=$user
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire is also how long a requeued job waits before it may start again (default 120 s).
-AuthInfo=socket=$MUNGE/munge.socket,cred_expire=10
+# cred_expire is also how long a requeued job waits before it may start again (default 120 s); step
+# credentials only need to live from step creation to launch, which takes well under a second here.
+AuthInfo=socket=$MUNGE/munge.socket,cred_expire=5
 StateSaveLocation=$STATE/ctld
 SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmctldLogFile=$LOGS/slurmctld.log
@@ -102,6 +107,9 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MpiDefault=none
 SchedulerType=sched/backfill
+# Main scheduler and backfill every 5 s (defaults 60 s, 30 s): a requeued job only becomes eligible
+# cred_expire seconds after the requeue, and nothing but these passes then starts it.
+SchedulerParameters=bf_interval=5,sched_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 JobRequeue=1
@@ -155,12 +163,13 @@ start_daemons() {
     done
 }
 
-# True when slurmctld answers and both nodes are idle, allocated or mixed (not down, drained or unknown).
+# True when slurmctld answers and both nodes are idle, allocated, mixed or completing a job (not down,
+# drained, unknown or not responding: those carry another name or a suffix such as "idle*").
 cluster_up() {
     local states
     scontrol ping 2>/dev/null | grep -q "is UP" || return 1
     states="$(sinfo -h -N -p debug -o '%N %t' 2>/dev/null)" || return 1
-    [ "$(echo "$states" | grep -cE ' (idle|alloc|mix)$')" -eq ${#NODES[@]} ]
+    [ "$(echo "$states" | grep -cE " (idle|alloc|mix|comp)$")" -eq ${#NODES[@]} ]
 }
 
 wait_idle() {
