@@ -19,7 +19,7 @@ value = torch.tensor([float(rank + 1)])
 dist.all_reduce(value)  # 1 + 2 + 3 + 4 = 10 over four ranks
 # One write per line: two workers share their srun task's stdout, and under PYTHONUNBUFFERED=1 print()
 # writes the text and the newline separately, so lines from the two workers can interleave.
-line = f"rank={rank} world={world} node={os.environ['SLURMD_NODENAME']} sum={value.item():g}\n"
+line = f"rank={rank} world={world} node={os.environ['SLURMD_NODENAME']} sum={value.item():g}\\n"
 os.write(1, line.encode())
 dist.destroy_process_group()
 """
