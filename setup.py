@@ -22,6 +22,6 @@ setup(
         "tqdm",
         "pillow",
     ],
-    extras_require={"test": ["pytest", "scikit-learn"]},
+    extras_require={"test": ["pytest", "scikit-learn", "psutil"]},
     entry_points={"console_scripts": ["vascdist = vascdist.cli:main"]},
 )
