@@ -138,27 +138,29 @@ start_munge() {
     local force=()
     [ "$(id -u)" -eq 0 ] && force=(--force)  # munged refuses to run as root without it
     munged "${force[@]}" --socket="$MUNGE/munge.socket" --key-file="$MUNGE/munge.key" \
-        --pid-file="$MUNGE/munged.pid" --log-file="$MUNGE/munged.log" --seed-file="$MUNGE/munged.seed" \
+        --pid-file="$MUNGE/munged.pid" --log-file="$MUNGE/munged.log" --seed-file="$MUNGE/munged.seed" 9>&- \
         || die "munged failed to start: $(tail -n 5 "$MUNGE/munged.log" 2>/dev/null)"
     munge -n -S "$MUNGE/munge.socket" | unmunge -S "$MUNGE/munge.socket" >/dev/null \
         || die "munge round trip failed; see $MUNGE/munged.log"
 }
 
+# True when the pid file names a live process of this cluster (its command line names the state dir),
+# so a stale pid file whose number was reused by another process does not count.
 pid_alive() {
-    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+    [ -s "$1" ] && tr '\0' ' ' <"/proc/$(cat "$1")/cmdline" 2>/dev/null | grep -qF "$STATE/"
 }
 
 start_daemons() {
     if ! pid_alive "$STATE/slurmctld.pid"; then
         # -c: start clean. `stop` cancels every job anyway, and recovered node states would read "idle"
         # before the slurmds have registered, so waiting for idle nodes would prove nothing.
-        slurmctld -c -f "$CONF" || die "slurmctld failed to start: $(tail -n 20 "$LOGS/slurmctld.log" 2>/dev/null)"
+        slurmctld -c -f "$CONF" 9>&- || die "slurmctld failed to start: $(tail -n 20 "$LOGS/slurmctld.log" 2>/dev/null)"
     fi
     local n
     for n in "${NODES[@]}"; do
         mkdir -p "$STATE/spool-$n"
         if ! pid_alive "$STATE/slurmd-$n.pid"; then
-            slurmd -f "$CONF" -N "$n" || die "slurmd $n failed to start: $(tail -n 20 "$LOGS/slurmd-$n.log" 2>/dev/null)"
+            slurmd -f "$CONF" -N "$n" 9>&- || die "slurmd $n failed to start: $(tail -n 20 "$LOGS/slurmd-$n.log" 2>/dev/null)"
         fi
     done
 }
@@ -195,9 +197,15 @@ cmd_start() {
     echo "export SLURM_CONF=$CONF"
 }
 
+any_alive() {
+    local p
+    for p in "$@"; do kill -0 "$p" 2>/dev/null && return 0; done
+    return 1
+}
+
 # Stop the daemons named by pid files: TERM them all at once, wait up to 10 s, then KILL what is left.
 stop_pidfiles() {
-    local pids=() f p i
+    local pids=() f i
     for f in "$@"; do
         pid_alive "$f" && pids+=("$(cat "$f")")
         rm -f "$f"
@@ -205,8 +213,7 @@ stop_pidfiles() {
     [ ${#pids[@]} -eq 0 ] && return 0
     kill -TERM "${pids[@]}" 2>/dev/null || true
     for i in $(seq 100); do
-        for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && break; done
-        kill -0 "$p" 2>/dev/null || return 0
+        any_alive "${pids[@]}" || return 0
         sleep 0.1
     done
     kill -KILL "${pids[@]}" 2>/dev/null || true
@@ -240,9 +247,17 @@ cmd_status() {
     cluster_up || die "cluster is not up"
 }
 
+# start and stop hold a lock, so two test runs starting the cluster at once do not start it twice.
+# The daemons are started with fd 9 closed, or they would hold the lock for as long as they live.
+lock() {
+    mkdir -p "$STATE"
+    exec 9>"$STATE/lock"
+    flock -w 300 9 || die "another start/stop holds $STATE/lock"
+}
+
 case "${1:-}" in
-    start) cmd_start ;;
-    stop) cmd_stop ;;
+    start) lock; cmd_start ;;
+    stop) lock; cmd_stop ;;
     status) cmd_status ;;
     *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac
