@@ -169,6 +169,8 @@ start_daemons() {
 # drained, unknown or not responding: those carry another name or a suffix such as "idle*").
 cluster_up() {
     local states
+    # Without a live slurmctld, scontrol and sinfo would each spend ~10 s retrying the connection.
+    pid_alive "$STATE/slurmctld.pid" || return 1
     scontrol ping 2>/dev/null | grep -q "is UP" || return 1
     states="$(sinfo -h -N -p debug -o '%N %t' 2>/dev/null)" || return 1
     [ "$(echo "$states" | grep -cE " (idle|alloc|mix|comp)$")" -eq ${#NODES[@]} ]
@@ -207,8 +209,7 @@ any_alive() {
 stop_pidfiles() {
     local pids=() f i
     for f in "$@"; do
-        pid_alive "$f" && pids+=("$(cat "$f")")
-        rm -f "$f"
+        if pid_alive "$f"; then pids+=("$(cat "$f")"); else rm -f "$f"; fi  # the daemons remove their own
     done
     [ ${#pids[@]} -eq 0 ] && return 0
     kill -TERM "${pids[@]}" 2>/dev/null || true
@@ -230,7 +231,7 @@ stop_stepds() {
 }
 
 cmd_stop() {
-    if scontrol ping 2>/dev/null | grep -q "is UP"; then
+    if pid_alive "$STATE/slurmctld.pid" && scontrol ping 2>/dev/null | grep -q "is UP"; then
         scancel --full --quiet -u "$(id -un)" 2>/dev/null || true
         local i
         for i in $(seq 20); do [ -z "$(squeue -h -t R,CG 2>/dev/null)" ] && break; sleep 0.5; done
@@ -243,6 +244,7 @@ cmd_stop() {
 
 cmd_status() {
     [ -f "$CONF" ] || die "not started (no $CONF)"
+    pid_alive "$STATE/slurmctld.pid" || die "not running (no slurmctld)"
     sinfo 2>&1 || true
     cluster_up || die "cluster is not up"
 }
