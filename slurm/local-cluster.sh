@@ -129,7 +129,9 @@ EOF
 # A private munged with its own key and socket, so the system munge (if any) is neither needed nor touched.
 start_munge() {
     mkdir -p "$MUNGE"
-    chmod 0700 "$MUNGE"
+    # munged wants the socket's directory searchable by all (it refuses 0700 unless run as root with
+    # --force) and the key's directory not writable by others: 0755 satisfies both.
+    chmod 0755 "$MUNGE"
     if [ ! -s "$MUNGE/munge.key" ]; then
         dd if=/dev/urandom of="$MUNGE/munge.key" bs=1024 count=1 status=none
     fi
