@@ -17,7 +17,6 @@ presence marks the pair complete; `evaluate`, `predict` and `--resume auto` read
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
