@@ -72,6 +72,9 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
     own_env = env is None
     env = env or init_distributed(cfg.train.device, cfg.dist.timeout_s)
     try:
+        if cfg.dist.engine == "deepspeed":  # a contradicting DeepSpeed JSON fails before any data or run dir is made
+            from vascdist.train.deepspeed_engine import build_deepspeed_config
+            build_deepspeed_config(cfg, env.world_size, env.device)
         with main_first(env):
             if env.is_main:
                 ensure_data(cfg, quiet)

@@ -56,7 +56,7 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "engine": self.name}
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
@@ -70,6 +70,10 @@ class TorchEngine:
     def load_checkpoint(self, manager: CheckpointManager, path) -> dict:
         """Every rank reads the file and restores model and optimiser; returns the whole saved state."""
         state = manager.load(path)
+        written_by = state["engine"].get("engine", self.name)
+        if written_by != self.name:
+            raise ConfigError(f"checkpoint {path} was written by dist.engine={written_by}; resume it with "
+                              f"dist.engine={written_by} (this run has dist.engine={self.cfg.dist.engine})")
         self.load_state_dict(state["engine"])
         return state
 
