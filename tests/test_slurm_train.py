@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
+import psutil
 import pytest
 
 from slurm_cluster import REPO, ensure_cluster, job_info, wait_job
-from test_torchrun import STEPS, all_losses, train_args
+from test_torchrun import STEPS, all_losses, free_port, train_args
 
 SBATCH = REPO / "slurm" / "train.sbatch"
 
@@ -90,7 +92,7 @@ def test_submit_two_nodes_trains_to_the_end(two_node_run):
     # one log folder per job, one log per task; the job ran the snapshot taken at submission
     logs = two_node_run["logs"]
     assert logs == two_node_run["log_dir"] / job_id
-    task0, task1 = ((logs / f"{job_id}_{task}_log.err").read_text() for task in (0, 1))
+    task0, task1 = ((logs / f"{job_id}_{task}_log.out").read_text() for task in (0, 1))  # submitit logs to stdout
     snapshot = re.search(r"code (\S+)/vascdist", (logs / f"{job_id}_0_log.out").read_text()).group(1)
     assert Path(snapshot).parent == two_node_run["log_dir"] and Path(snapshot, "vascdist", "jobs.py").exists()
     # a finished job ends on both nodes together
@@ -114,6 +116,22 @@ def test_submit_preempted_job_checkpoints_requeues_and_resumes(shards_dir, two_n
     assert_resumed_on_the_curve(job["run_dir"], log, all_losses(two_node_run["run_dir"]), job["job_id"], env)
 
 
+def test_submit_requeues_no_more_than_dist_max_requeues(shards_dir, tmp_path):
+    env = job_env()
+    proc = submit_cli("quickstart", *overrides(shards_dir, "dist.max_requeues=0"), "--nodes", "2", "--time", "10",
+                      "--log-dir", str(tmp_path / "logs"), "--run-dir", str(tmp_path / "run"), cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (job,) = submitted(proc.stdout)
+    wait_for_step(job["run_dir"], 10, job["job_id"], env)
+    subprocess.run(["scancel", "--signal=USR2", job["job_id"]], env=env, check=True, timeout=30)
+    assert wait_job(int(job["job_id"]), env, timeout=300) == "FAILED"  # stopped for good, not requeued
+    log = (job["logs"] / f"{job['job_id']}_0_log.out").read_text()
+    assert "not requeuing: requeued 0 times already (dist.max_requeues=0)" in log, log[-3000:]
+    step = int(re.search(r"stopped at step (\d+)", log).group(1))
+    assert (job["run_dir"] / "checkpoints" / f"step-{step:08d}.pt").exists()
+    assert job_info(int(job["job_id"]), env)["Restarts"] == "0"
+
+
 def test_sbatch_template_preempted_job_checkpoints_requeues_and_resumes(shards_dir, two_node_run, tmp_path):
     env = job_env(VASCDIST_ROOT=str(REPO), VASCDIST_RUN_ROOT=str(tmp_path / "runs"), VASCDIST_NPROC_PER_NODE="1")
     out = tmp_path / "job.out"
@@ -130,6 +148,28 @@ def test_sbatch_template_preempted_job_checkpoints_requeues_and_resumes(shards_d
     assert log.count("vascdist: received SIGUSR2") == 2, log[-3000:]  # both workers, not the torchrun agents
     assert f"job {job_id}: attempt 2 on n[1-2]" in log
     assert_resumed_on_the_curve(run_dir, log, all_losses(two_node_run["run_dir"]), job_id, env)
+
+
+def test_torchrun_script_keeps_the_agent_alive_through_usr2(shards_dir, tmp_path):
+    """SLURM signals every process of the step; torchrun.sh's agent must ignore USR2 while its workers checkpoint."""
+    run_dir = tmp_path / "run"
+    agent = subprocess.Popen(["bash", str(REPO / "launch" / "torchrun.sh"), "--nnodes", "1", "--nproc-per-node", "2",
+                              "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "quickstart", *overrides(shards_dir),
+                              "--run-dir", str(run_dir), "--quiet"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and '"step": 10,' in (run_dir / "metrics.jsonl").read_text()):
+        assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[0][-3000:]
+        time.sleep(0.1)
+    # like SLURM's proctrack: every process of the step (torchrun puts its workers in sessions of their own,
+    # so a process-group kill would miss them)
+    for process in [psutil.Process(agent.pid), *psutil.Process(agent.pid).children(recursive=True)]:
+        process.send_signal(signal.SIGUSR2)
+    output = agent.communicate(timeout=120)[0]
+    assert agent.returncode == 0, output[-3000:]
+    assert output.count("vascdist: received SIGUSR2") == 2 and "checkpoint saved" in output, output[-3000:]
+    assert list((run_dir / "checkpoints").glob("step-*.pt"))
 
 
 def test_sweep_submits_a_job_array(shards_dir, tmp_path):
