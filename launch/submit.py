@@ -85,13 +85,22 @@ class TrainingJob(submitit.helpers.Checkpointable):
             summary = run_training(self.config, list(self.overrides) + list(sweep), resume=self.resume,
                                    run_dir=self.resolved_run_dir(), quiet=True, stop_requested=early.requested)
             if summary["stopped"] and job.global_rank == 0:
-                if shutil.which("scontrol") is None:
-                    raise VascdistError(f"cannot requeue job {job.job_id}: 'scontrol' is not on PATH; the checkpoint "
-                                        f"is saved in {self.resolved_run_dir()}, resubmit with --resume auto")
-                # Dumps checkpoint()'s submission, runs `scontrol requeue` and exits; raises UncompletedJobError
-                # (the job ends FAILED) when checkpoint() declines because the requeues are used up.
-                handler.checkpoint_and_try_requeue(early.received or signal_number(self.requeue_signal))
+                self._requeue(handler, early.received or signal_number(self.requeue_signal))
         return summary
+
+    def _requeue(self, handler: SignalHandler, signum: int) -> None:
+        """submitit's protocol, after the checkpoint: dump checkpoint()'s submission, `scontrol requeue`, exit.
+        Raises UncompletedJobError (the job ends FAILED) when checkpoint() declines: the requeues are used up."""
+        if shutil.which("scontrol") is None:
+            raise VascdistError(f"cannot requeue job {handler.env.job_id}: 'scontrol' is not on PATH; the checkpoint "
+                                f"is saved in {self.resolved_run_dir()}, resubmit with --resume auto")
+        try:
+            handler.checkpoint_and_try_requeue(signum)
+        except subprocess.CalledProcessError as exc:
+            if exc.returncode in (-15, 143):  # SLURM TERMs the job's processes, scontrol included, once requeued
+                sys.exit(-1)
+            raise VascdistError(f"scontrol requeue failed (exit {exc.returncode}); the checkpoint is saved in "
+                                f"{self.resolved_run_dir()}, resubmit with --resume auto") from None
 
     def checkpoint(self, sweep: list[str] = ()) -> DelayedSubmission | None:
         """submitit's protocol: what to run when the job is requeued (None: do not requeue)."""
@@ -318,6 +327,8 @@ def main(argv: list[str]) -> int:
     cfg = configs[0]
     if len({c.dist.max_requeues for c in configs}) > 1 or len({c.dist.requeue_signal for c in configs}) > 1:
         raise VascdistError("--sweep may not vary dist.max_requeues or dist.requeue_signal")
+    if args.signal_delay >= args.time * 60:
+        raise VascdistError(f"--signal-delay {args.signal_delay} s must be shorter than --time {args.time} min")
     require_slurm()
     name_dir = Path(cfg.run.out_dir).resolve() / cfg.run.name
     log_dir = Path(args.log_dir).resolve() if args.log_dir else name_dir / "submitit"

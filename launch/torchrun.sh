@@ -9,7 +9,7 @@
 # goes to `vascdist train` unchanged ("--" ends the options explicitly). Defaults: --nnodes 1,
 # --node-rank $SLURM_NODEID or 0, --nproc-per-node 1, --rdzv-id $SLURM_JOB_ID or "vascdist",
 # --max-restarts 0, --rdzv-endpoint 127.0.0.1:29500 on one node (required with several).
-# Environment: VASCDIST_PYTHON (default: python) is the interpreter that runs torchrun.
+# Environment: VASCDIST_PYTHON (default: python3) is the interpreter that runs torchrun.
 set -euo pipefail
 
 die() { echo "torchrun.sh: $*" >&2; exit 2; }
@@ -52,7 +52,7 @@ fi
 # installs its own handler (vascdist.preemption.StopSignals) as it starts training.
 trap '' USR2
 
-exec "${VASCDIST_PYTHON:-python}" -m torch.distributed.run \
+exec "${VASCDIST_PYTHON:-python3}" -m torch.distributed.run \
     --nnodes "$nnodes" --node-rank "$node_rank" --nproc-per-node "$nproc" \
     --rdzv-backend c10d --rdzv-endpoint "$endpoint" --rdzv-id "$rdzv_id" --max-restarts "$max_restarts" \
     -m vascdist.cli train "$@"

@@ -133,7 +133,8 @@ def test_submit_requeues_no_more_than_dist_max_requeues(shards_dir, tmp_path):
 
 
 def test_sbatch_template_preempted_job_checkpoints_requeues_and_resumes(shards_dir, two_node_run, tmp_path):
-    env = job_env(VASCDIST_ROOT=str(REPO), VASCDIST_RUN_ROOT=str(tmp_path / "runs"), VASCDIST_NPROC_PER_NODE="1")
+    env = job_env(VASCDIST_ROOT=str(REPO), VASCDIST_RUN_ROOT=str(tmp_path / "runs"), VASCDIST_NPROC_PER_NODE="1",
+                  VASCDIST_PYTHON=sys.executable)
     out = tmp_path / "job.out"
     proc = subprocess.run(["sbatch", "--parsable", "--time=10", f"--output={out}", str(SBATCH), "quickstart",
                            *overrides(shards_dir), "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -157,7 +158,8 @@ def test_torchrun_script_keeps_the_agent_alive_through_usr2(shards_dir, tmp_path
                               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "quickstart", *overrides(shards_dir),
                               "--run-dir", str(run_dir), "--quiet"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                                  "VASCDIST_PYTHON": sys.executable})
     deadline = time.monotonic() + 300
     while not ((run_dir / "metrics.jsonl").exists() and '"step": 10,' in (run_dir / "metrics.jsonl").read_text()):
         assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[0][-3000:]
