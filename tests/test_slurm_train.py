@@ -42,12 +42,22 @@ def submitted(output: str) -> list[dict]:
     return [dict(job_id=j, logs=Path(l), run_dir=Path(r)) for j, l, r in re.findall(pattern, output)]
 
 
+def logged_steps(run_dir: Path) -> list[int]:
+    """Steps in metrics.jsonl so far (a line still being written is skipped)."""
+    path, steps = run_dir / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(line).get("step", 0))
+        except json.JSONDecodeError:
+            pass
+    return steps
+
+
 def wait_for_step(run_dir: Path, step: int, job_id: str, env: dict, timeout: float = 300) -> None:
     """Until the run has logged a training step >= `step` (the job must still be running)."""
     deadline = time.monotonic() + timeout
-    path = run_dir / "metrics.jsonl"
     while True:
-        if path.exists() and any(json.loads(line).get("step", 0) >= step for line in path.read_text().splitlines()):
+        if any(s >= step for s in logged_steps(run_dir)):
             return
         state = job_info(int(job_id), env).get("JobState")
         assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job_id} is {state} before step {step}"
@@ -161,7 +171,7 @@ def test_torchrun_script_keeps_the_agent_alive_through_usr2(shards_dir, tmp_path
                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                                   "VASCDIST_PYTHON": sys.executable})
     deadline = time.monotonic() + 300
-    while not ((run_dir / "metrics.jsonl").exists() and '"step": 10,' in (run_dir / "metrics.jsonl").read_text()):
+    while not any(s >= 10 for s in logged_steps(run_dir)):
         assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[0][-3000:]
         time.sleep(0.1)
     # like SLURM's proctrack: every process of the step (torchrun puts its workers in sessions of their own,
