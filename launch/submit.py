@@ -182,7 +182,7 @@ def wait_for(jobs: list, poll_s: float = 5.0) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------- submission
 
-OPTIONS = {  # option -> (type, default, help); the help text doubles as the list of valid options
+OPTIONS = {  # option -> (type, default, help)
     "--nodes": (int, 1, "nodes per job"),
     "--tasks-per-node": (int, 1, "training processes per node (one per GPU)"),
     "--gpus-per-node": (int, 0, "GPUs to request per node (0: none, CPU training)"),
