@@ -78,7 +78,9 @@ def requeue_slurm_job(max_requeues: int, environ: dict | None = None) -> str:
     if shutil.which("scontrol") is None:
         raise VascdistError(f"cannot requeue job {job_id}: 'scontrol' is not on PATH (inside a container? bind-mount "
                             "the SLURM client or requeue from outside); the checkpoint is saved, resume with --resume auto")
+    # SLURM TERMs the whole job (this process and scontrol too) as soon as it accepts the requeue: log first.
+    print(f"requeuing job {job_id} (requeue {done + 1} of at most {max_requeues})", flush=True)
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
+    if result.returncode not in (0, -15, 143):
         raise VascdistError(f"scontrol requeue {job_id} failed: {(result.stderr or result.stdout).strip()}")
-    return f"requeued job {job_id} (requeue {done + 1} of at most {max_requeues})"
+    return f"requeued job {job_id}"
