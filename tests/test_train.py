@@ -155,3 +155,23 @@ def test_corrupt_shard_stops_training_with_one_line(shards_dir, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"vascdist train: error: {target}: file checksum does not match "
                                                   "index.json (corrupted or modified); re-run `vascdist preprocess` or restore the file"]
+
+
+def test_five_class_beats_train_with_resnext1d(tmp_path):
+    from vascdist.config import PreprocessConfig
+    from vascdist.data.beats import preprocess_beats
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(5), 100)
+    t = np.linspace(0, 1, 187)
+    beats = np.sin(2 * np.pi * (labels[:, None] + 1) * t) + rng.normal(0, 0.1, (len(labels), 187))  # separable
+    np.savetxt(tmp_path / "beats.csv", np.concatenate([beats, labels[:, None]], 1), delimiter=",")
+    preprocess_beats(tmp_path / "beats.csv", tmp_path / "shards", PreprocessConfig(chunk_size=32))
+    summary = run_training(None, [f"data.shards={tmp_path / 'shards'}", f"run.out_dir={tmp_path / 'runs'}",
+                                  "model.name=resnext1d", "model.width=0.125", "data.batch_size=32", "data.num_workers=0",
+                                  "train.epochs=6", "optim.name=adam", "optim.lr=3e-3", "sched.name=none",
+                                  "loss.name=cross_entropy", "train.early_stop_metric=cycle/macro_f1"], quiet=True)
+    test = summary["test"]
+    assert summary["classes"] == ["N", "S", "V", "F", "Q"]
+    assert "cycle/f1/V" in test and "recording/accuracy" not in test  # per-beat metrics only
+    assert test["cycle/macro_f1"] > 0.5  # chance is 0.2
+    assert np.array(test["cycle/confusion"]).shape == (5, 5)
