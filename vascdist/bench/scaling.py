@@ -1,0 +1,110 @@
+"""`vascdist bench scaling`: loader epoch time and peak memory (loader workers included) against data-set size.
+
+Time must grow linearly with N (constant us/sample) and memory stay flat: the loader holds windows, never
+the data set. Shard sets are written with `make_shards` under --root (reused when they already hold N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import psutil
+
+from vascdist.bench.common import TreeMemory, machine_line, parse_ints, table, write_json
+from vascdist.bench.makeshards import BYTES_PER_SAMPLE, make_shards
+from vascdist.data.loader import ShardStream, StreamingLoader
+from vascdist.data.shards import load_index
+from vascdist.errors import DataError
+
+FALLBACK = 300_000  # the largest size tried when the requested one does not fit on the disk
+
+
+def ensure_shards(root: Path, samples: int) -> tuple[Path, float | None]:
+    """root/n<samples> holding `samples` samples: (directory, seconds spent writing it or None if reused)."""
+    out = root / f"n{samples}"
+    try:
+        if sum(c["samples"] for c in load_index(out)["splits"].values()) == samples:
+            return out, None
+    except DataError:
+        pass
+    t0 = time.perf_counter()
+    make_shards(out, samples)
+    return out, time.perf_counter() - t0
+
+
+def epoch(shards: Path, batch: int, workers: int) -> dict:
+    """One training epoch of the streaming loader, with the process tree's memory sampled throughout."""
+    loader = StreamingLoader(ShardStream(shards, "train", batch, seed=0), num_workers=workers)
+    base = psutil.Process().memory_info().rss
+    with TreeMemory() as mem:
+        n, t0 = 0, time.perf_counter()
+        for b in loader:
+            if n == 0:
+                mem.sample()  # the workers are alive now, however short the epoch
+            n += len(b["y"])
+        seconds = time.perf_counter() - t0
+    return {"samples": n, "seconds": seconds, "peak_rss_mb": mem.peak_rss / 2**20, "peak_pss_mb": mem.peak_pss / 2**20,
+            "main_rss_before_mb": base / 2**20, "processes": mem.peak_procs}
+
+
+def bench_scaling(root: Path, sizes: list[int], batch: int, workers: int, repeats: int, remove: bool) -> dict:
+    rows, notes = [], []
+    root.mkdir(parents=True, exist_ok=True)
+    for size in sizes:
+        free = shutil.disk_usage(root).free
+        if size * BYTES_PER_SAMPLE * 1.02 + 2 * 2**30 > free:
+            notes.append(f"N={size:,} needs {size * BYTES_PER_SAMPLE / 1e9:.1f} GB but {free / 1e9:.1f} GB are free "
+                         f"under {root}: measured N={FALLBACK:,} instead")
+            size = FALLBACK
+        shards, write_s = ensure_shards(root, size)
+        runs = [epoch(shards, batch, workers) for _ in range(repeats)]
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        rows.append({"n": size, "train": int(med["samples"]), "write_s": write_s, "epoch_s": med["seconds"],
+                     "us_per_sample": 1e6 * med["seconds"] / med["samples"], "samples_s": med["samples"] / med["seconds"],
+                     "peak_pss_mb": med["peak_pss_mb"], "peak_rss_mb": med["peak_rss_mb"],
+                     "before_mb": med["main_rss_before_mb"], "procs": int(med["processes"])})
+        print(f"  done N={size:,}", flush=True)
+        if remove:
+            shutil.rmtree(shards)
+    return {"rows": rows, "notes": notes, "batch": batch, "workers": workers, "repeats": repeats}
+
+
+def format_scaling(result: dict) -> str:
+    text = table(result["rows"], [
+        ("n", "N (all splits)"), ("train", "train samples"), ("write_s", "make-shards s"), ("epoch_s", "epoch s"),
+        ("us_per_sample", "us/sample"), ("samples_s", "samples/s"), ("peak_pss_mb", "peak PSS MB (tree)"),
+        ("peak_rss_mb", "peak RSS MB (tree)"), ("before_mb", "main RSS before MB"), ("procs", "processes")])
+    lines = [text, "", f"batch {result['batch']}, {result['workers']} loader workers, medians of {result['repeats']} epochs; "
+             "memory sampled every 50 ms (PSS every 200 ms) over the main process and its workers; "
+             "RSS double-counts pages shared after fork, PSS splits them"] + result["notes"]
+    rows = result["rows"]
+    if len(rows) >= 2:
+        per = [r["us_per_sample"] for r in rows]
+        mem = [r["peak_pss_mb"] for r in rows]
+        lines.append(f"us/sample from smallest to largest N: x{per[-1] / per[0]:.2f} (1.00 = linear time); "
+                     f"peak PSS: x{mem[-1] / mem[0]:.2f} (1.00 = flat memory)")
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("scaling", help="loader epoch time and peak memory against N (make-shards sets under --root)")
+    p.add_argument("--root", required=True, help="directory for the shard sets (n<N>/ each); check free disk first")
+    p.add_argument("--sizes", default="1e4,1e5,1e6", help="total samples per set (8 KB each on disk)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--remove", action="store_true", help="delete each shard set after measuring it")
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    p.set_defaults(func=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    print(machine_line(), flush=True)
+    result = bench_scaling(Path(a.root), parse_ints(a.sizes), a.batch, a.workers, a.repeats, a.remove)
+    print(format_scaling(result))
+    write_json(a.json, result)
+    return 0

@@ -1,0 +1,248 @@
+"""`vascdist bench train`: the full vascdist loop against a bare PyTorch loop on the same model and batch.
+
+Per model and variant (precision / channels_last / compile):
+  1. the real loop (`jobs.run_training` with train.max_steps) reading shards; samples/s and data-wait fraction
+     are the medians of the 10-step windows it logs to metrics.jsonl, the first (warm-up) window excluded;
+  2. a bare loop on one in-memory batch (zero_grad, forward, loss, backward, step): the compute bound;
+  3. the step-time breakdown, from a timed copy of the loop body built from the same vascdist components
+     (loader, engine, scheduler, RunLogger); loop.py itself carries no timers.
+TFLOP/s = samples/s x 3 x forward FLOPs (count_flops; backward taken as 2x forward) against a measured matmul
+rate (bf16 on CUDA, fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vascdist.bench.common import TreeMemory, machine_line, table, write_json
+from vascdist.bench.makeshards import make_shards
+from vascdist.config import load_config
+from vascdist.dist import DistEnv, global_mean
+from vascdist.models import build_model, count_flops
+from vascdist.train.engines import build_engine, prepare_module
+from vascdist.train.evaluate import autocast_context, to_device
+from vascdist.train.logging import RunLogger
+from vascdist.train.losses import build_loss
+from vascdist.train.optim import build_optimizer, build_scheduler
+
+SHAPE = (1, 40, 100)
+
+
+def parse_variant(text: str) -> dict:
+    """'fp32', 'bf16', 'bf16+cl', 'bf16+cl+compile' -> train.* settings."""
+    parts = set(text.split("+"))
+    unknown = parts - {"fp32", "bf16", "cl", "compile"}
+    if unknown:
+        raise SystemExit(f"vascdist bench train: unknown variant part(s) {sorted(unknown)}; use fp32|bf16[+cl][+compile]")
+    return {"precision": "bf16" if "bf16" in parts else "fp32", "channels_last": "cl" in parts, "compile": "compile" in parts}
+
+
+def overrides(a: argparse.Namespace, shards: Path, name: str, stem: str, variant: dict, out_dir: Path) -> list[str]:
+    return [f"data.shards={shards}", "data.synth_patients=0", f"data.batch_size={a.batch}",
+            f"data.num_workers={a.workers}", f"model.name={name}", f"model.stem={stem}", f"model.width={a.width}",
+            f"train.max_steps={a.steps}", "train.epochs=1", f"train.device={a.device}",
+            f"train.precision={variant['precision']}", f"train.channels_last={str(variant['channels_last']).lower()}",
+            f"train.compile={str(variant['compile']).lower()}", f"run.out_dir={out_dir}", "run.name=bench"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------- 1. the real loop
+def full_loop(ovr: list[str], run_dir: Path, device: torch.device) -> dict:
+    """Run the real training entry point; its own metrics.jsonl gives samples/s and the data-wait fraction."""
+    from vascdist.jobs import run_training
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with TreeMemory() as mem, contextlib.redirect_stdout(io.StringIO()):
+        run_training(None, ovr, run_dir=str(run_dir), quiet=True)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in records if r.get("split") == "train" and "train/samples_per_s" in r][1:]  # drop warm-up
+    if not windows:
+        raise SystemExit("vascdist bench train: too few steps for a timed window; use --steps >= 11")
+    return {"samples_s": statistics.median(r["train/samples_per_s"] for r in windows),
+            "data_wait": statistics.median(r["train/data_wait_fraction"] for r in windows),
+            "peak_rss_mb": mem.peak_rss / 2**20, "peak_pss_mb": mem.peak_pss / 2**20,
+            "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+
+
+# ------------------------------------------------------------------------------------------- 2. bare PyTorch
+def bare_loop(cfg, device: torch.device, steps: int) -> dict:
+    """The compute bound: the same model, optimiser and loss on one batch already on the device."""
+    model = build_model(cfg.model, 2, SHAPE).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optim, model)
+    run = torch.compile(model) if cfg.train.compile else model
+    loss_fn = build_loss(cfg.loss, 2).to(device)
+    x = to_device(torch.randn(cfg.data.batch_size, *SHAPE), device, cfg.train.channels_last)
+    y = torch.randint(0, 2, (cfg.data.batch_size,), device=device)
+    fwd_bwd, opt = [], []
+    for i in range(steps + 3):  # 3 warm-up steps (allocator, compile, cudnn autotune)
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast_context(cfg.train.precision, device):
+            loss = loss_fn(run(x), y)
+        loss.backward()
+        sync(device)
+        t1 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= 3:
+            fwd_bwd.append(t1 - t0)
+            opt.append(time.perf_counter() - t1)
+    step = statistics.median(a + b for a, b in zip(fwd_bwd, opt))
+    return {"samples_s": cfg.data.batch_size / step, "fwd_bwd_ms": 1e3 * statistics.median(fwd_bwd),
+            "opt_ms": 1e3 * statistics.median(opt), "flops": count_flops(model, SHAPE)}
+
+
+# ------------------------------------------------------------------------------------------- 3. breakdown
+def breakdown(cfg, device: torch.device, steps: int, log_dir: Path) -> dict:
+    """Median ms per step of each phase of the vascdist loop body (a timed copy of loop.py's step)."""
+    from vascdist.train.loop import build_loaders
+    env = DistEnv(device=device)
+    loader, _, _ = build_loaders(cfg, env)
+    module = prepare_module(build_model(cfg.model, 2, SHAPE), cfg, env)
+    optimizer = build_optimizer(cfg.optim, module)
+    engine = build_engine(module, optimizer, cfg, env)
+    scheduler = build_scheduler(cfg.sched, optimizer, len(loader), cfg.train.epochs)
+    loss_fn = build_loss(cfg.loss, 2).to(device)
+    log = RunLogger(log_dir, enabled=True)
+    phases: dict[str, list[float]] = {"data_wait": [], "fwd_bwd": [], "optimiser": [], "logging": []}
+    t = time.perf_counter()
+    for step, batch in enumerate(loader, start=1):
+        marks = [t, time.perf_counter()]
+        x = to_device(batch["x"], device, cfg.train.channels_last)
+        y = batch["y"].to(device, non_blocking=True)
+        with engine.micro_step_context(is_last=True), autocast_context(cfg.train.precision, device):
+            loss = loss_fn(engine.model(x), y)
+        engine.backward(loss)
+        sync(device)
+        marks.append(time.perf_counter())
+        step_loss = global_mean(loss.detach(), env)
+        grad_norm = math.nan
+        if math.isfinite(step_loss):
+            grad_norm = engine.step()
+            scheduler.after_step()
+        sync(device)
+        marks.append(time.perf_counter())
+        lrs = scheduler.current_lrs()
+        scalars = {"train/loss": step_loss, "train/grad_norm": grad_norm, "train/lr": lrs[0]}
+        if step % 10 == 0:
+            log.jsonl({"step": step, "split": "train", **scalars})
+        log.scalars(step, scalars)
+        t = time.perf_counter()
+        if step > 3:  # warm-up steps excluded
+            for name, (a, b) in zip(phases, zip(marks + [t], marks[1:] + [t])):
+                phases[name].append(b - a)
+        if step >= steps + 3:
+            break
+    log.close()
+    return {f"{k}_ms": 1e3 * statistics.median(v) for k, v in phases.items() if v}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul (median of `repeats`, 8192 on CUDA, 1024 on CPU): the reference for TFLOP/s."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):  # the first is warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times[1:])
+
+
+# ------------------------------------------------------------------------------------------- the benchmark
+def bench_train(a: argparse.Namespace) -> dict:
+    device = torch.device("cuda" if a.device == "cuda" else "cpu")
+    peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_rate(device, peak_dtype)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vascdist-bench-train-") as tmp:
+        tmp = Path(tmp)
+        shards = Path(a.shards) if a.shards else tmp / "shards"
+        if not a.shards:  # just enough samples for one epoch of --steps (80 % train split)
+            make_shards(shards, math.ceil(a.batch * (a.steps + 4) / 0.8) + 20, chunk_size=64, shard_size=4096)
+        for spec in a.models.split(","):
+            name, _, stem = spec.partition(":")
+            for vtext in a.variants.split(","):
+                variant = parse_variant(vtext)
+                ovr = overrides(a, shards, name, stem or "small", variant, tmp / "runs")
+                cfg = load_config("quickstart", ovr)
+                full = full_loop(ovr, tmp / "runs" / f"{name}-{stem}-{vtext}", device)
+                bare = bare_loop(cfg, device, a.bare_steps)
+                parts = breakdown(cfg, device, a.steps, tmp / "breakdown" / f"{name}-{stem}-{vtext}")
+                flops = bare["flops"] * 3
+                rows.append({"model": f"{name} {stem} w{a.width:g}", "variant": vtext, "batch": a.batch,
+                             "full_s": full["samples_s"], "bare_s": bare["samples_s"],
+                             "ratio": full["samples_s"] / bare["samples_s"], "data_wait": full["data_wait"],
+                             **parts, "bare_fwd_bwd_ms": bare["fwd_bwd_ms"], "bare_opt_ms": bare["opt_ms"],
+                             "peak_rss_mb": full["peak_rss_mb"], "peak_pss_mb": full["peak_pss_mb"],
+                             "cuda_peak_mb": full["cuda_peak_mb"], "gflop_per_sample": flops / 1e9,
+                             "tflops": full["samples_s"] * flops / 1e12, "bare_tflops": bare["samples_s"] * flops / 1e12})
+                print(f"  done {name}:{stem} {vtext}", flush=True)
+    return {"rows": rows, "peak_tflops": peak / 1e12, "peak_dtype": str(peak_dtype), "device": str(device),
+            "workers": a.workers, "steps": a.steps}
+
+
+def format_train(result: dict) -> str:
+    rows = result["rows"]
+    cols = [("model", "model"), ("variant", "variant"), ("batch", "batch"), ("full_s", "1. vascdist samples/s"),
+            ("bare_s", "2. bare samples/s"), ("ratio", "1/2"), ("data_wait", "data-wait frac"),
+            ("data_wait_ms", "wait ms"), ("fwd_bwd_ms", "fwd+bwd ms"), ("optimiser_ms", "optim ms"),
+            ("logging_ms", "log ms"), ("bare_fwd_bwd_ms", "bare fwd+bwd ms"), ("bare_opt_ms", "bare optim ms"),
+            ("peak_pss_mb", "peak PSS MB"), ("peak_rss_mb", "peak RSS MB")]
+    if any(r["cuda_peak_mb"] is not None for r in rows):
+        cols.append(("cuda_peak_mb", "CUDA peak MB"))
+    cols += [("gflop_per_sample", "GFLOP/sample (3x fwd)"), ("tflops", "TFLOP/s"), ("bare_tflops", "bare TFLOP/s")]
+    lines = [table(rows, cols), "",
+             f"device {result['device']}; matmul reference {result['peak_tflops']:.3g} TFLOP/s ({result['peak_dtype']}); "
+             f"loader workers {result['workers']}; windows of 10 steps from {result['steps']} steps; "
+             "breakdown columns: medians per step of a timed copy of the loop body; memory: process tree, sampled"]
+    for r in rows:
+        lines.append(f"{r['model']} {r['variant']}: harness overhead target 1/2 >= 0.95 -> {r['ratio']:.2f} "
+                     f"({'MET' if r['ratio'] >= 0.95 else 'NOT MET'})")
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="full vascdist loop vs bare PyTorch loop: samples/s, breakdown, memory, TFLOP/s")
+    p.add_argument("--shards", default=None, help="shards to train on (default: random shards made for the run)")
+    p.add_argument("--models", default="resnet18:small,resnet18:imagenet,resnet50:small", help="name:stem,...")
+    p.add_argument("--width", type=float, default=0.25, help="model.width (1.0 is the full model)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=31, help="steps of the real loop (windows of 10 after the first)")
+    p.add_argument("--bare-steps", type=int, default=10)
+    p.add_argument("--workers", type=int, default=1, help="data.num_workers")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--variants", default="fp32", help="comma list of fp32|bf16[+cl][+compile], e.g. on a GPU "
+                                                       "fp32,bf16,bf16+cl,bf16+cl+compile")
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    p.set_defaults(func=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("vascdist bench train: --device cuda but no CUDA device is visible (this benchmark then needs a GPU host)")
+        return 2
+    print(machine_line(), flush=True)
+    result = bench_train(a)
+    print(format_train(result))
+    write_json(a.json, result)
+    return 0
