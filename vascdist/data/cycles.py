@@ -23,7 +23,7 @@ TIGHTNESS = 50.0  # weight of the (log interval / period)^2 penalty, in units of
 STRENGTH_SMOOTHING_S = 0.1  # extra smoothing of the log envelope before taking its slope
 SLOPE_SPAN_S = 0.02  # half-span of the slope
 LOG_FLOOR = 0.05  # log(envelope + LOG_FLOOR * median): near-silent dips of narrow-band bruit do not dominate
-SUBHARMONIC_RATIO = 0.7  # a period sub-multiple this well correlated wins over the autocorrelation peak
+SUBHARMONIC_RATIO = 0.5  # a period sub-multiple this well correlated wins over the autocorrelation peak
 RISE_FRACTION = 0.2  # the rise starts where the energy first exceeds this fraction of its systolic rise
 
 

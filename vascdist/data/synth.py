@@ -27,12 +27,12 @@ import soundfile as sf
 
 from vascdist.errors import VascdistError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 5
 """Bump when the generated data changes, so cached data sets are regenerated."""
 STENOSIS_THRESHOLD = 0.5
 SITES = ("arterial_anastomosis", "mid_fistula", "venous_outflow", "upper_arm")
-SITE_GAIN_DB = {"arterial_anastomosis": 3.0, "mid_fistula": 0.0, "venous_outflow": -2.0, "upper_arm": -6.0}
-SNR_DB_RANGE = (10.0, 30.0)
+SITE_GAIN_DB = {"arterial_anastomosis": 1.5, "mid_fistula": 0.0, "venous_outflow": -0.5, "upper_arm": -1.5}
+SNR_DB_RANGE = (12.0, 30.0)
 """Default broadband-noise SNR (dB, relative to the bruit), drawn uniformly per recording."""
 DURATION_S_RANGE = (20.0, 40.0)
 MANIFEST_COLUMNS = ("path", "label", "patient_id", "recording_id", "severity", "site")
@@ -57,15 +57,16 @@ class Patient:
 
 
 def draw_severity(rng: np.random.Generator) -> float:
-    """Mixture: 45% clearly normal, 45% clearly stenotic, 10% uniform around the 0.5 threshold (ambiguous)."""
+    """Mixture: 44% clearly normal (0.05-0.40), 44% clearly stenotic (0.60-0.90), 12% borderline (uniform
+    0.40-0.60, where the cues of the two classes overlap: genuinely ambiguous)."""
     u = rng.random()
-    if u < 0.45:
-        s = 0.5 * rng.beta(2.0, 3.0)
-    elif u < 0.90:
-        s = 0.5 + 0.4 * rng.beta(2.0, 2.0)
+    if u < 0.44:
+        s = 0.05 + 0.35 * rng.beta(2.0, 2.0)
+    elif u < 0.88:
+        s = 0.60 + 0.30 * rng.beta(2.0, 2.0)
     else:
-        s = rng.uniform(0.35, 0.65)
-    return round(float(np.clip(s, 0.0, 0.9)), 3)  # rounded first, so the label agrees with the manifest value
+        s = rng.uniform(0.40, 0.60)
+    return round(float(s), 3)  # rounded first, so the label agrees with the manifest value
 
 
 def draw_patient(rng: np.random.Generator, patient_id: str) -> Patient:
@@ -77,12 +78,12 @@ def draw_patient(rng: np.random.Generator, patient_id: str) -> Patient:
         heart_rate_bpm=rng.uniform(55.0, 100.0),
         rise_s=rng.uniform(0.05, 0.09),
         decay_s=rng.uniform(0.10, 0.22),
-        diastolic_fraction=float(np.clip(0.5 - 0.5 * s + rng.normal(0.0, 0.04), 0.04, 0.7)),
+        diastolic_fraction=float(np.clip(0.55 - 0.55 * s + rng.normal(0.0, 0.05), 0.04, 0.7)),
         break_hz=130.0 * np.exp(rng.normal(0.0, 0.12)) / (1.0 - s),
         mains_hz=float(rng.choice([50.0, 60.0])),
-        tilt=rng.uniform(-0.3, 0.3),
+        tilt=rng.uniform(-0.15, 0.15),
         resonance_hz=float(np.exp(rng.uniform(np.log(80.0), np.log(800.0)))),
-        resonance_db=rng.uniform(-6.0, 6.0),
+        resonance_db=rng.uniform(-4.0, 4.0),
         resonance_oct=rng.uniform(0.3, 0.8),
         tissue_lowpass_hz=rng.uniform(800.0, 1600.0),
     )
@@ -189,7 +190,7 @@ def render_recording(rng: np.random.Generator, p: Patient, site: str, sample_rat
     for harmonic, rel in ((1, 1.0), (2, rng.uniform(0.1, 0.4)), (3, rng.uniform(0.05, 0.3))):
         x += hum_amp * rel * np.sin(2 * np.pi * harmonic * mains * t + rng.uniform(0, 2 * np.pi))
 
-    gain_db = rng.uniform(-32.0, -22.0) + SITE_GAIN_DB[site] + rng.normal(0.0, 2.0)
+    gain_db = rng.uniform(-28.0, -25.0) + SITE_GAIN_DB[site] + rng.normal(0.0, 0.5)
     x = np.clip(x * 10 ** (gain_db / 20.0), -1.0, 1.0)  # a strong motion burst may clip, as it would on a device
     truth = onsets[onsets < duration_s]
     return x.astype(np.float32), truth
