@@ -45,7 +45,7 @@ def test_loader_bench_prints_all_four_loaders(bench_shards, capsys, tmp_path):
 
 
 def test_train_bench_runs_the_real_loop_and_the_bare_loop(capsys):
-    argv = ["--threads", "1", "train", "--models", "resnet18:imagenet", "--width", "0.125", "--batch", "16", "--steps", "11",
+    argv = ["--threads", "1", "train", "--models", "resnet18:imagenet", "--width", "0.125", "--batch", "16", "--steps", "20",
             "--bare-steps", "2", "--workers", "0"]
     assert main(argv) == 0
     out = capsys.readouterr().out

@@ -34,10 +34,11 @@ class TreeMemory:
     /proc/*/smaps_rollup, so it is sampled every `pss_every`-th tick only.
     """
 
-    def __init__(self, interval_s: float = 0.05, pss_every: int = 4):
+    def __init__(self, interval_s: float = 0.05, pss_every: int = 2):
         self.interval_s, self.pss_every = interval_s, pss_every
         self.peak_rss = self.peak_pss = 0
         self.peak_procs = 0
+        self.timeline: list[tuple[float, int, int | None]] = []  # (perf_counter, tree RSS, tree PSS or None)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -55,6 +56,7 @@ class TreeMemory:
                     rss += p.memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
                 continue  # a worker that exited between listing and reading
+        self.timeline.append((time.perf_counter(), rss, pss if with_pss else None))
         self.peak_rss = max(self.peak_rss, rss)
         if with_pss:
             self.peak_pss = max(self.peak_pss, pss)
@@ -66,6 +68,11 @@ class TreeMemory:
             self.sample(with_pss=tick % self.pss_every == 0)
             tick += 1
             self._stop.wait(self.interval_s)
+
+    def peak_between(self, t0: float, t1: float) -> tuple[int, int]:
+        """(peak tree RSS, peak tree PSS) among the samples taken between perf_counter times t0 and t1."""
+        inside = [(r, p) for t, r, p in self.timeline if t0 <= t <= t1]
+        return max((r for r, _ in inside), default=0), max((p for _, p in inside if p is not None), default=0)
 
     def __enter__(self) -> "TreeMemory":
         self._thread.start()

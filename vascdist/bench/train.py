@@ -2,7 +2,7 @@
 
 Per model and variant (precision / channels_last / compile):
   1. the real loop (`jobs.run_training` with train.max_steps) reading shards; samples/s and data-wait fraction
-     are the medians of the 10-step windows it logs to metrics.jsonl, the first (warm-up) window excluded;
+     are the medians of the 10-step windows it logs to metrics.jsonl after step 10 (earlier ones warm up);
   2. a bare loop on one in-memory batch (zero_grad, forward, loss, backward, step): the compute bound;
   3. the step-time breakdown, from a timed copy of the loop body built from the same vascdist components
      (loader, engine, scheduler, RunLogger); loop.py itself carries no timers.
@@ -69,9 +69,10 @@ def full_loop(ovr: list[str], run_dir: Path, device: torch.device) -> dict:
     with TreeMemory() as mem, contextlib.redirect_stdout(io.StringIO()):
         run_training(None, ovr, run_dir=str(run_dir), quiet=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    windows = [r for r in records if r.get("split") == "train" and "train/samples_per_s" in r][1:]  # drop warm-up
+    # windows end at steps 1, 10, 20, ...; those up to step 10 still warm up (allocator, oneDNN kernels)
+    windows = [r for r in records if r.get("split") == "train" and "train/samples_per_s" in r and r["step"] > 10]
     if not windows:
-        raise SystemExit("vascdist bench train: too few steps for a timed window; use --steps >= 11")
+        raise SystemExit("vascdist bench train: too few steps for a timed window; use --steps >= 20")
     return {"samples_s": statistics.median(r["train/samples_per_s"] for r in windows),
             "data_wait": statistics.median(r["train/data_wait_fraction"] for r in windows),
             "peak_rss_mb": mem.peak_rss / 2**20, "peak_pss_mb": mem.peak_pss / 2**20,
@@ -185,20 +186,24 @@ def bench_train(a: argparse.Namespace) -> dict:
                 variant = parse_variant(vtext)
                 ovr = overrides(a, shards, name, stem or "small", variant, tmp / "runs")
                 cfg = load_config("quickstart", ovr)
-                full = full_loop(ovr, tmp / "runs" / f"{name}-{stem}-{vtext}", device)
-                bare = bare_loop(cfg, device, a.bare_steps)
-                parts = breakdown(cfg, device, a.steps, tmp / "breakdown" / f"{name}-{stem}-{vtext}")
+                runs = []
+                for r in range(a.repeats):  # real loop, bare loop and breakdown back to back in each repeat
+                    tag = f"{name}-{stem}-{vtext}-{r}"
+                    full = full_loop(ovr, tmp / "runs" / tag, device)
+                    bare = bare_loop(cfg, device, a.bare_steps)
+                    parts = breakdown(cfg, device, a.steps, tmp / "breakdown" / tag)
+                    runs.append({"full_s": full["samples_s"], "bare_s": bare["samples_s"],
+                                 "ratio": full["samples_s"] / bare["samples_s"], "data_wait": full["data_wait"],
+                                 **parts, "bare_fwd_bwd_ms": bare["fwd_bwd_ms"], "bare_opt_ms": bare["opt_ms"],
+                                 **{k: v for k, v in full.items() if k.endswith("_mb")}})
+                row = {k: (statistics.median(r[k] for r in runs) if runs[0][k] is not None else None) for k in runs[0]}
                 flops = bare["flops"] * 3
-                rows.append({"model": f"{name} {stem} w{a.width:g}", "variant": vtext, "batch": a.batch,
-                             "full_s": full["samples_s"], "bare_s": bare["samples_s"],
-                             "ratio": full["samples_s"] / bare["samples_s"], "data_wait": full["data_wait"],
-                             **parts, "bare_fwd_bwd_ms": bare["fwd_bwd_ms"], "bare_opt_ms": bare["opt_ms"],
-                             "peak_rss_mb": full["peak_rss_mb"], "peak_pss_mb": full["peak_pss_mb"],
-                             "cuda_peak_mb": full["cuda_peak_mb"], "gflop_per_sample": flops / 1e9,
-                             "tflops": full["samples_s"] * flops / 1e12, "bare_tflops": bare["samples_s"] * flops / 1e12})
+                rows.append({"model": f"{name} {stem} w{a.width:g}", "variant": vtext, "batch": a.batch, **row,
+                             "gflop_per_sample": flops / 1e9, "tflops": row["full_s"] * flops / 1e12,
+                             "bare_tflops": row["bare_s"] * flops / 1e12})
                 print(f"  done {name}:{stem} {vtext}", flush=True)
     return {"rows": rows, "peak_tflops": peak / 1e12, "peak_dtype": str(peak_dtype), "device": str(device),
-            "workers": a.workers, "steps": a.steps}
+            "workers": a.workers, "steps": a.steps, "repeats": a.repeats}
 
 
 def format_train(result: dict) -> str:
@@ -213,8 +218,9 @@ def format_train(result: dict) -> str:
     cols += [("gflop_per_sample", "GFLOP/sample (3x fwd)"), ("tflops", "TFLOP/s"), ("bare_tflops", "bare TFLOP/s")]
     lines = [table(rows, cols), "",
              f"device {result['device']}; matmul reference {result['peak_tflops']:.3g} TFLOP/s ({result['peak_dtype']}); "
-             f"loader workers {result['workers']}; windows of 10 steps from {result['steps']} steps; "
-             "breakdown columns: medians per step of a timed copy of the loop body; memory: process tree, sampled"]
+             f"loader workers {result['workers']}; real loop: median 10-step window after step 10 of {result['steps']} steps; "
+             "breakdown columns: medians per step of a timed copy of the loop body; memory: process tree, sampled; "
+             f"medians of {result['repeats']} repeats (1/2: median of same-repeat ratios)"]
     for r in rows:
         lines.append(f"{r['model']} {r['variant']}: harness overhead target 1/2 >= 0.95 -> {r['ratio']:.2f} "
                      f"({'MET' if r['ratio'] >= 0.95 else 'NOT MET'})")
@@ -227,7 +233,8 @@ def add_parser(sub) -> None:
     p.add_argument("--models", default="resnet18:small,resnet18:imagenet,resnet50:small", help="name:stem,...")
     p.add_argument("--width", type=float, default=0.25, help="model.width (1.0 is the full model)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=31, help="steps of the real loop (windows of 10 after the first)")
+    p.add_argument("--steps", type=int, default=41, help="steps of the real loop (its 10-step windows after step 10 count)")
+    p.add_argument("--repeats", type=int, default=1, help="repeat real loop, bare loop and breakdown; medians")
     p.add_argument("--bare-steps", type=int, default=10)
     p.add_argument("--workers", type=int, default=1, help="data.num_workers")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
