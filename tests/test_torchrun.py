@@ -120,3 +120,16 @@ def test_elastic_restart_after_kill_9_resumes_and_finishes(shards_dir, tmp_path)
     assert "resumed from" in output
     steps = sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
     assert steps[-1] == STEPS
+
+
+def test_rendezvous_that_never_completes_ends_after_the_timeout(tmp_path):
+    port = free_port()
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "vascdist.cli", "train", "quickstart", "dist.timeout_s=5", "--quiet"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**env(), "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    assert result.returncode == 2 and time.time() - start < 60
+    assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines()
+                                                  if line.startswith("vascdist train: error: rank 0/2: process group init failed")]
+    assert not (tmp_path / "runs").exists()  # nothing written before the group exists
