@@ -50,6 +50,8 @@ def epoch(shards: Path, batch: int, workers: int) -> dict:
             n += len(b["y"])
             if n <= half:
                 t_half = time.perf_counter()
+            elif t_half and n - len(b["y"]) <= half:
+                mem.sample()  # one PSS reading just after the middle, however short the epoch
         seconds = time.perf_counter() - t0
     # memory that grew with samples read would peak higher in the second half of the epoch than in the first
     first, second = mem.peak_between(t0, t_half), mem.peak_between(t_half, t0 + seconds)
@@ -88,7 +90,8 @@ def format_scaling(result: dict) -> str:
         ("pss_1st", "peak PSS 1st half"), ("pss_2nd", "peak PSS 2nd half"), ("peak_rss_mb", "peak RSS MB (tree)"),
         ("before_mb", "main RSS before MB"), ("procs", "processes")])
     lines = [text, "", f"batch {result['batch']}, {result['workers']} loader workers, medians of {result['repeats']} epochs; "
-             "memory sampled every 50 ms (PSS every 100 ms) over the main process and its workers; "
+             "memory sampled every 0.2 s (RSS) and 1 s (PSS; also at the first batch and the end) over the main "
+             "process and its workers; "
              "RSS double-counts pages shared after fork, PSS splits them"] + result["notes"]
     rows = result["rows"]
     if len(rows) >= 2:
