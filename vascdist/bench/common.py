@@ -6,24 +6,12 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import torch
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
-    """Run `fn` `repeats` times; (median seconds, every run's seconds). Medians because the machine is shared."""
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
 
 
 class TreeMemory:
