@@ -21,6 +21,7 @@ setup(
         "pyyaml",
         "tqdm",
         "pillow",
+        "psutil",  # vascdist bench samples process-tree memory
     ],
     extras_require={"test": ["pytest", "scikit-learn", "psutil"]},
     entry_points={"console_scripts": ["vascdist = vascdist.cli:main"]},
