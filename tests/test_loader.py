@@ -6,7 +6,8 @@ import torch
 
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.data.shards import load_index
-from vascdist.errors import ConfigError
+from vascdist.data.transform import InputTransform
+from vascdist.errors import ConfigError, DataError
 
 B = 32
 
@@ -27,7 +28,7 @@ def test_epoch_covers_train_split_once(shards_dir):
     assert len(bs) == len(loader) == n // B
     keys = np.concatenate([np.stack([b["recording"].numpy(), b["cycle"].numpy()], 1) for b in bs])
     assert len({tuple(k) for k in keys}) == len(keys) == (n // B) * B  # no sample twice, only the tail dropped
-    assert all(b["x"].shape == (B, 1, 40, 100) and b["x"].dtype == torch.float32 for b in bs)
+    assert all(b["x"].shape == (B, 1, 40, 100) and b["x"].dtype == torch.float16 for b in bs)
 
 
 def test_shuffle_is_deterministic_and_changes_per_epoch(shards_dir):
@@ -82,9 +83,15 @@ def test_resume_with_another_global_batch_is_refused(shards_dir):
         other.load_state_dict(state)
 
 
+def model_inputs(shards_dir, bs):
+    index = load_index(shards_dir)
+    inputs = InputTransform(index["normalization"], index["sample_shape"])
+    return [inputs(b["x"], b.get("augment")) for b in bs]
+
+
 def test_normalisation_uses_train_statistics(shards_dir):
     bs, _ = batches(shards_dir)
-    x = torch.cat([b["x"] for b in bs]).double()
+    x = torch.cat(model_inputs(shards_dir, bs)).double()
     per_band = x.mean(dim=(0, 1, 3))
     assert per_band.abs().max() < 0.05 and abs(x.std().item() - 1) < 0.1
     val = list(StreamingLoader(ShardStream(shards_dir, "val", B, train=False)))
@@ -99,10 +106,45 @@ def test_eval_split_is_partitioned_across_ranks(shards_dir):
 
 
 def test_spec_augment_masks_are_deterministic_per_sample(shards_dir):
-    plain, _ = batches(shards_dir)
-    aug1, _ = batches(shards_dir, spec_augment=(6, 12))
-    aug2 = [batches(shards_dir, rank=r, world=2, spec_augment=(6, 12))[0] for r in range(2)]
-    assert not torch.equal(plain[0]["x"], aug1[0]["x"])
-    zeroed = (aug1[0]["x"] == 0).float().mean()
+    plain = model_inputs(shards_dir, batches(shards_dir)[0])
+    aug1 = model_inputs(shards_dir, batches(shards_dir, spec_augment=(6, 12))[0])
+    aug2 = [model_inputs(shards_dir, batches(shards_dir, rank=r, world=2, spec_augment=(6, 12), workers=r)[0])
+            for r in range(2)]
+    assert not torch.equal(plain[0], aug1[0])
+    zeroed = (aug1[0] == 0).float().mean()
     assert 0 < zeroed < 0.5
-    assert torch.equal(torch.cat([aug2[0][0]["x"], aug2[1][0]["x"]]), aug1[0]["x"])
+    assert torch.equal(torch.cat([aug2[0][0], aug2[1][0]]), aug1[0])
+    kept = aug1[0] != 0
+    assert torch.equal(aug1[0][kept], plain[0][kept])  # outside the masks, the same normalised values
+
+
+def test_batch_sizes_that_do_not_divide_windows_still_cover_the_epoch(shards_dir):
+    # 48 does not divide the 64-sample chunks: batches span windows and are joined from two pieces
+    one, loader = batches(shards_dir, batch=48, shuffle_chunks=2)
+    threads, _ = batches(shards_dir, batch=48, shuffle_chunks=2, workers=3)
+    assert len(one) == len(loader) and all(len(b["y"]) == 48 for b in one)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(one, threads) for k in a)
+    pos = torch.cat([b["position"] for b in one])
+    assert torch.equal(pos, torch.arange(len(pos)))  # positions are consecutive: nothing skipped or repeated
+
+
+def test_leaving_an_epoch_early_stops_the_reader_threads(shards_dir):
+    import threading
+    loader = StreamingLoader(ShardStream(shards_dir, "train", 8, seed=3, shuffle_chunks=1), num_workers=2,
+                             prefetch_factor=1)
+    for i, _ in enumerate(loader):
+        if i == 2:
+            break
+    assert not [t for t in threading.enumerate() if t.name.startswith("vascdist-reader")]
+    assert loader.batches == 3
+
+
+def test_a_reader_error_reaches_the_consumer(shards_dir, tmp_path):
+    import shutil
+    copy = tmp_path / "shards"
+    shutil.copytree(shards_dir, copy)
+    stream = ShardStream(copy, "train", B, seed=3, shuffle_chunks=1)
+    victim = stream.chunks[-1].file
+    (copy / victim).write_bytes(b"not hdf5")
+    with pytest.raises(DataError, match=f"{victim}: cannot read samples"):
+        list(StreamingLoader(stream, num_workers=2))

@@ -142,13 +142,13 @@ class DataConfig:
     batch_size: int = 64
     """Global batch size (all ranks together, per optimiser step before accumulation)."""
     num_workers: int = 2
-    """Loader worker processes per rank."""
+    """Loader reader threads per rank (0: read in the training thread); they read and shuffle float16 batches ahead."""
     verify_checksums: bool = True
     """Check every shard's sha256 against index.json before training (rank 0; about 1 s per GB)."""
     shuffle_chunks: int = 16
     """Chunks mixed together by the shuffle window (bigger: better shuffle, more memory)."""
     prefetch_factor: int = 2
-    """Windows each worker prepares ahead."""
+    """Windows each reader thread prepares ahead (memory: about 2 x 8 KB x chunk_size x shuffle_chunks per window)."""
     spec_augment: bool = False
     """Apply SpecAugment (time and frequency masking) to training batches."""
     freq_mask: int = 6

@@ -12,6 +12,7 @@ import torch
 from vascdist.config import Config, PreprocessConfig, config_from_dict, from_dict
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.data.shards import load_index
+from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv
 from vascdist.errors import VascdistError
 from vascdist.models import build_model
@@ -106,9 +107,7 @@ def predict_files(checkpoint: str, files: list[str]) -> list[dict]:
     if info["kind"] != "spectrogram":
         raise VascdistError(f"{path}: predict takes recordings, but this model was trained on {info['kind']}")
     pcfg = from_dict(PreprocessConfig, info["preprocess"], "preprocess")
-    norm = info["normalization"]
-    mean = torch.tensor(norm["mean"], dtype=torch.float32).view(1, 1, -1, 1)
-    std = torch.tensor(norm["std"], dtype=torch.float32).view(1, 1, -1, 1)
+    inputs = InputTransform(info["normalization"], info["sample_shape"])
     classes = info["classes"]
     thresholds = state["progress"].get("val_thresholds") or {}
     results = []
@@ -118,7 +117,7 @@ def predict_files(checkpoint: str, files: list[str]) -> list[dict]:
             spec, cycles = recording_spectrograms(signal, pcfg)
         except VascdistError as exc:
             raise VascdistError(f"{file}: {exc}") from None
-        x = (torch.from_numpy(spec.astype(np.float16).astype(np.float32)) - mean) / std  # as stored in shards
+        x = inputs(torch.from_numpy(spec.astype(np.float16)))  # float16 as stored in shards, then as in training
         probs = torch.softmax(model(x).float(), dim=1).numpy()
         mean_probs = probs.mean(axis=0)
         if len(classes) == 2:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from vascdist.bench.common import machine_line, parse_ints, table, write_json
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.data.shards import load_index
+from vascdist.data.transform import InputTransform
 
 
 def train_files(shards_dir: Path) -> tuple[list[Path], int, int]:
@@ -33,11 +34,19 @@ def train_files(shards_dir: Path) -> tuple[list[Path], int, int]:
 
 
 # ------------------------------------------------------------------------------------------- 1. streaming
-def stream_rate(shards_dir: Path, batch: int, workers: int, max_samples: int) -> tuple[int, float]:
-    """(samples, seconds) of one epoch of the training loader (normalisation included), workers started inside."""
+def stream_rate(shards_dir: Path, batch: int, workers: int, max_samples: int, normalise: bool) -> tuple[int, float]:
+    """(samples, seconds) of one epoch of the training loader, reader threads started inside.
+
+    normalise=False: the float16 batches the loader hands to the device (on a GPU host, training normalises
+    there); True: plus the normalisation to float32 on this CPU, as CPU training does it.
+    """
     loader = StreamingLoader(ShardStream(shards_dir, "train", batch, seed=0, train=True), num_workers=workers)
+    index = loader.stream.index
+    inputs = InputTransform(index["normalization"], index["sample_shape"]) if normalise else None
     n, t0 = 0, time.perf_counter()
     for b in loader:
+        if inputs is not None:
+            inputs(b["x"])
         n += len(b["y"])
         if max_samples and n >= max_samples:
             break
@@ -131,9 +140,11 @@ def memory_rate(x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[int, floa
 def load_in_memory(shards_dir: Path, max_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `max_samples` train samples, normalised float32, as one tensor."""
     loader = StreamingLoader(ShardStream(shards_dir, "train", 256, seed=0, train=False), num_workers=0)
+    index = loader.stream.index
+    inputs = InputTransform(index["normalization"], index["sample_shape"])
     xs, ys, n = [], [], 0
     for b in loader:
-        xs.append(b["x"]), ys.append(b["y"])
+        xs.append(inputs(b["x"])), ys.append(b["y"])
         n += len(b["y"])
         if n >= max_samples:
             break
@@ -162,14 +173,18 @@ def bench_loader(shards_dir: Path, batches: list[int], workers: list[int], repea
             runs = []
             for _ in range(repeats):
                 limit = n_train / contiguous_read(paths, buffer)
-                sn, ss = stream_rate(shards_dir, b, w, max_samples)
+                sn, ss = stream_rate(shards_dir, b, w, max_samples, normalise=False)
+                cn, cs = stream_rate(shards_dir, b, w, max_samples, normalise=True)
                 nn, ns = naive_rate(shards_dir, b, w, naive_samples)
-                runs.append({"limit": limit, "stream": sn / ss, "naive": nn / ns,
-                             "r_limit": sn / ss / limit, "r_naive": (sn / ss) / (nn / ns)})
+                runs.append({"limit": limit, "stream": sn / ss, "cpu": cn / cs, "naive": nn / ns,
+                             "r_limit": sn / ss / limit, "r_naive": (sn / ss) / (nn / ns),
+                             "c_limit": cn / cs / limit, "c_naive": (cn / cs) / (nn / ns)})
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             rows.append({"loader": "1. vascdist streaming", "batch": b, "workers": w, "samples_s": med["stream"],
                          "mb_s": med["stream"] * per_sample / 1e6, "vs_limit": med["r_limit"], "vs_naive": med["r_naive"],
                          "limit_s": med["limit"]})
+            rows.append({"loader": "1b. + normalise on CPU", "batch": b, "workers": w, "samples_s": med["cpu"],
+                         "mb_s": med["cpu"] * per_sample / 1e6, "vs_limit": med["c_limit"], "vs_naive": med["c_naive"]})
             rows.append({"loader": "2. naive map-style", "batch": b, "workers": w, "samples_s": med["naive"],
                          "mb_s": med["naive"] * per_sample / 1e6})
     warm = statistics.median(r["limit_s"] for r in rows if "limit_s" in r)
@@ -189,12 +204,11 @@ def format_loader(result: dict) -> str:
     lines = [text, "",
              f"{result['train_samples']:,} train samples, {result['bytes'] / 1e6:.0f} MB on disk ({per:.0f} B/sample; "
              f"MB/s = samples/s x that); medians of {result['repeats']} repeats; cold read after {result['eviction']}"]
-    target = [r for r in result["rows"] if r["loader"].startswith("1.") and r["batch"] == 256 and r["workers"] == 2]
-    if target:
-        r = target[0]
-        ok = r["vs_limit"] >= 0.5 and r["vs_naive"] >= 20
-        lines.append(f"target at batch 256, 2 workers: >= 0.5 of the limit and >= 20x naive -> "
-                     f"{r['vs_limit']:.2f} and {r['vs_naive']:.1f}x: {'MET' if ok else 'NOT MET'}")
+    for r in result["rows"]:
+        if r["loader"].startswith("1") and r["batch"] == 256 and r["workers"] == 2:
+            ok = r["vs_limit"] >= 0.5 and r["vs_naive"] >= 20
+            lines.append(f"target at batch 256, 2 workers: >= 0.5 of the limit and >= 20x naive -> {r['loader']}: "
+                         f"{r['vs_limit']:.2f} and {r['vs_naive']:.1f}x: {'MET' if ok else 'NOT MET'}")
     return "\n".join(lines)
 
 

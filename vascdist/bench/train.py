@@ -30,7 +30,8 @@ from vascdist.config import load_config
 from vascdist.dist import DistEnv, global_mean
 from vascdist.models import build_model, count_flops
 from vascdist.train.engines import build_engine, prepare_module
-from vascdist.train.evaluate import autocast_context, to_device
+from vascdist.data.transform import InputTransform
+from vascdist.train.evaluate import autocast_context
 from vascdist.train.logging import RunLogger
 from vascdist.train.losses import build_loss
 from vascdist.train.optim import build_optimizer, build_scheduler
@@ -88,7 +89,9 @@ def bare_loop(cfg, device: torch.device, steps: int) -> dict:
     optimizer = build_optimizer(cfg.optim, model)
     run = torch.compile(model) if cfg.train.compile else model
     loss_fn = build_loss(cfg.loss, 2).to(device)
-    x = to_device(torch.randn(cfg.data.batch_size, *SHAPE), device, cfg.train.channels_last)
+    x = torch.randn(cfg.data.batch_size, *SHAPE, device=device)
+    if cfg.train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (cfg.data.batch_size,), device=device)
     fwd_bwd, opt = [], []
     for i in range(steps + 3):  # 3 warm-up steps (allocator, compile, cudnn autotune)
@@ -116,6 +119,8 @@ def breakdown(cfg, device: torch.device, steps: int, log_dir: Path) -> dict:
     from vascdist.train.loop import build_loaders
     env = DistEnv(device=device)
     loader, _, _ = build_loaders(cfg, env)
+    index = loader.stream.index
+    inputs = InputTransform(index["normalization"], index["sample_shape"], device, cfg.train.channels_last)
     module = prepare_module(build_model(cfg.model, 2, SHAPE), cfg, env)
     optimizer = build_optimizer(cfg.optim, module)
     engine = build_engine(module, optimizer, cfg, env)
@@ -126,7 +131,7 @@ def breakdown(cfg, device: torch.device, steps: int, log_dir: Path) -> dict:
     t = time.perf_counter()
     for step, batch in enumerate(loader, start=1):
         marks = [t, time.perf_counter()]
-        x = to_device(batch["x"], device, cfg.train.channels_last)
+        x = inputs(batch["x"], batch.get("augment"))
         y = batch["y"].to(device, non_blocking=True)
         with engine.micro_step_context(is_last=True), autocast_context(cfg.train.precision, device):
             loss = loss_fn(engine.model(x), y)

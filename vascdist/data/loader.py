@@ -9,13 +9,20 @@ The order of an epoch is a function of (seed, epoch) alone:
 So 1, 2 or 4 ranks see the same samples in every optimiser step, and the loader's state is global
 (epoch, global batches consumed): a checkpoint taken on 4 ranks resumes on 2 or 1 at the same sample.
 
-Workers each take every N-th window, read its chunks with one contiguous HDF5 call per chunk, gather this
-rank's rows, normalise (train-split per-band mean/std from index.json), optionally augment, and hand whole
-windows to the main process, which cuts them into batches. HDF5 files are opened lazily in each worker.
+Reader threads each take every N-th window, read its chunks with one contiguous HDF5 call per chunk into a
+reused buffer, and gather this rank's rows, already cut at batch boundaries, into float16 batches exactly as
+stored. Normalisation and SpecAugment run on the training device (vascdist.data.transform): that halves the
+bytes the host touches and copies to the GPU, and there they cost nothing next to the model.
+
+Threads rather than DataLoader worker processes: the per-sample work is memory copies in h5py and numpy,
+which release the GIL, so threads run in parallel; and a process would have to hand each window over
+through fresh shared memory, which cost more than reading it (BENCHMARKS.md, "Loader").
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +30,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vascdist.data.shards import load_index
-from vascdist.errors import ConfigError, VascdistError
+from vascdist.errors import ConfigError, DataError, VascdistError
 
 _TAG = zlib.crc32(b"vascdist-loader")
+_INT_FIELDS = ("y", "patient", "recording", "cycle")
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,8 @@ class EpochPlan:
         return np.random.default_rng([self.seed, self.epoch, w, _TAG]).permutation(n)
 
 
-class ShardStream(IterableDataset):
-    """Yields, per window, this rank's samples of that window as a dict of tensors (see module docstring)."""
+class ShardStream:
+    """One split of a shard set as this rank reads it: the epoch's windows, cut into this rank's batch pieces."""
 
     def __init__(self, shards_dir: str | Path, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, train: bool = True, shuffle_chunks: int = 16, spec_augment: tuple[int, int] | None = None):
@@ -81,13 +88,11 @@ class ShardStream(IterableDataset):
         self.chunks = split_chunks(self.index, split)
         self.num_samples = sum(c.stop - c.start for c in self.chunks)
         self.shuffle_chunks = shuffle_chunks
+        self.sample_shape = tuple(self.index["sample_shape"])
         self.spec_augment = spec_augment if train else None
-        norm = self.index["normalization"]
-        shape = [1] * len(self.index["sample_shape"])
-        if norm["axis"] >= 0:
-            shape[norm["axis"]] = -1
-        self.mean = np.asarray(norm["mean"], np.float32).reshape(shape)
-        self.inv_std = (1.0 / np.asarray(norm["std"], np.float32)).reshape(shape)
+        if self.spec_augment is not None and len(self.sample_shape) != 3:
+            raise ConfigError(f"data.spec_augment needs spectrogram shards; {self.root} holds {self.index['kind']} "
+                              f"samples of shape {list(self.sample_shape)}")
         if train:
             if batch_size % world_size:
                 raise ConfigError(f"data.batch_size ({batch_size}) must be divisible by the number of ranks ({world_size})")
@@ -103,7 +108,6 @@ class ShardStream(IterableDataset):
             lo, hi = self._eval_range()
             self.batches_per_epoch = -(-(hi - lo) // self.local_batch)
         self.epoch, self.start_batch = 0, 0
-        self._files: dict[str, h5py.File] = {}
 
     # ---------------------------------------------------------------- positions this rank owns
     def _eval_range(self) -> tuple[int, int]:
@@ -119,85 +123,118 @@ class ShardStream(IterableDataset):
         a, b = self._eval_range()
         return pos[(pos >= a) & (pos < b)]
 
+    def _local_index(self, positions: np.ndarray) -> np.ndarray:
+        """Index of each owned position in this rank's sequence of samples (batch k holds [kL, (k+1)L))."""
+        if self.train:
+            return (positions // self.global_batch) * self.local_batch + positions % self.global_batch - self.rank * self.local_batch
+        return positions - self._eval_range()[0]
+
     def _first_position(self) -> int:
         return self.start_batch * self.global_batch if self.train else 0
 
+    def plan(self) -> EpochPlan:
+        return EpochPlan(self.chunks, self.shuffle_chunks, self.seed, self.epoch, shuffle=self.train)
+
+    def windows(self, plan: EpochPlan) -> list[tuple[int, np.ndarray]]:
+        """(window, the global positions this rank reads in it) for the rest of the epoch, in order."""
+        first = self._first_position()
+        return [(w, self._owned(int(plan.starts[w]), int(plan.starts[w + 1]), first))
+                for w in range(len(plan.windows)) if plan.starts[w + 1] > first]
+
     # ---------------------------------------------------------------- reading
-    def _dataset(self, file: str, name: str):
-        if file not in self._files:  # opened lazily, so every worker process has its own handle after fork
-            self._files[file] = h5py.File(self.root / file, "r", rdcc_nbytes=0)
-        return self._files[file][name]
-
-    def _read_window(self, plan: EpochPlan, w: int, positions: np.ndarray) -> dict[str, torch.Tensor]:
+    def read_window(self, reader: "WindowReader", plan: EpochPlan, w: int, positions: np.ndarray,
+                    pin_memory: bool = False) -> list[dict[str, torch.Tensor]]:
+        """This rank's samples of window w, in order, as pieces that never cross a batch boundary."""
+        if not len(positions):
+            return []
         rows = plan.window_order(w)[positions - plan.starts[w]]  # row within the window's chunks
-        chunks = plan.windows[w]
-        bounds = np.cumsum([0] + [c.stop - c.start for c in chunks])
-        out_x = np.empty((len(rows), *self.index["sample_shape"]), np.float32)
-        out = {k: np.empty(len(rows), np.int64) for k in ("y", "patient", "recording", "cycle")}
-        for i, chunk in enumerate(chunks):
-            sel = np.flatnonzero((rows >= bounds[i]) & (rows < bounds[i + 1]))
-            if not len(sel):
-                continue
-            local = rows[sel] - bounds[i]
-            lo, hi = chunk.start + int(local.min()), chunk.start + int(local.max()) + 1
-            block = self._dataset(chunk.file, "x")[lo:hi]  # one contiguous, chunk-aligned read
-            out_x[sel] = block[local - (lo - chunk.start)]
-            for k in out:
-                out[k][sel] = self._dataset(chunk.file, k)[lo:hi][local - (lo - chunk.start)]
-        out_x -= self.mean
-        out_x *= self.inv_std
-        if self.spec_augment is not None:
-            self._augment(out_x, plan, w, positions)
-        batch = {k: torch.from_numpy(v) for k, v in out.items()}
-        batch["x"] = torch.from_numpy(out_x)
-        batch["position"] = torch.from_numpy(positions)
-        return batch
+        stage = reader.read(plan.windows[w], rows)
+        local = self._local_index(positions)
+        cuts = [0, *np.flatnonzero(local[1:] % self.local_batch == 0) + 1, len(rows)]
+        augment = self._augment_params(plan, w, positions) if self.spec_augment is not None else None
+        pieces = []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            x = torch.empty((b - a, *self.sample_shape), dtype=torch.float16, pin_memory=pin_memory)
+            np.take(stage["x"], rows[a:b], axis=0, out=x.numpy())  # numpy, not torch: no OpenMP team per call
+            piece = {"x": x, **{k: torch.from_numpy(stage[k][rows[a:b]]) for k in _INT_FIELDS},
+                     "position": torch.from_numpy(positions[a:b])}
+            if augment is not None:
+                piece["augment"] = torch.from_numpy(augment[a:b])
+            pieces.append(piece)
+        return pieces
 
-    def _augment(self, x: np.ndarray, plan: EpochPlan, w: int, positions: np.ndarray) -> None:
-        """SpecAugment: one frequency and one time mask per sample, set to 0 (the normalised mean).
+    def _augment_params(self, plan: EpochPlan, w: int, positions: np.ndarray) -> np.ndarray:
+        """SpecAugment masks per sample as (freq start, freq width, time start, time width), int64 (N, 4).
 
-        Written here rather than with torchaudio's maskers because those draw from the global RNG per call,
+        Drawn here rather than with torchaudio's maskers because those draw from the global RNG per call,
         so a sample's mask would depend on which other samples share the call (world size, resume point);
-        drawing from a generator seeded by the sample's global position keeps augmentation exact.
+        drawing from a generator seeded by the window and indexed by the sample's position keeps augmentation
+        exact. vascdist.data.transform applies the masks on the device.
         """
         max_f, max_t = self.spec_augment
-        n_f, n_t = x.shape[-2], x.shape[-1]
+        n_f, n_t = self.sample_shape[-2], self.sample_shape[-1]
         rng = np.random.default_rng([self.seed, plan.epoch, w, _TAG + 1])
         draws = rng.random((int(plan.starts[w + 1] - plan.starts[w]), 4))[positions - plan.starts[w]]
-        f_width = (draws[:, 0] * (max_f + 1)).astype(int)
-        f_start = (draws[:, 1] * np.maximum(n_f - f_width, 1)).astype(int)
-        t_width = (draws[:, 2] * (max_t + 1)).astype(int)
-        t_start = (draws[:, 3] * np.maximum(n_t - t_width, 1)).astype(int)
-        f_idx, t_idx = np.arange(n_f), np.arange(n_t)
-        f_mask = (f_idx >= f_start[:, None]) & (f_idx < (f_start + f_width)[:, None])  # (N, F)
-        t_mask = (t_idx >= t_start[:, None]) & (t_idx < (t_start + t_width)[:, None])  # (N, T)
-        keep = ~(f_mask[:, :, None] | t_mask[:, None, :])  # (N, F, T)
-        x *= keep[:, None]
+        f_width = (draws[:, 0] * (max_f + 1)).astype(np.int64)
+        f_start = (draws[:, 1] * np.maximum(n_f - f_width, 1)).astype(np.int64)
+        t_width = (draws[:, 2] * (max_t + 1)).astype(np.int64)
+        t_start = (draws[:, 3] * np.maximum(n_t - t_width, 1)).astype(np.int64)
+        return np.stack([f_start, f_width, t_start, t_width], axis=1)
 
-    def __iter__(self):
-        plan = EpochPlan(self.chunks, self.shuffle_chunks, self.seed, self.epoch, shuffle=self.train)
-        first = self._first_position()
-        windows = [w for w in range(len(plan.windows)) if plan.starts[w + 1] > first]
-        info = get_worker_info()
-        if info is not None:
-            windows = windows[info.id::info.num_workers]
-        for w in windows:
-            positions = self._owned(int(plan.starts[w]), int(plan.starts[w + 1]), first)
-            if len(positions):
-                yield self._read_window(plan, w, positions)
-            else:
-                yield None  # keeps the round-robin order of windows across workers intact
 
-    def __del__(self):
-        for f in self._files.values():
+class WindowReader:
+    """HDF5 handles and a window-sized staging buffer, owned by one reader thread and reused for every window."""
+
+    def __init__(self, root: Path, sample_shape: tuple[int, ...]):
+        self.root, self.sample_shape = root, sample_shape
+        self.files: dict[str, h5py.File] = {}
+        self.datasets: dict[tuple[str, str], h5py.Dataset] = {}
+        self.stage: dict[str, np.ndarray] = {}
+
+    def _dataset(self, file: str, name: str) -> h5py.Dataset:
+        if (file, name) not in self.datasets:  # File[name] costs ~30 us: look each dataset up once
+            if file not in self.files:
+                self.files[file] = h5py.File(self.root / file, "r", rdcc_nbytes=0)
+            self.datasets[file, name] = self.files[file][name]
+        return self.datasets[file, name]
+
+    def read(self, chunks: list[Chunk], rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The chunks' samples laid end to end in the staging buffer (only the span of `rows` in each chunk)."""
+        bounds = np.cumsum([0] + [c.stop - c.start for c in chunks])
+        n = int(bounds[-1])
+        if not self.stage or len(self.stage["y"]) < n:
+            # Reused across windows: a fresh array per read page-faults on every 4 KiB it fills.
+            self.stage = {"x": np.empty((n, *self.sample_shape), np.float16),
+                          **{k: np.empty(n, np.int64) for k in _INT_FIELDS}}
+        for i, chunk in enumerate(chunks):
+            local = rows[(rows >= bounds[i]) & (rows < bounds[i + 1])] - bounds[i]
+            if not len(local):
+                continue
+            lo, hi = int(local.min()), int(local.max()) + 1
+            source, dest = np.s_[chunk.start + lo:chunk.start + hi], np.s_[bounds[i] + lo:bounds[i] + hi]
+            try:
+                for k in self.stage:  # one contiguous, chunk-aligned read per field
+                    self._dataset(chunk.file, k).read_direct(self.stage[k], source, dest)
+            except (OSError, KeyError, TypeError, ValueError) as exc:
+                raise DataError(f"{self.root / chunk.file}: cannot read samples {chunk.start + lo}-{chunk.start + hi} "
+                                f"({exc}); check the shard set with `vascdist shards verify {self.root}`") from None
+        return self.stage
+
+    def close(self) -> None:
+        for f in self.files.values():
             try:
                 f.close()
             except Exception:
                 pass
+        self.files.clear(), self.datasets.clear()
+
+
+class _Stop(Exception):
+    pass
 
 
 class StreamingLoader:
-    """Batches for one rank, from ShardStream windows; resumable mid-epoch through state_dict()."""
+    """Batches for one rank (dicts of tensors; x is float16 as stored), resumable mid-epoch through state_dict()."""
 
     def __init__(self, stream: ShardStream, num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False):
         self.stream = stream
@@ -227,33 +264,86 @@ class StreamingLoader:
                               f"the checkpoint saw {state['num_samples']} (seed {state['seed']}); resume on the same shards and train.seed")
         self.epoch, self.batches = state["epoch"], state["batches"]
 
-    def __iter__(self):
+    def _pieces(self):
+        """Every piece of the rest of the epoch, in order: read here, or by `num_workers` threads ahead of use."""
         stream = self.stream
         stream.epoch, stream.start_batch = self.epoch, self.batches
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            persistent_workers=False,
-                            # Its own generator: creating an iterator must not draw from the global torch RNG,
-                            # or a resumed run would diverge from an uninterrupted one.
-                            generator=torch.Generator().manual_seed(stream.seed * 100003 + self.epoch))
-        size = stream.local_batch
-        carry: list[dict[str, torch.Tensor]] = []
-        carried = 0
-        for window in loader:
-            if window is None:
+        plan = stream.plan()
+        work = stream.windows(plan)
+        if self.num_workers == 0:
+            reader = WindowReader(stream.root, stream.sample_shape)
+            try:
+                for w, positions in work:
+                    yield from stream.read_window(reader, plan, w, positions, self.pin_memory)
+            finally:
+                reader.close()
+            return
+        n = min(self.num_workers, max(1, len(work)))
+        queues = [queue.Queue(maxsize=self.prefetch_factor) for _ in range(n)]
+        stop = threading.Event()
+
+        def put(q: queue.Queue, item) -> None:
+            while True:  # a bounded wait, so a consumer that stopped early never leaves the thread blocked
+                if stop.is_set():
+                    raise _Stop
+                try:
+                    return q.put(item, timeout=0.1)
+                except queue.Full:
+                    pass
+
+        def read_every_nth(k: int) -> None:
+            reader = WindowReader(stream.root, stream.sample_shape)
+            try:
+                for w, positions in work[k::n]:
+                    put(queues[k], stream.read_window(reader, plan, w, positions, self.pin_memory))
+            except _Stop:
+                pass
+            except BaseException as exc:  # handed to the consumer, which raises it
+                try:
+                    put(queues[k], exc)
+                except _Stop:
+                    pass
+            finally:
+                reader.close()
+
+        threads = [threading.Thread(target=read_every_nth, args=(k,), daemon=True, name=f"vascdist-reader-{k}")
+                   for k in range(n)]
+        for t in threads:
+            t.start()
+        try:
+            for i in range(len(work)):
+                item = queues[i % n].get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+
+    def __iter__(self):
+        pieces = self._pieces()
+        try:
+            yield from self._batches(pieces)
+        finally:
+            pieces.close()  # stops the reader threads when the consumer leaves the epoch early
+        if self.stream.train:
+            self.epoch, self.batches = self.epoch + 1, 0
+
+    def _batches(self, pieces):
+        size, pending, count = self.stream.local_batch, [], 0
+        for piece in pieces:
+            if not pending and len(piece["y"]) == size:  # most batches: a piece is a whole batch, no copy
+                self.batches += 1
+                yield piece
                 continue
-            carry.append(window)
-            carried += len(window["y"])
-            while carried >= size:
-                merged = carry[0] if len(carry) == 1 else {k: torch.cat([c[k] for c in carry]) for k in carry[0]}
-                batch = {k: v[:size] for k, v in merged.items()}
-                rest = {k: v[size:] for k, v in merged.items()}
-                carry, carried = ([rest] if len(rest["y"]) else []), carried - size
+            pending.append(piece)
+            count += len(piece["y"])
+            if count == size:  # pieces never cross a batch boundary, so they add up to exactly one batch
+                batch = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+                pending, count = [], 0
                 self.batches += 1
                 yield batch
-        if carried and not stream.train:
-            merged = {k: torch.cat([c[k] for c in carry]) for k in carry[0]}
+        if pending and not self.stream.train:  # evaluation: the short last batch
             self.batches += 1
-            yield merged
-        if stream.train:
-            self.epoch, self.batches = self.epoch + 1, 0
+            yield {k: torch.cat([p[k] for p in pending]) for k in pending[0]}

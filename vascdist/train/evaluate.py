@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vascdist.data.loader import StreamingLoader
+from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv, gather_arrays
 from vascdist.train.metrics import evaluate_levels
 
@@ -21,23 +22,18 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
 @torch.no_grad()
 def predict_arrays(model: nn.Module, loader: StreamingLoader, env: DistEnv, precision: str = "fp32",
                    channels_last: bool = False) -> dict[str, np.ndarray]:
     """Class probabilities and ids for every sample of the loader's split, gathered from all ranks."""
     was_training = model.training
     model.eval()
+    index = loader.stream.index
+    inputs = InputTransform(index["normalization"], index["sample_shape"], env.device, channels_last)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("probs", "y", "recording", "patient", "position")}
     for batch in loader:
         with autocast_context(precision, env.device):
-            logits = model(to_device(batch["x"], env.device, channels_last))
+            logits = model(inputs(batch["x"]))
         parts["probs"].append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         for k in ("y", "recording", "patient", "position"):
             parts[k].append(batch[k].numpy())

@@ -17,12 +17,13 @@ from tqdm import tqdm
 from vascdist.config import Config, to_dict
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.data.shards import load_index, verify_files
+from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv, any_rank, broadcast_object, global_mean
 from vascdist.errors import VascdistError
 from vascdist.models import build_model
 from vascdist.train.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
 from vascdist.train.engines import build_engine, prepare_module
-from vascdist.train.evaluate import autocast_context, predict_arrays, split_metrics, to_device
+from vascdist.train.evaluate import autocast_context, predict_arrays, split_metrics
 from vascdist.train.logging import RunLogger
 from vascdist.train.losses import build_loss
 from vascdist.train.metrics import render_confusion_matrix, save_confusion_png, thresholds_from
@@ -86,6 +87,7 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     index = load_index(cfg.data.shards)
     classes, per_beat = index["classes"], index["kind"] == "beats"
     train_loader, val_loader, test_loader = build_loaders(cfg, env)
+    inputs = InputTransform(index["normalization"], index["sample_shape"], env.device, cfg.train.channels_last)
     steps_per_epoch = len(train_loader)
     micro = cfg.data.batch_size // env.world_size // cfg.train.grad_accum
     if micro == 0:
@@ -149,7 +151,7 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     if env.is_main and progress.step == 0:
         examples = next(iter(val_loader), None)
         if examples is not None and examples["x"].dim() == 4:
-            log.images("val/spectrogram_examples", 0, examples["x"][:8])
+            log.images("val/spectrogram_examples", 0, examples["x"][:8].float())
     bar = tqdm(total=steps_per_epoch * cfg.train.epochs, initial=progress.step, desc="train", unit="step",
                disable=quiet or not env.is_main or not sys.stdout.isatty(), dynamic_ncols=True)
     stopped, finished = False, False
@@ -163,8 +165,9 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
             # ---- one optimiser step over grad_accum micro-batches
             losses = []
             for i in range(cfg.train.grad_accum):
-                x = to_device(batch["x"][i * micro:(i + 1) * micro], env.device, cfg.train.channels_last)
-                y = batch["y"][i * micro:(i + 1) * micro].to(env.device, non_blocking=True)
+                part = slice(i * micro, (i + 1) * micro)
+                x = inputs(batch["x"][part], batch["augment"][part] if "augment" in batch else None)
+                y = batch["y"][part].to(env.device, non_blocking=True)
                 with engine.micro_step_context(is_last=i == cfg.train.grad_accum - 1):
                     with autocast_context(cfg.train.precision, env.device):
                         loss = loss_fn(engine.model(x), y) / cfg.train.grad_accum
