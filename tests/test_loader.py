@@ -1,5 +1,7 @@
 """The streaming loader on real shards: coverage, determinism, world-size invariance, exact mid-epoch resume."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -129,7 +131,7 @@ def test_batch_sizes_that_do_not_divide_windows_still_cover_the_epoch(shards_dir
 
 
 def test_leaving_an_epoch_early_stops_the_reader_threads(shards_dir):
-    import threading
+
     loader = StreamingLoader(ShardStream(shards_dir, "train", 8, seed=3, shuffle_chunks=1), num_workers=2,
                              prefetch_factor=1)
     for i, _ in enumerate(loader):
@@ -146,5 +148,37 @@ def test_a_reader_error_reaches_the_consumer(shards_dir, tmp_path):
     stream = ShardStream(copy, "train", B, seed=3, shuffle_chunks=1)
     victim = stream.chunks[-1].file
     (copy / victim).write_bytes(b"not hdf5")
-    with pytest.raises(DataError, match=f"{victim}: cannot read samples"):
+    with pytest.raises(DataError, match=f"{victim}: cannot read the shard"):
         list(StreamingLoader(stream, num_workers=2))
+
+
+def test_a_second_iteration_stops_the_first_and_reuses_its_readers(shards_dir):
+    loader = StreamingLoader(ShardStream(shards_dir, "train", B, seed=3), num_workers=2)
+    first = iter(loader)
+    head = [next(first) for _ in range(2)]
+    loader.set_epoch(1)
+    again = list(loader)  # the suspended first iteration is stopped, its threads and buffers reused
+    assert len(again) == len(loader) and loader.epoch == 2
+    expected, _ = batches(shards_dir, epoch=1)
+    assert all(torch.equal(a["x"], b["x"]) for a, b in zip(again, expected))
+    assert head[0]["x"].shape == (B, 1, 40, 100)
+    loader.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("vascdist-reader")]
+
+
+def test_batch_buffers_are_reused_only_once_dropped(tmp_path):
+    from vascdist.data.reader import ChunkLayout, WindowReader
+    reader = WindowReader(ChunkLayout(tmp_path, chunk_size=8), (1, 4, 5), batch_rows=6)
+    a, rows = reader.batch_buffer(6)
+    assert len(rows) == 6 and all(len(r) == 40 for r in rows)  # one float16 row of 1 x 4 x 5 each
+    first = a.data_ptr()
+    a.fill_(1)
+    b, _ = reader.batch_buffer(3)  # a is alive: another buffer
+    assert b.data_ptr() != first
+    view = a[2:4]
+    del a
+    c, _ = reader.batch_buffer(6)  # a view of the first buffer is still alive
+    assert c.data_ptr() not in (first, b.data_ptr()) and torch.all(view == 1)
+    del view
+    d, _ = reader.batch_buffer(6)  # now nothing holds it: reused
+    assert d.data_ptr() == first

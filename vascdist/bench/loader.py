@@ -35,7 +35,8 @@ def train_files(shards_dir: Path) -> tuple[list[Path], int, int]:
 
 # ------------------------------------------------------------------------------------------- 1. streaming
 def stream_rate(shards_dir: Path, batch: int, workers: int, max_samples: int, normalise: bool) -> tuple[int, float]:
-    """(samples, seconds) of one epoch of the training loader, reader threads started inside.
+    """(samples, seconds) of the second epoch of the training loader (as every epoch after the first sees it:
+    files open, buffers allocated), reader threads started inside.
 
     normalise=False: the float16 batches the loader hands to the device (on a GPU host, training normalises
     there); True: plus the normalisation to float32 on this CPU, as CPU training does it.
@@ -43,6 +44,10 @@ def stream_rate(shards_dir: Path, batch: int, workers: int, max_samples: int, no
     loader = StreamingLoader(ShardStream(shards_dir, "train", batch, seed=0, train=True), num_workers=workers)
     index = loader.stream.index
     inputs = InputTransform(index["normalization"], index["sample_shape"]) if normalise else None
+    for i, _ in enumerate(loader):  # epoch 0: warm-up
+        if max_samples and (i + 1) * batch >= max_samples:
+            break
+    loader.set_epoch(1)
     n, t0 = 0, time.perf_counter()
     for b in loader:
         if inputs is not None:
@@ -80,10 +85,14 @@ class NaiveH5Dataset(Dataset):
 
 
 def naive_rate(shards_dir: Path, batch: int, workers: int, max_samples: int) -> tuple[int, float]:
+    """(samples, seconds) after its first batch (worker start-up excluded)."""
     loader = DataLoader(NaiveH5Dataset(shards_dir), batch_size=batch, shuffle=True, num_workers=workers,
                         drop_last=True, generator=torch.Generator().manual_seed(0))
-    n, t0 = 0, time.perf_counter()
+    n, t0 = 0, None
     for x, y in loader:
+        if t0 is None:
+            t0 = time.perf_counter()
+            continue
         n += len(y)
         if max_samples and n >= max_samples:
             break

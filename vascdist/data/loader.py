@@ -9,14 +9,14 @@ The order of an epoch is a function of (seed, epoch) alone:
 So 1, 2 or 4 ranks see the same samples in every optimiser step, and the loader's state is global
 (epoch, global batches consumed): a checkpoint taken on 4 ranks resumes on 2 or 1 at the same sample.
 
-Reader threads each take every N-th window, read its chunks with one contiguous HDF5 call per chunk into a
-reused buffer, and gather this rank's rows, already cut at batch boundaries, into float16 batches exactly as
-stored. Normalisation and SpecAugment run on the training device (vascdist.data.transform): that halves the
-bytes the host touches and copies to the GPU, and there they cost nothing next to the model.
+Reader threads each take every N-th window and read this rank's samples of it, in shuffled order and cut
+at batch boundaries, straight into float16 batches exactly as stored (vascdist.data.reader). Normalisation
+and SpecAugment run on the training device (vascdist.data.transform): that halves the bytes the host
+touches and copies to the GPU, and there they cost nothing next to the model.
 
-Threads rather than DataLoader worker processes: the per-sample work is memory copies in h5py and numpy,
-which release the GIL, so threads run in parallel; and a process would have to hand each window over
-through fresh shared memory, which cost more than reading it (BENCHMARKS.md, "Loader").
+Threads rather than DataLoader worker processes: the per-sample work is the kernel's copy from the page
+cache, with the GIL released, so threads run in parallel; and a process would have to hand each window
+over through fresh shared memory, which cost more than reading it (BENCHMARKS.md, "Loader").
 """
 
 from __future__ import annotations
@@ -24,25 +24,16 @@ from __future__ import annotations
 import queue
 import threading
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
+from vascdist.data.reader import Chunk, ChunkLayout, WindowReader
 from vascdist.data.shards import load_index
-from vascdist.errors import ConfigError, DataError, VascdistError
+from vascdist.errors import ConfigError, VascdistError
 
 _TAG = zlib.crc32(b"vascdist-loader")
-_INT_FIELDS = ("y", "patient", "recording", "cycle")
-
-
-@dataclass(frozen=True)
-class Chunk:
-    file: str
-    start: int
-    stop: int
 
 
 def split_chunks(index: dict, split: str) -> list[Chunk]:
@@ -108,6 +99,7 @@ class ShardStream:
             lo, hi = self._eval_range()
             self.batches_per_epoch = -(-(hi - lo) // self.local_batch)
         self.epoch, self.start_batch = 0, 0
+        self.layout = ChunkLayout(self.root, int(self.index["preprocess"]["chunk_size"]))
 
     # ---------------------------------------------------------------- positions this rank owns
     def _eval_range(self) -> tuple[int, int]:
@@ -142,21 +134,24 @@ class ShardStream:
                 for w in range(len(plan.windows)) if plan.starts[w + 1] > first]
 
     # ---------------------------------------------------------------- reading
-    def read_window(self, reader: "WindowReader", plan: EpochPlan, w: int, positions: np.ndarray,
-                    pin_memory: bool = False) -> list[dict[str, torch.Tensor]]:
+    def new_reader(self, pin_memory: bool = False, prefetch_windows: int = 2) -> WindowReader:
+        """A reader for one thread: its own file descriptors, staging buffer and pool of batch buffers."""
+        rows_per_window = self.shuffle_chunks * int(self.index["preprocess"]["chunk_size"])
+        keep = (prefetch_windows + 2) * (-(-rows_per_window // self.local_batch) + 1)
+        return WindowReader(self.layout, self.sample_shape, self.local_batch, pin_memory, keep)
+
+    def read_window(self, reader: WindowReader, plan: EpochPlan, w: int, positions: np.ndarray) -> list[dict[str, torch.Tensor]]:
         """This rank's samples of window w, in order, as pieces that never cross a batch boundary."""
         if not len(positions):
             return []
         rows = plan.window_order(w)[positions - plan.starts[w]]  # row within the window's chunks
-        stage = reader.read(plan.windows[w], rows)
         local = self._local_index(positions)
         cuts = [0, *np.flatnonzero(local[1:] % self.local_batch == 0) + 1, len(rows)]
+        xs, ints = reader.read(plan.windows[w], rows, cuts)
         augment = self._augment_params(plan, w, positions) if self.spec_augment is not None else None
         pieces = []
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            x = torch.empty((b - a, *self.sample_shape), dtype=torch.float16, pin_memory=pin_memory)
-            np.take(stage["x"], rows[a:b], axis=0, out=x.numpy())  # numpy, not torch: no OpenMP team per call
-            piece = {"x": x, **{k: torch.from_numpy(stage[k][rows[a:b]]) for k in _INT_FIELDS},
+        for x, a, b in zip(xs, cuts[:-1], cuts[1:]):
+            piece = {"x": x, **{k: torch.from_numpy(v[a:b]) for k, v in ints.items()},
                      "position": torch.from_numpy(positions[a:b])}
             if augment is not None:
                 piece["augment"] = torch.from_numpy(augment[a:b])
@@ -182,53 +177,6 @@ class ShardStream:
         return np.stack([f_start, f_width, t_start, t_width], axis=1)
 
 
-class WindowReader:
-    """HDF5 handles and a window-sized staging buffer, owned by one reader thread and reused for every window."""
-
-    def __init__(self, root: Path, sample_shape: tuple[int, ...]):
-        self.root, self.sample_shape = root, sample_shape
-        self.files: dict[str, h5py.File] = {}
-        self.datasets: dict[tuple[str, str], h5py.Dataset] = {}
-        self.stage: dict[str, np.ndarray] = {}
-
-    def _dataset(self, file: str, name: str) -> h5py.Dataset:
-        if (file, name) not in self.datasets:  # File[name] costs ~30 us: look each dataset up once
-            if file not in self.files:
-                self.files[file] = h5py.File(self.root / file, "r", rdcc_nbytes=0)
-            self.datasets[file, name] = self.files[file][name]
-        return self.datasets[file, name]
-
-    def read(self, chunks: list[Chunk], rows: np.ndarray) -> dict[str, np.ndarray]:
-        """The chunks' samples laid end to end in the staging buffer (only the span of `rows` in each chunk)."""
-        bounds = np.cumsum([0] + [c.stop - c.start for c in chunks])
-        n = int(bounds[-1])
-        if not self.stage or len(self.stage["y"]) < n:
-            # Reused across windows: a fresh array per read page-faults on every 4 KiB it fills.
-            self.stage = {"x": np.empty((n, *self.sample_shape), np.float16),
-                          **{k: np.empty(n, np.int64) for k in _INT_FIELDS}}
-        for i, chunk in enumerate(chunks):
-            local = rows[(rows >= bounds[i]) & (rows < bounds[i + 1])] - bounds[i]
-            if not len(local):
-                continue
-            lo, hi = int(local.min()), int(local.max()) + 1
-            source, dest = np.s_[chunk.start + lo:chunk.start + hi], np.s_[bounds[i] + lo:bounds[i] + hi]
-            try:
-                for k in self.stage:  # one contiguous, chunk-aligned read per field
-                    self._dataset(chunk.file, k).read_direct(self.stage[k], source, dest)
-            except (OSError, KeyError, TypeError, ValueError) as exc:
-                raise DataError(f"{self.root / chunk.file}: cannot read samples {chunk.start + lo}-{chunk.start + hi} "
-                                f"({exc}); check the shard set with `vascdist shards verify {self.root}`") from None
-        return self.stage
-
-    def close(self) -> None:
-        for f in self.files.values():
-            try:
-                f.close()
-            except Exception:
-                pass
-        self.files.clear(), self.datasets.clear()
-
-
 class _Stop(Exception):
     pass
 
@@ -242,6 +190,28 @@ class StreamingLoader:
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory
         self.epoch, self.batches = 0, 0  # global batches consumed in `epoch`
+        # Kept from epoch to epoch (handles, staging and batch buffers): reader k serves thread k of every epoch.
+        self._readers: list[WindowReader] = []
+        self._running = None  # the epoch being read; a new iteration stops it first, so readers are never shared
+
+    def _reader(self, k: int) -> WindowReader:
+        while len(self._readers) <= k:
+            self._readers.append(self.stream.new_reader(self.pin_memory, self.prefetch_factor if self.num_workers else 0))
+        return self._readers[k]
+
+    def close(self) -> None:
+        """Stop the reader threads and close the shard files (also done when the loader is garbage-collected)."""
+        if self._running is not None:
+            self._running.close()
+        for reader in self._readers:
+            reader.close()
+        self._readers.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __len__(self) -> int:
         return self.stream.batches_per_epoch
@@ -271,12 +241,9 @@ class StreamingLoader:
         plan = stream.plan()
         work = stream.windows(plan)
         if self.num_workers == 0:
-            reader = WindowReader(stream.root, stream.sample_shape)
-            try:
-                for w, positions in work:
-                    yield from stream.read_window(reader, plan, w, positions, self.pin_memory)
-            finally:
-                reader.close()
+            reader = self._reader(0)
+            for w, positions in work:
+                yield from stream.read_window(reader, plan, w, positions)
             return
         n = min(self.num_workers, max(1, len(work)))
         queues = [queue.Queue(maxsize=self.prefetch_factor) for _ in range(n)]
@@ -291,11 +258,10 @@ class StreamingLoader:
                 except queue.Full:
                     pass
 
-        def read_every_nth(k: int) -> None:
-            reader = WindowReader(stream.root, stream.sample_shape)
+        def read_every_nth(k: int, reader: WindowReader) -> None:
             try:
                 for w, positions in work[k::n]:
-                    put(queues[k], stream.read_window(reader, plan, w, positions, self.pin_memory))
+                    put(queues[k], stream.read_window(reader, plan, w, positions))
             except _Stop:
                 pass
             except BaseException as exc:  # handed to the consumer, which raises it
@@ -303,10 +269,8 @@ class StreamingLoader:
                     put(queues[k], exc)
                 except _Stop:
                     pass
-            finally:
-                reader.close()
 
-        threads = [threading.Thread(target=read_every_nth, args=(k,), daemon=True, name=f"vascdist-reader-{k}")
+        threads = [threading.Thread(target=read_every_nth, args=(k, self._reader(k)), daemon=True, name=f"vascdist-reader-{k}")
                    for k in range(n)]
         for t in threads:
             t.start()
@@ -322,11 +286,15 @@ class StreamingLoader:
                 t.join()
 
     def __iter__(self):
-        pieces = self._pieces()
+        if self._running is not None:
+            self._running.close()
+        pieces = self._running = self._pieces()
         try:
             yield from self._batches(pieces)
         finally:
             pieces.close()  # stops the reader threads when the consumer leaves the epoch early
+            if self._running is pieces:
+                self._running = None
         if self.stream.train:
             self.epoch, self.batches = self.epoch + 1, 0
 
