@@ -50,8 +50,8 @@ def scalars(run_dir, tag) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
-def assert_close_per_step(a: dict, b: dict, rel: float, steps: int) -> None:
-    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+def assert_close_per_step(a: dict, b: dict, rel: float, steps) -> None:
+    assert sorted(a) == sorted(b) == list(steps if not isinstance(steps, int) else range(1, steps + 1))
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=rel), f"step {step}: {a[step]} vs {b[step]}"
 
@@ -80,7 +80,8 @@ def test_zero_matches_ddp_checkpoints_and_resumes(stage, ddp_run, shards_dir, tm
     assert f"resumed from {run}/checkpoints/step-{STEPS // 2:08d}.pt at step {STEPS // 2}" in second.stdout
 
     assert_close_per_step(scalars(run, "train/loss"), scalars(ddp_run, "train/loss"), 1e-5, STEPS)
-    assert_close_per_step(scalars(run, "train/grad_norm"), scalars(ddp_run, "train/grad_norm"), 1e-3, STEPS)
+    # the gradient norm is logged at the metrics.jsonl steps (1, 10, 20, ...)
+    assert_close_per_step(scalars(run, "train/grad_norm"), scalars(ddp_run, "train/grad_norm"), 1e-3, [1, 10])
 
     # Step files and DeepSpeed tag directories are pruned together (keep_last=2); each rank's partition is there.
     ckpt = run / "checkpoints"

@@ -204,10 +204,11 @@ class DeepSpeedEngine:
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()  # only advances DeepSpeed's micro-step counter
 
-    def step(self) -> float:
-        """Reduce, clip (gradient_clipping), update, zero the grads; returns the global gradient norm before clipping."""
+    def step(self, want_norm: bool = True) -> float:
+        """Reduce, clip (gradient_clipping), update, zero the grads; returns the global gradient norm before clipping
+        (DeepSpeed computes it anyway under ZeRO; without ZeRO only when `want_norm`)."""
         self._check_boundary()
-        norm = self._plain_grad_norm() if self._plain else None
+        norm = self._plain_grad_norm() if self._plain and want_norm else None
         self.ds.step()
         if norm is None:
             norm = self.ds.get_global_grad_norm()

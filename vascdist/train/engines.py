@@ -43,13 +43,20 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
-        """Clip (if configured), step, zero the grads; returns the global gradient norm before clipping."""
-        max_norm = self.cfg.train.grad_clip or math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+    def step(self, want_norm: bool = True) -> float:
+        """Clip (if configured), step, zero the grads; returns the global gradient norm before clipping
+        (NaN when neither clipping nor the caller needs it: computing it is a pass over every gradient and,
+        on a GPU, a host synchronisation)."""
+        if self.cfg.train.grad_clip:
+            total = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.grad_clip)
+            norm = float(total) if want_norm else math.nan
+        elif want_norm:
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None]))
+        else:
+            norm = math.nan
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def skip(self) -> None:
         """Drop this step's gradients (non-finite loss)."""

@@ -174,8 +174,9 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
                     engine.backward(loss)
                 losses.append(loss.detach())
             step_loss = global_mean(torch.stack(losses).sum(), env)  # the loss of the global batch
+            log_now = (progress.step + 1) % 10 == 0 or progress.step == 0  # a metrics.jsonl line for this step
             if math.isfinite(step_loss):
-                grad_norm = engine.step()
+                grad_norm = engine.step(want_norm=log_now)
                 scheduler.after_step()
                 progress.bad_steps_in_a_row = 0
             else:
@@ -195,10 +196,10 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
             window_samples += cfg.data.batch_size
             elapsed = time.perf_counter() - window_start
             lrs = scheduler.current_lrs()
-            scalars = {"train/loss": step_loss, "train/grad_norm": grad_norm, "train/lr": lrs[0],
-                       **{f"train/lr/group{g}": lr for g, lr in enumerate(lrs)},
+            scalars = {"train/loss": step_loss, "train/lr": lrs[0], **{f"train/lr/group{g}": lr for g, lr in enumerate(lrs)},
                        "train/bad_steps": progress.bad_steps_total}
-            if progress.step % 10 == 0 or progress.step == 1:
+            if log_now:
+                scalars["train/grad_norm"] = grad_norm
                 scalars["train/samples_per_s"] = window_samples / elapsed
                 scalars["train/data_wait_fraction"] = data_wait / elapsed
                 log.jsonl({"step": progress.step, "epoch": progress.epoch, "split": "train", **scalars})
