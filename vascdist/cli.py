@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_synth, _add_manifest, _add_preprocess, _add_shards, _add_train, _add_evaluate, _add_predict,
                 _add_models):
         add(sub)
-    _add_passthrough(sub, "bench", "benchmarks (loader, train, make-shards, scaling, dist); see BENCHMARKS.md",
-                     "vascdist.bench")
+    _add_passthrough(sub, "bench", "benchmarks (loader, train, make-shards, scaling, preprocess, checkpoint, dist); "
+                     "see BENCHMARKS.md", "vascdist.bench")
     _add_passthrough(sub, "submit", "submit training to SLURM through submitit (launch/submit.py)", "launch.submit")
     return parser
 

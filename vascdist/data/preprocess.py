@@ -76,11 +76,15 @@ def preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessConfig,
     kept: list[dict] = []
     skipped: list[tuple[Recording, str]] = []
     jobs = [(rec, cfg) for rec in recordings]
+    threads = torch.get_num_threads()
     try:
         if workers > 1:
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker)
             results = pool.map(_process, jobs, chunksize=1)
         else:
+            # One thread here too: the per-recording ops are small, and on busy cores torch's spinning OpenMP
+            # threads made this path 10x slower (BENCHMARKS.md, "Preprocessing").
+            torch.set_num_threads(1)
             pool, results = None, map(_process, jobs)
         try:
             for rec, x, cycles, error in tqdm(results, total=len(jobs), desc="preprocess", unit="rec",
@@ -98,6 +102,7 @@ def preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessConfig,
                 kept.append({"id": rec.recording_id, "patient": rec.patient_id, "path": str(rec.path),
                              "label": rec.label, "split": splits[rec.patient_id], "cycles": n})
         finally:
+            torch.set_num_threads(threads)
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
         if skipped:
