@@ -75,6 +75,8 @@ class ShardStream:
         self.index = load_index(self.root)
         if split not in self.index["splits"]:
             raise VascdistError(f"{self.root}: no split '{split}'")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside a world of {world_size} process(es)")
         self.split, self.rank, self.world_size, self.seed, self.train = split, rank, world_size, seed, train
         self.chunks = split_chunks(self.index, split)
         self.num_samples = sum(c.stop - c.start for c in self.chunks)
