@@ -135,6 +135,10 @@ class WindowReader:
         except OSError as exc:
             raise DataError(f"{self.root / chunk.file}: cannot read samples {chunk.start}-{chunk.stop} ({exc}); "
                             f"check the shard set with `vascdist shards verify {self.root}`") from None
+        if self.pin_memory:
+            # A copy into torch's caching host allocator, as DataLoader's pin_memory does: that allocator keeps a
+            # block until the asynchronous copy to the GPU has finished; the pool below cannot know when it has.
+            xs = [x.pin_memory() for x in xs]
         return xs, {k: v[rows] for k, v in self.ints.items()}
 
     def batch_buffer(self, n: int) -> tuple[torch.Tensor, list[memoryview]]:
@@ -155,7 +159,7 @@ class WindowReader:
         return torch.from_numpy(entry[0][:n]), entry[1][:n]
 
     def _new_buffer(self) -> tuple[np.ndarray, list[memoryview]]:
-        array = torch.empty((self.batch_rows, *self.sample_shape), dtype=torch.float16, pin_memory=self.pin_memory).numpy()
+        array = np.empty((self.batch_rows, *self.sample_shape), np.float16)
         flat, size = memoryview(array).cast("B"), self.sample_bytes
         return array, [flat[i * size:(i + 1) * size] for i in range(self.batch_rows)]
 
