@@ -182,3 +182,32 @@ def test_batch_buffers_are_reused_only_once_dropped(tmp_path):
     del view
     d, _ = reader.batch_buffer(6)  # now nothing holds it: reused
     assert d.data_ptr() == first
+
+
+def test_an_iteration_stopped_by_a_newer_one_says_so_instead_of_ending_the_epoch(shards_dir):
+    from vascdist.errors import VascdistError
+    loader = StreamingLoader(ShardStream(shards_dir, "train", B, seed=3), num_workers=1)
+    first = iter(loader)
+    next(first)
+    second = iter(loader)
+    next(second)  # starting the second stops the first
+    with pytest.raises(VascdistError, match="stopped by a newer iteration"):
+        next(first)
+    assert loader.epoch == 0 and loader.batches == 2  # nothing counted as a finished epoch
+    second.close()
+
+
+def test_a_shard_that_disagrees_with_the_index_is_refused(shards_dir, tmp_path):
+    import shutil
+
+    import h5py
+    copy = tmp_path / "shards"
+    shutil.copytree(shards_dir, copy)
+    stream = ShardStream(copy, "train", B, seed=3, shuffle_chunks=1)
+    victim = stream.chunks[0].file
+    with h5py.File(copy / victim, "a") as f:  # one sample fewer than index.json records, same chunking
+        x = f["x"][:-1]
+        del f["x"]
+        f.create_dataset("x", data=x, chunks=(64, *x.shape[1:]))
+    with pytest.raises(DataError, match=f"{victim}: field 'x' has shape"):
+        list(StreamingLoader(stream))

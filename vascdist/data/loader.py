@@ -101,7 +101,8 @@ class ShardStream:
             lo, hi = self._eval_range()
             self.batches_per_epoch = -(-(hi - lo) // self.local_batch)
         self.epoch, self.start_batch = 0, 0
-        self.layout = ChunkLayout(self.root, int(self.index["preprocess"]["chunk_size"]))
+        self.layout = ChunkLayout(self.root, int(self.index["preprocess"]["chunk_size"]), self.sample_shape,
+                                  {e["file"]: e["samples"] for e in self.index["shards"]})
 
     # ---------------------------------------------------------------- positions this rank owns
     def _eval_range(self) -> tuple[int, int]:
@@ -205,6 +206,7 @@ class StreamingLoader:
         """Stop the reader threads and close the shard files (also done when the loader is garbage-collected)."""
         if self._running is not None:
             self._running.close()
+            self._running = None
         for reader in self._readers:
             reader.close()
         self._readers.clear()
@@ -274,9 +276,9 @@ class StreamingLoader:
 
         threads = [threading.Thread(target=read_every_nth, args=(k, self._reader(k)), daemon=True, name=f"vascdist-reader-{k}")
                    for k in range(n)]
-        for t in threads:
-            t.start()
         try:
+            for t in threads:
+                t.start()
             for i in range(len(work)):
                 item = queues[i % n].get()
                 if isinstance(item, BaseException):
@@ -285,7 +287,8 @@ class StreamingLoader:
         finally:
             stop.set()
             for t in threads:
-                t.join()
+                if t.ident is not None:  # started
+                    t.join()
 
     def __iter__(self):
         if self._running is not None:
@@ -314,6 +317,9 @@ class StreamingLoader:
                 pending, count = [], 0
                 self.batches += 1
                 yield batch
+        if self._running is not pieces:  # pieces was closed under us: the epoch did not end
+            raise VascdistError("this StreamingLoader iteration was stopped by a newer iteration or close() before "
+                                "the end of its epoch; iterate a loader one epoch at a time")
         if pending and not self.stream.train:  # evaluation: the short last batch
             self.batches += 1
             yield {k: torch.cat([p[k] for p in pending]) for k in pending[0]}

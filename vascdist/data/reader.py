@@ -38,8 +38,11 @@ class ChunkLayout:
     """Where each chunk of each field lies in the shard files: read from HDF5 once per file, then shared by
     every reader thread (a lookup through h5py costs ~50 us, a sixth of reading the chunk)."""
 
-    def __init__(self, root: Path, chunk_size: int):
+    def __init__(self, root: Path, chunk_size: int, sample_shape: tuple[int, ...] = (), samples: dict[str, int] | None = None):
+        """`sample_shape` and `samples` (file -> sample count) are what index.json promises; each file is checked
+        against them when it is first read."""
         self.root, self.chunk_size = root, chunk_size
+        self.sample_shape, self.samples = tuple(sample_shape), samples or {}
         self._files: dict[str, dict[str, dict[int, int]]] = {}  # file -> field -> chunk start -> byte offset
         self._lock = threading.Lock()
 
@@ -63,6 +66,10 @@ class ChunkLayout:
                     if name not in f:
                         raise DataError(f"{path}: no field '{name}'; write the shards with `vascdist preprocess`")
                     ds = f[name]
+                    want = (self.samples.get(file, ds.shape[0]), *(self.sample_shape if name == "x" else ()))
+                    if self.sample_shape and ds.shape != want:
+                        raise DataError(f"{path}: field '{name}' has shape {ds.shape}, but index.json says {want}; "
+                                        f"check the shard set with `vascdist shards verify {self.root}`")
                     if ds.shape[0] == 0:
                         layout[name] = {}
                         continue
@@ -91,15 +98,9 @@ class WindowReader:
         self.batch_rows, self.pin_memory, self.keep = batch_rows, pin_memory, keep
         self.sample_bytes = math.prod(self.sample_shape) * 2  # float16
         self.scratch = bytearray(self.sample_bytes)  # where the rows another rank reads land
-        self.fds: dict[str, int] = {}
         self.ints: dict[str, np.ndarray] = {}
         self.pool: list[tuple[np.ndarray, list[memoryview]]] = []
         self.free_references = 0
-
-    def _fd(self, file: str) -> int:
-        if file not in self.fds:
-            self.fds[file] = os.open(self.root / file, os.O_RDONLY)
-        return self.fds[file]
 
     # ---------------------------------------------------------------- reading
     def read(self, chunks: list[Chunk], rows: np.ndarray, cuts: list[int]) -> tuple[list[torch.Tensor], dict[str, np.ndarray]]:
@@ -116,13 +117,19 @@ class WindowReader:
         n = self.sample_bytes
         if not self.ints or len(self.ints["y"]) < bounds[-1]:
             self.ints = {k: np.empty(int(bounds[-1]), np.int64) for k in INT_FIELDS}  # reused across windows
+        # Files are opened per window (microseconds): one kept open per shard and thread would run into the
+        # open-files limit on large shard sets.
+        fds: dict[str, int] = {}
         try:
             for i, chunk in enumerate(chunks):
                 here = dest[bounds[i]:bounds[i + 1]]
                 mine = np.flatnonzero(here >= 0)
                 if not len(mine):
                     continue
-                fd, offset = self._fd(chunk.file), self.layout.offset(chunk.file, "x", chunk.start)
+                offset = self.layout.offset(chunk.file, "x", chunk.start)
+                if chunk.file not in fds:
+                    fds[chunk.file] = os.open(self.root / chunk.file, os.O_RDONLY)
+                fd = fds[chunk.file]
                 # Runs of this rank's rows; gaps longer than _MAX_GAP rows (other ranks' samples) are skipped
                 # rather than read into the scratch row, where a syscall costs less than copying them.
                 breaks = np.flatnonzero(np.diff(mine) > _MAX_GAP + 1)
@@ -135,6 +142,9 @@ class WindowReader:
         except OSError as exc:
             raise DataError(f"{self.root / chunk.file}: cannot read samples {chunk.start}-{chunk.stop} ({exc}); "
                             f"check the shard set with `vascdist shards verify {self.root}`") from None
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         if self.pin_memory:
             # A copy into torch's caching host allocator, as DataLoader's pin_memory does: that allocator keeps a
             # block until the asynchronous copy to the GPU has finished; the pool below cannot know when it has.
@@ -164,9 +174,7 @@ class WindowReader:
         return array, [flat[i * size:(i + 1) * size] for i in range(self.batch_rows)]
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear(), self.pool.clear()
+        self.pool.clear()
 
 
 def _references(entry: tuple) -> int:

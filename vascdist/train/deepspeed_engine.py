@@ -210,7 +210,7 @@ class DeepSpeedEngine:
         self._check_boundary()
         norm = self._plain_grad_norm() if self._plain and want_norm else None
         self.ds.step()
-        if norm is None:
+        if norm is None and want_norm and not self._plain:
             norm = self.ds.get_global_grad_norm()
         self._sync_buffers()
         return math.nan if norm is None else float(norm)

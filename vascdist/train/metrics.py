@@ -116,7 +116,6 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # side='left' puts a confidence equal to an upper edge into the bin below: bins are (lo, hi].
     bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
-    count = np.bincount(bins, minlength=n_bins).astype(np.float64)
     sum_conf = np.bincount(bins, weights=confidence, minlength=n_bins)
     sum_correct = np.bincount(bins, weights=correct, minlength=n_bins)
     # n_k/N * |acc_k - conf_k| == |sum_correct_k - sum_conf_k| / N; empty bins contribute 0.
