@@ -148,7 +148,7 @@ class DataConfig:
     shuffle_chunks: int = 16
     """Chunks mixed together by the shuffle window (bigger: better shuffle, more memory)."""
     prefetch_factor: int = 2
-    """Windows each reader thread prepares ahead (memory: 8 KB x chunk_size x shuffle_chunks per window, 32 MB by default)."""
+    """Windows each reader thread prepares ahead (8 KB x chunk_size x shuffle_chunks each: 32 MB by default)."""
     spec_augment: bool = False
     """Apply SpecAugment (time and frequency masking) to training batches."""
     freq_mask: int = 6
