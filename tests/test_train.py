@@ -83,6 +83,8 @@ def test_evaluate_and_predict_cli(straight_run, synth_dir, tmp_path):
     metrics = json.loads(out.read_text())
     assert metrics["recording/balanced_accuracy"] == pytest.approx(summary["test"]["recording/balanced_accuracy"])
     assert out.with_suffix(".png").exists()
+    assert f"best step {summary['best_step']}" in result.stdout  # the printed table names the run, not the file
+    assert f"run directory: {run}  (tensorboard --logdir {run}/tb)" in result.stdout
 
     wavs = sorted((synth_dir / "wav").glob("*.wav"))[:2]
     result = run_cli("predict", str(run / "checkpoints" / "best.pt"), *map(str, wavs), "--json")

@@ -122,8 +122,12 @@ def _add_evaluate(sub) -> None:
         from vascdist.jobs import format_summary
         result = evaluate_checkpoint(a.run, a.shards, a.split, a.out)
         classes = result["classes"]
-        print(format_summary({"test": result["metrics"], "classes": classes, "best_step": "-",
-                              "run_dir": result["checkpoint"]}).replace("test set", f"{a.split} set"))
+        text = format_summary({"test": result["metrics"], "classes": classes, "best_step": result["best_step"],
+                               "run_dir": result["run_dir"]}).replace("test set", f"{a.split} set")
+        if a.split == "val":  # no thresholds from elsewhere: each level's is chosen on the validation set itself
+            text = text.replace("thresholds chosen on validation", "thresholds chosen on this set")
+        print(text)
+        print(f"checkpoint: {result['checkpoint']}")
         print(f"wrote {result['json']} and {result['png']}")
     p.set_defaults(func=run)
 

@@ -93,6 +93,7 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
     save_confusion_png(np.array(metrics[f"{level}/confusion"]), index["classes"], out_path.with_suffix(".png"),
                        title=f"{split}, per {level}")
     return {"metrics": metrics, "classes": index["classes"], "json": str(out_path), "png": str(out_path.with_suffix(".png")),
+            "best_step": state["progress"].get("best_step", -1), "run_dir": str(checkpoint.parent.parent),
             "checkpoint": str(checkpoint)}
 
 

@@ -224,9 +224,11 @@ def format_loader(result: dict) -> str:
 def add_parser(sub) -> None:
     p = sub.add_parser("loader", help="streaming loader vs naive loader vs contiguous read vs in-memory tensor")
     p.add_argument("--shards", required=True, help="shards directory (`vascdist bench make-shards` writes one)")
-    p.add_argument("--batch-sizes", default="64,256,1024")
-    p.add_argument("--workers", default="0,1,2")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-sizes", default="64,256,1024", help="comma-separated (default: %(default)s)")
+    p.add_argument("--workers", default="0,1,2",
+                   help="comma-separated worker counts: reader threads of the streaming loader, DataLoader processes "
+                        "of the naive one (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per cell; the table shows medians (default: %(default)s)")
     p.add_argument("--max-samples", type=float, default=0, help="stop the streaming epoch after this many (0: whole)")
     p.add_argument("--naive-samples", type=float, default=20000, help="samples the naive loader reads per repeat")
     p.add_argument("--memory-samples", type=float, default=32768, help="samples held in the in-memory tensor")
