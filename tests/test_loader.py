@@ -86,8 +86,7 @@ def test_resume_with_another_global_batch_is_refused(shards_dir):
 
 
 def model_inputs(shards_dir, bs):
-    index = load_index(shards_dir)
-    inputs = InputTransform(index["normalization"], index["sample_shape"])
+    inputs = InputTransform(load_index(shards_dir))
     return [inputs(b["x"], b.get("augment")) for b in bs]
 
 

@@ -108,7 +108,7 @@ def predict_files(checkpoint: str, files: list[str]) -> list[dict]:
     if info["kind"] != "spectrogram":
         raise VascdistError(f"{path}: predict takes recordings, but this model was trained on {info['kind']}")
     pcfg = from_dict(PreprocessConfig, info["preprocess"], "preprocess")
-    inputs = InputTransform(info["normalization"], info["sample_shape"])
+    inputs = InputTransform(info)
     classes = info["classes"]
     thresholds = state["progress"].get("val_thresholds") or {}
     results = []

@@ -119,8 +119,7 @@ def breakdown(cfg, device: torch.device, steps: int, log_dir: Path) -> dict:
     from vascdist.train.loop import build_loaders
     env = DistEnv(device=device)
     loader, _, _ = build_loaders(cfg, env)
-    index = loader.stream.index
-    inputs = InputTransform(index["normalization"], index["sample_shape"], device, cfg.train.channels_last)
+    inputs = InputTransform(loader.stream.index, device, cfg.train.channels_last)
     module = prepare_module(build_model(cfg.model, 2, SHAPE), cfg, env)
     optimizer = build_optimizer(cfg.optim, module)
     engine = build_engine(module, optimizer, cfg, env)

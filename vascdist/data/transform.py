@@ -14,9 +14,11 @@ import torch
 class InputTransform:
     """Callable: (x float16 (N, *sample_shape), augment (N, 4) or None) -> normalised float32 on `device`."""
 
-    def __init__(self, normalization: dict, sample_shape: tuple[int, ...] | list[int], device: torch.device | str = "cpu",
-                 channels_last: bool = False):
-        shape = [1] * (1 + len(sample_shape))  # (1, C, F, T): broadcast over the batch
+    def __init__(self, data: dict, device: torch.device | str = "cpu", channels_last: bool = False):
+        """`data`: a shard set's index.json, or the `data` entry of a checkpoint (both hold "normalization" and
+        "sample_shape")."""
+        normalization = data["normalization"]
+        shape = [1] * (1 + len(data["sample_shape"]))  # (1, C, F, T): broadcast over the batch
         if normalization["axis"] >= 0:
             shape[1 + normalization["axis"]] = -1
         self.device = torch.device(device)

@@ -28,8 +28,7 @@ def predict_arrays(model: nn.Module, loader: StreamingLoader, env: DistEnv, prec
     """Class probabilities and ids for every sample of the loader's split, gathered from all ranks."""
     was_training = model.training
     model.eval()
-    index = loader.stream.index
-    inputs = InputTransform(index["normalization"], index["sample_shape"], env.device, channels_last)
+    inputs = InputTransform(loader.stream.index, env.device, channels_last)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("probs", "y", "recording", "patient", "position")}
     for batch in loader:
         with autocast_context(precision, env.device):

@@ -87,7 +87,7 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     index = load_index(cfg.data.shards)
     classes, per_beat = index["classes"], index["kind"] == "beats"
     train_loader, val_loader, test_loader = build_loaders(cfg, env)
-    inputs = InputTransform(index["normalization"], index["sample_shape"], env.device, cfg.train.channels_last)
+    inputs = InputTransform(index, env.device, cfg.train.channels_last)
     steps_per_epoch = len(train_loader)
     micro = cfg.data.batch_size // env.world_size // cfg.train.grad_accum
     if micro == 0:
