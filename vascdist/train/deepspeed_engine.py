@@ -34,6 +34,7 @@ from vascdist.dist import DistEnv, barrier
 from vascdist.errors import ConfigError, VascdistError
 from vascdist.train.checkpoint import (CheckpointManager, deepspeed_root, deepspeed_tag, fsync_tree,
                                        prune_deepspeed_tags)
+from vascdist.train.engines import grad_norm
 
 # Keys of a DeepSpeed JSON that vascdist builds itself from its own config sections.
 _OWNED_SECTIONS = {"optimizer": "optim.*", "scheduler": "sched.*"}
@@ -208,7 +209,7 @@ class DeepSpeedEngine:
         """Reduce, clip (gradient_clipping), update, zero the grads; returns the global gradient norm before clipping
         (DeepSpeed computes it anyway under ZeRO; without ZeRO only when `want_norm`)."""
         self._check_boundary()
-        norm = self._plain_grad_norm() if self._plain and want_norm else None
+        norm = grad_norm(self.module) if self._plain and want_norm else None
         self.ds.step()
         if norm is None and want_norm and not self._plain:
             norm = self.ds.get_global_grad_norm()
@@ -238,11 +239,6 @@ class DeepSpeedEngine:
             raise VascdistError(f"DeepSpeed is not at a gradient accumulation boundary (micro step {self.ds.micro_steps},"
                                 f" gradient_accumulation_steps={self.ds.gradient_accumulation_steps()}): "
                                 "backward() must run train.grad_accum times per step")
-
-    def _plain_grad_norm(self) -> float:
-        """Global norm of the (already all-reduced, replicated) gradients."""
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def _sync_buffers(self) -> None:
         """Rank 0's BatchNorm running statistics on every rank (DDP does this each forward; DeepSpeed never),

@@ -18,6 +18,12 @@ from vascdist.errors import ConfigError
 from vascdist.train.checkpoint import CheckpointManager
 
 
+def grad_norm(module: nn.Module) -> float:
+    """Global 2-norm of the module's gradients (already all-reduced, so the same on every rank)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
 class TorchEngine:
     """Single process or DistributedDataParallel; gradient accumulation uses DDP's no_sync()."""
 
@@ -51,7 +57,7 @@ class TorchEngine:
             total = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.grad_clip)
             norm = float(total) if want_norm else math.nan
         elif want_norm:
-            norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None]))
+            norm = grad_norm(self.module)
         else:
             norm = math.nan
         self.optimizer.step()
