@@ -167,7 +167,7 @@ def test_a_second_iteration_stops_the_first_and_reuses_its_readers(shards_dir):
 
 def test_batch_buffers_are_reused_only_once_dropped(tmp_path):
     from vascdist.data.reader import ChunkLayout, WindowReader
-    reader = WindowReader(ChunkLayout(tmp_path, chunk_size=8), (1, 4, 5), batch_rows=6)
+    reader = WindowReader(ChunkLayout(tmp_path, chunk_size=8, sample_shape=(1, 4, 5), samples={}), (1, 4, 5), batch_rows=6)
     a, rows = reader.batch_buffer(6)
     assert len(rows) == 6 and all(len(r) == 40 for r in rows)  # one float16 row of 1 x 4 x 5 each
     first = a.data_ptr()

@@ -138,7 +138,7 @@ class ShardStream:
 
     # ---------------------------------------------------------------- reading
     def new_reader(self, pin_memory: bool = False, prefetch_windows: int = 2) -> WindowReader:
-        """A reader for one thread: its own file descriptors, staging buffer and pool of batch buffers."""
+        """A reader for one thread: its own staging buffer and pool of batch buffers."""
         rows_per_window = self.shuffle_chunks * int(self.index["preprocess"]["chunk_size"])
         keep = (prefetch_windows + 2) * (-(-rows_per_window // self.local_batch) + 1)
         return WindowReader(self.layout, self.sample_shape, self.local_batch, pin_memory, keep)
@@ -193,7 +193,7 @@ class StreamingLoader:
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory
         self.epoch, self.batches = 0, 0  # global batches consumed in `epoch`
-        # Kept from epoch to epoch (handles, staging and batch buffers): reader k serves thread k of every epoch.
+        # Kept from epoch to epoch (staging and batch buffers): reader k serves thread k of every epoch.
         self._readers: list[WindowReader] = []
         self._running = None  # the epoch being read; a new iteration stops it first, so readers are never shared
 
@@ -203,7 +203,7 @@ class StreamingLoader:
         return self._readers[k]
 
     def close(self) -> None:
-        """Stop the reader threads and close the shard files (also done when the loader is garbage-collected)."""
+        """Stop the reader threads and free their buffers (also done when the loader is garbage-collected)."""
         if self._running is not None:
             self._running.close()
             self._running = None

@@ -38,11 +38,11 @@ class ChunkLayout:
     """Where each chunk of each field lies in the shard files: read from HDF5 once per file, then shared by
     every reader thread (a lookup through h5py costs ~50 us, a sixth of reading the chunk)."""
 
-    def __init__(self, root: Path, chunk_size: int, sample_shape: tuple[int, ...] = (), samples: dict[str, int] | None = None):
+    def __init__(self, root: Path, chunk_size: int, sample_shape: tuple[int, ...], samples: dict[str, int]):
         """`sample_shape` and `samples` (file -> sample count) are what index.json promises; each file is checked
         against them when it is first read."""
         self.root, self.chunk_size = root, chunk_size
-        self.sample_shape, self.samples = tuple(sample_shape), samples or {}
+        self.sample_shape, self.samples = tuple(sample_shape), samples
         self._files: dict[str, dict[str, dict[int, int]]] = {}  # file -> field -> chunk start -> byte offset
         self._lock = threading.Lock()
 
@@ -66,8 +66,8 @@ class ChunkLayout:
                     if name not in f:
                         raise DataError(f"{path}: no field '{name}'; write the shards with `vascdist preprocess`")
                     ds = f[name]
-                    want = (self.samples.get(file, ds.shape[0]), *(self.sample_shape if name == "x" else ()))
-                    if self.sample_shape and ds.shape != want:
+                    want = (self.samples[file], *(self.sample_shape if name == "x" else ()))
+                    if ds.shape != want:
                         raise DataError(f"{path}: field '{name}' has shape {ds.shape}, but index.json says {want}; "
                                         f"check the shard set with `vascdist shards verify {self.root}`")
                     if ds.shape[0] == 0:
@@ -89,8 +89,8 @@ class ChunkLayout:
 
 
 class WindowReader:
-    """What one reader thread reuses from window to window: file descriptors, a staging buffer for the
-    integer fields and a pool of batch buffers."""
+    """What one reader thread reuses from window to window: a staging buffer for the integer fields and a pool
+    of batch buffers."""
 
     def __init__(self, layout: ChunkLayout, sample_shape: tuple[int, ...], batch_rows: int,
                  pin_memory: bool = False, keep: int = 64):
