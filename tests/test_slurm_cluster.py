@@ -59,6 +59,15 @@ if [ -z "$SLURM_RESTART_COUNT" ]; then touch {ready}; sleep 60; fi
 """
 
 
+def _submit_python_job(tmp_path: Path, env: dict, task: str, job_template: str, **fields) -> tuple[int, Path]:
+    """Write TASK as a Python script and JOB_TEMPLATE (filled with out, python, script and FIELDS) as the batch
+    script, submit it; returns the job id and the job's output file."""
+    script, out, job = tmp_path / "task.py", tmp_path / "out.txt", tmp_path / "job.sh"
+    script.write_text(task)
+    job.write_text(job_template.format(out=out, python=sys.executable, script=script, **fields))
+    return submit(job, env), out
+
+
 def _wait_for_files(paths: list[Path], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not all(p.exists() for p in paths):
@@ -75,13 +84,7 @@ def test_status_reports_both_nodes():
 
 def test_torchrun_gloo_allreduce_across_two_nodes(tmp_path: Path):
     env = ensure_cluster()
-    script = tmp_path / "allreduce.py"
-    script.write_text(ALLREDUCE)
-    out = tmp_path / "out.txt"
-    job = tmp_path / "job.sh"
-    job.write_text(TORCHRUN_JOB.format(out=out, python=sys.executable, script=script))
-
-    job_id = submit(job, env)
+    job_id, out = _submit_python_job(tmp_path, env, ALLREDUCE, TORCHRUN_JOB)
     state = wait_job(job_id, env, timeout=90)
 
     text = out.read_text()
@@ -95,13 +98,7 @@ def test_torchrun_gloo_allreduce_across_two_nodes(tmp_path: Path):
 
 def test_scancel_signal_usr2_reaches_srun_tasks(tmp_path: Path):
     env = ensure_cluster()
-    script = tmp_path / "task.py"
-    script.write_text(USR2_TASK)
-    out = tmp_path / "out.txt"
-    job = tmp_path / "job.sh"
-    job.write_text(USR2_JOB.format(out=out, python=sys.executable, script=script, dir=tmp_path))
-
-    job_id = submit(job, env)
+    job_id, out = _submit_python_job(tmp_path, env, USR2_TASK, USR2_JOB, dir=tmp_path)
     _wait_for_files([tmp_path / "ready-0", tmp_path / "ready-1"], timeout=60)
     subprocess.run(["scancel", "--signal=USR2", str(job_id)], env=env, check=True, timeout=30)
     state = wait_job(job_id, env, timeout=60)
