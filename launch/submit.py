@@ -39,6 +39,7 @@ from submitit.core.utils import DelayedSubmission, FailedJobError
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
 from vascdist.errors import VascdistError
+from vascdist.preemption import killed_by_requeue
 
 # Job states after which a job does not run again (a requeued job is PENDING once more).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -97,7 +98,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         try:
             handler.checkpoint_and_try_requeue(signum)
         except subprocess.CalledProcessError as exc:
-            if exc.returncode in (-15, 143):  # SLURM TERMs the job's processes, scontrol included, once requeued
+            if killed_by_requeue(exc.returncode):
                 sys.exit(-1)
             raise VascdistError(f"scontrol requeue failed (exit {exc.returncode}); the checkpoint is saved in "
                                 f"{self.resolved_run_dir()}, resubmit with --resume auto") from None

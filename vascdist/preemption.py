@@ -56,6 +56,12 @@ class StopSignals:
         self._previous.clear()
 
 
+def killed_by_requeue(returncode: int) -> bool:
+    """Whether `scontrol requeue` ended by SIGTERM: SLURM TERMs every process of the job, scontrol included, as
+    soon as it accepts the requeue, so that exit means success (-15 from subprocess, 143 through a shell)."""
+    return returncode in (-15, 143)
+
+
 def requeue_slurm_job(max_requeues: int, environ: dict | None = None) -> str:
     """`scontrol requeue $SLURM_JOB_ID` (the plain-sbatch path; submitit requeues through its own protocol).
 
@@ -81,6 +87,6 @@ def requeue_slurm_job(max_requeues: int, environ: dict | None = None) -> str:
     # SLURM TERMs the whole job (this process and scontrol too) as soon as it accepts the requeue: log first.
     print(f"requeuing job {job_id} (requeue {done + 1} of at most {max_requeues})", flush=True)
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    if result.returncode not in (0, -15, 143):
+    if result.returncode != 0 and not killed_by_requeue(result.returncode):
         raise VascdistError(f"scontrol requeue {job_id} failed: {(result.stderr or result.stdout).strip()}")
     return f"requeued job {job_id}"
