@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: repeated timing, a process-tree memory sampler, tables, machine info."""
+"""Shared pieces of the benchmarks: a process-tree memory sampler, tables, machine info, JSON output."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 
 class TreeMemory:
-    """Samples the resident memory of this process and all its descendants (loader workers) in a thread.
+    """Samples the resident memory of this process and all its descendants (DataLoader or pool workers) in a thread.
 
     `peak_rss` sums RSS over the tree, which counts pages a forked worker shares with its parent twice (an
     upper bound); `peak_pss` sums PSS (shared pages split between sharers), the fair total. PSS comes from
