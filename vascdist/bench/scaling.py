@@ -1,4 +1,4 @@
-"""`vascdist bench scaling`: loader epoch time and peak memory (loader workers included) against data-set size.
+"""`vascdist bench scaling`: loader epoch time and peak memory (the whole process tree) against data-set size.
 
 Time must grow linearly with N (constant us/sample) and memory stay flat: the loader holds windows, never
 the data set. Shard sets are written with `make_shards` under --root (reused when they already hold N).
