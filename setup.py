@@ -7,14 +7,17 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vascdist", "vascdist.*", "launch"]),
     install_requires=[
-        # Pinned to what the GPU clusters run: torchaudio's newest release needs exactly torch 2.11.
-        "torch==2.11.*",
-        "torchaudio==2.11.*",
-        "torchvision==0.26.*",
-        "deepspeed",
+        # Binary-coupled: torchaudio's and torchvision's C++ extensions are built against one torch release, and
+        # their wheels' metadata does not say which (torchaudio 2.11.1 allows torch>=2.11 but needs symbols that
+        # torch 2.11.0 lacks). Pin all three exactly; move them together.
+        "torch==2.11.0",
+        "torchaudio==2.11.0",
+        "torchvision==0.26.0",
+        # vascdist/compat.py uses private internals of both: pinned to the minor release that was tested.
+        "deepspeed>=0.19,<0.20",
         "numpy",
         "h5py",
-        "submitit",
+        "submitit>=1.5,<1.6",
         "tensorboard",
         # WAV I/O: torchaudio 2.11 delegates loading to torchcodec, which needs FFmpeg; soundfile does not.
         "soundfile",

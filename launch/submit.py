@@ -67,7 +67,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         return self.run_dir.format(job_id=submitit.JobEnvironment().job_id)
 
     def __call__(self, sweep: list[str] = ()) -> dict:
-        from vascdist.jobs import run_training
+        from vascdist.runner import run_training
         from vascdist.preemption import StopSignals, signal_number
 
         job = submitit.JobEnvironment()

@@ -13,7 +13,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
 from vascdist.errors import VascdistError
-from vascdist.train.logging import RunLogger, flatten_hparams
+from vascdist.train.runlog import RunLogger, flatten_hparams
 
 
 def _read_events(tb_dir) -> ea.EventAccumulator:

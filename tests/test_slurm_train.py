@@ -104,7 +104,7 @@ def test_submit_two_nodes_trains_to_the_end(two_node_run):
     assert logs == two_node_run["log_dir"] / job_id
     task0, task1 = ((logs / f"{job_id}_{task}_log.out").read_text() for task in (0, 1))  # submitit logs to stdout
     snapshot = re.search(r"code (\S+)/vascdist", (logs / f"{job_id}_0_log.out").read_text()).group(1)
-    assert Path(snapshot).parent == two_node_run["log_dir"] and Path(snapshot, "vascdist", "jobs.py").exists()
+    assert Path(snapshot).parent == two_node_run["log_dir"] and Path(snapshot, "vascdist", "runner.py").exists()
     # a finished job ends on both nodes together
     ends = [datetime.strptime(re.search(r"\((.+?)\) - Exiting after successful completion", t).group(1),
                               "%Y-%m-%d %H:%M:%S,%f") for t in (task0, task1)]

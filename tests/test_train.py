@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import run_cli
 from vascdist.errors import VascdistError
-from vascdist.jobs import run_training
+from vascdist.runner import run_training
 from vascdist.train.checkpoint import CheckpointManager
 
 BATCH = 16

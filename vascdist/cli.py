@@ -104,7 +104,7 @@ def _add_train(sub) -> None:
         config, overrides = a.config, list(a.overrides)
         if config is not None and "=" in config:  # `vascdist train optim.lr=0.1`: overrides only
             config, overrides = None, [config] + overrides
-        from vascdist.jobs import run_training
+        from vascdist.runner import run_training
         summary = run_training(config, overrides, resume=a.resume, run_dir=a.run_dir, quiet=a.quiet)
         return 0
     p.set_defaults(func=run)
@@ -119,7 +119,7 @@ def _add_evaluate(sub) -> None:
 
     def run(a):
         from vascdist.inference import evaluate_checkpoint
-        from vascdist.jobs import format_summary
+        from vascdist.runner import format_summary
         result = evaluate_checkpoint(a.run, a.shards, a.split, a.out)
         classes = result["classes"]
         text = format_summary({"test": result["metrics"], "classes": classes, "best_step": result["best_step"],

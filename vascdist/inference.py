@@ -15,19 +15,9 @@ from vascdist.data.shards import load_index
 from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv
 from vascdist.errors import VascdistError
+from vascdist.fileio import atomic_write_json
 from vascdist.models import build_model
 from vascdist.train.checkpoint import CheckpointManager
-
-
-def json_safe(value):
-    """NaN -> None so that what we write is valid JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def find_checkpoint(run_or_ckpt: str | Path) -> Path:
@@ -88,7 +78,7 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
     metrics = split_metrics(arrays, index["classes"], index["kind"] == "beats", thresholds)
     out_path = Path(out) if out else checkpoint.parent.parent / f"eval-{split}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(json_safe(metrics), indent=1))
+    atomic_write_json(out_path, metrics)
     level = "cycle" if index["kind"] == "beats" else "recording"
     save_confusion_png(np.array(metrics[f"{level}/confusion"]), index["classes"], out_path.with_suffix(".png"),
                        title=f"{split}, per {level}")

@@ -1,7 +1,7 @@
 """`vascdist bench train`: the full vascdist loop against a bare PyTorch loop on the same model and batch.
 
 Per model and variant (precision / channels_last / compile):
-  1. the real loop (`jobs.run_training` with train.max_steps) reading shards; samples/s and data-wait fraction
+  1. the real loop (`runner.run_training` with train.max_steps) reading shards; samples/s and data-wait fraction
      are the medians of the 10-step windows it logs to metrics.jsonl after step 10 (earlier ones warm up);
   2. a bare loop on one in-memory batch (zero_grad, forward, loss, backward, step): the compute bound;
   3. the step-time breakdown, from a timed copy of the loop body built from the same vascdist components
@@ -31,8 +31,8 @@ from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv, global_mean
 from vascdist.models import build_model, count_flops
 from vascdist.train.engines import build_engine, prepare_module
-from vascdist.train.evaluate import autocast_context
-from vascdist.train.logging import RunLogger
+from vascdist.train.precision import autocast_context
+from vascdist.train.runlog import RunLogger
 from vascdist.train.losses import build_loss
 from vascdist.train.optim import build_optimizer, build_scheduler
 
@@ -64,7 +64,7 @@ def sync(device: torch.device) -> None:
 # ------------------------------------------------------------------------------------------- 1. the real loop
 def full_loop(ovr: list[str], run_dir: Path, device: torch.device) -> dict:
     """Run the real training entry point; its own metrics.jsonl gives samples/s and the data-wait fraction."""
-    from vascdist.jobs import run_training
+    from vascdist.runner import run_training
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with TreeMemory() as mem, contextlib.redirect_stdout(io.StringIO()):

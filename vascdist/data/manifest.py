@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from vascdist.errors import DataError
+from vascdist.fileio import atomic_write_text
 
 REQUIRED_COLUMNS = ("path", "label", "patient_id", "recording_id")
 SPLITS = ("train", "val", "test")
@@ -144,16 +146,15 @@ def build_manifest(root: str | Path, out: str | Path, classes: list[str], patien
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(REQUIRED_COLUMNS)
-        for audio, label in entries:
-            rel = audio.resolve()
-            try:
-                rel = rel.relative_to(out.parent.resolve())
-            except ValueError:
-                pass
-            writer.writerow([rel, label, patient_of(audio), audio.relative_to(root).with_suffix("").as_posix()])
-    tmp.replace(out)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(REQUIRED_COLUMNS)
+    for audio, label in entries:
+        rel = audio.resolve()
+        try:
+            rel = rel.relative_to(out.parent.resolve())
+        except ValueError:
+            pass
+        writer.writerow([rel, label, patient_of(audio), audio.relative_to(root).with_suffix("").as_posix()])
+    atomic_write_text(out, text.getvalue())
     return len(entries)

@@ -22,6 +22,7 @@ import numpy as np
 import vascdist
 from vascdist.data.manifest import file_sha256
 from vascdist.errors import DataError
+from vascdist.fileio import atomic_write_text, fsync_dir, temp_path
 
 SCHEMA_VERSION = 1
 INDEX = "index.json"
@@ -36,18 +37,9 @@ def data_checksum(arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict, chunk_size: int) -> dict:
     """Write one shard under a temporary name, fsync, rename. Returns its index entry."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)  # h5py writes to a path, so fileio.atomic_write's file object cannot serve here
     checksum = data_checksum(arrays)
     n = len(arrays["y"])
     with h5py.File(tmp, "w") as f:
@@ -61,6 +53,7 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict, chunk_si
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     labels = Counter(int(v) for v in arrays["y"])
     return {"file": path.name, "split": attrs["split"], "samples": n, "sha256": file_sha256(path),
             "checksum": checksum, "labels": {str(k): v for k, v in sorted(labels.items())}}
@@ -145,7 +138,7 @@ class ShardSetWriter:
     def abort(self) -> None:
         for path in self.written:
             path.unlink(missing_ok=True)
-        for tmp in self.out_dir.glob(".shard-*.h5.tmp"):
+        for tmp in self.out_dir.glob(".shard-*.h5*.tmp"):
             tmp.unlink(missing_ok=True)
 
 
@@ -168,7 +161,7 @@ def prepare_output_dir(out_dir: str | Path, kind: str, overwrite: bool) -> Path:
         if not overwrite:
             raise DataError(f"{out}: already holds a finished shard set; pass --overwrite to replace it or choose another --out")
         index_path.unlink()
-    for stale in list(out.glob("shard-*.h5")) + list(out.glob(".shard-*.h5.tmp")) + [out / "skipped.csv"]:
+    for stale in list(out.glob("shard-*.h5")) + list(out.glob(".shard-*.h5*.tmp")) + [out / "skipped.csv"]:
         stale.unlink(missing_ok=True)
     return out
 

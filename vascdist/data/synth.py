@@ -26,6 +26,7 @@ import numpy as np
 import soundfile as sf
 
 from vascdist.errors import VascdistError
+from vascdist.fileio import atomic_write_text
 
 GENERATOR_VERSION = 5
 """Bump when the generated data changes, so cached data sets are regenerated."""
@@ -201,15 +202,6 @@ def _params(n_patients: int, seed: int, sample_rate: int) -> dict:
             "sample_rate": sample_rate}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def synthesize(out_dir: str | Path, n_patients: int = 40, seed: int = 0, sample_rate: int = 4000) -> Path:
     """Write out_dir/wav/*.wav (mono PCM_16), manifest.csv, onsets.json and synth.json; return the manifest path.
 
@@ -251,8 +243,8 @@ def synthesize(out_dir: str | Path, n_patients: int = 40, seed: int = 0, sample_
             onsets[rec_id] = [round(float(v), 4) for v in truth]
 
     lines = [",".join(MANIFEST_COLUMNS)] + [",".join(r[c] for c in MANIFEST_COLUMNS) for r in rows]
-    _write_atomic(manifest, "\n".join(lines) + "\n")
-    _write_atomic(out / "onsets.json", json.dumps(onsets, indent=1))
-    _write_atomic(marker, json.dumps(params, indent=1))
+    atomic_write_text(manifest, "\n".join(lines) + "\n")
+    atomic_write_text(out / "onsets.json", json.dumps(onsets, indent=1))
+    atomic_write_text(marker, json.dumps(params, indent=1))
     return manifest
 

@@ -32,10 +32,11 @@ import numpy as np
 import torch
 
 from vascdist.errors import VascdistError
+from vascdist.fileio import atomic_write, fsync_dir
 
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 BEST_FILE = "best.pt"
-TEMP_FILE = re.compile(r"^\.(step-\d+\.pt|best\.pt)\.\d+\.[0-9a-f]+\.tmp$")  # what _atomic_write names
+TEMP_FILE = re.compile(r"^\.(step-\d+\.pt|best\.pt)\.\d+\.[0-9a-f]+\.tmp$")  # what fileio.atomic_write names
 
 # Types the safe unpickler of torch.load(weights_only=True) accepts without add_safe_globals (checked on
 # torch 2.11; exact types: a subclass such as defaultdict or a namedtuple is refused).
@@ -46,39 +47,9 @@ _SAFE_SEQUENCES = (list, tuple, set)
 
 
 # --------------------------------------------------------------------------------------------- atomic writes
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable: the directory entry itself must reach the disk."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms / file systems cannot open a directory; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call write(f) on a temp file beside `path`, fsync it, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as f:  # "x": never reuse a name; normal umask permissions (mkstemp gives 0600)
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # includes KeyboardInterrupt and an exception raised by a signal handler
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save(obj, path)`` that either fully replaces `path` or leaves it untouched (no temp file left)."""
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
@@ -86,7 +57,7 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     def write(f: BinaryIO) -> None:
         with open(src, "rb") as s:
             shutil.copyfileobj(s, f, length=16 * 1024 * 1024)
-    _atomic_write(dst, write)
+    atomic_write(dst, write)
 
 
 # --------------------------------------------------------------------------------------------- RNG state
@@ -312,7 +283,7 @@ def fsync_tree(directory: str | Path) -> None:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     for path in [directory, *[p for p in directory.rglob("*") if p.is_dir()], directory.parent]:
-        _fsync_dir(path)
+        fsync_dir(path)
 
 
 def prune_deepspeed_tags(manager: "CheckpointManager") -> list[Path]:

@@ -35,24 +35,20 @@ from vascdist.errors import ConfigError, VascdistError
 from vascdist.train.checkpoint import (CheckpointManager, deepspeed_root, deepspeed_tag, fsync_tree,
                                        prune_deepspeed_tags)
 from vascdist.train.engines import grad_norm
+from vascdist.train.precision import uses_bf16
 
 # Keys of a DeepSpeed JSON that vascdist builds itself from its own config sections.
 _OWNED_SECTIONS = {"optimizer": "optim.*", "scheduler": "sched.*"}
 
 
 # --------------------------------------------------------------------------------------------- config
-def resolves_to_bf16(precision: str, device: torch.device) -> bool:
-    """Whether train.precision means bf16 here (the rule of `evaluate.autocast_context`)."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-
-
 def derive_deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict[str, tuple[Any, str]]:
     """{dotted DeepSpeed key: (value, the vascdist setting it comes from)} for the keys vascdist decides."""
     batch, accum = cfg.data.batch_size, cfg.train.grad_accum
     if batch % (world_size * accum):
         raise ConfigError(f"config key 'data.batch_size' ({batch}) must be divisible by world size x train.grad_accum "
                           f"({world_size} x {accum}) for dist.engine=deepspeed")
-    bf16 = resolves_to_bf16(cfg.train.precision, device)
+    bf16 = uses_bf16(cfg.train.precision, device)
     precision = f"train.precision={cfg.train.precision}" + (f" ({'bf16' if bf16 else 'fp32'} here)"
                                                              if cfg.train.precision == "auto" else "")
     return {

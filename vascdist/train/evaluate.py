@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 from torch import nn
@@ -12,14 +10,7 @@ from vascdist.data.loader import StreamingLoader
 from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv, gather_arrays
 from vascdist.train.metrics import evaluate_levels
-
-
-def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast when asked for (or 'auto' on a GPU that supports it); fp32 otherwise."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from vascdist.train.precision import autocast_context
 
 
 @torch.no_grad()

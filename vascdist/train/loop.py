@@ -23,8 +23,9 @@ from vascdist.errors import VascdistError
 from vascdist.models import build_model
 from vascdist.train.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
 from vascdist.train.engines import build_engine, prepare_module
-from vascdist.train.evaluate import autocast_context, predict_arrays, split_metrics
-from vascdist.train.logging import RunLogger
+from vascdist.train.evaluate import predict_arrays, split_metrics
+from vascdist.train.precision import autocast_context
+from vascdist.train.runlog import RunLogger
 from vascdist.train.losses import build_loss
 from vascdist.train.metrics import render_confusion_matrix, save_confusion_png, thresholds_from
 from vascdist.train.optim import build_optimizer, build_scheduler

@@ -13,7 +13,7 @@ from typing import Callable
 from vascdist.config import Config, load_config, save_config
 from vascdist.dist import DistEnv, broadcast_object, init_distributed, main_first, shutdown
 from vascdist.errors import VascdistError
-from vascdist.inference import json_safe
+from vascdist.fileio import atomic_write_json
 from vascdist.preemption import StopSignals, requeue_slurm_job
 
 DEFAULT_CONFIG = "quickstart"
@@ -93,7 +93,7 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
             if os.environ.get("VASCDIST_REQUEUE") == "scontrol":  # set by slurm/train.sbatch
                 print(requeue_slurm_job(cfg.dist.max_requeues), flush=True)
         if env.is_main and not summary["stopped"]:
-            (path / "test_metrics.json").write_text(json.dumps(json_safe(summary["test"]), indent=1))
+            atomic_write_json(path / "test_metrics.json", summary["test"])
             print(format_summary(summary), flush=True)
         return summary
     finally:

@@ -1,0 +1,85 @@
+"""Writing files so that a crash, a kill or a full disk never leaves a half-written file under the final name.
+
+Every write is temp file beside the target -> flush -> fsync -> ``os.replace`` -> fsync(directory). Temp files
+are named ``.<final name>.<pid>.<random>.tmp``, so no glob for the final names ever matches one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+TEMP_SUFFIX = re.compile(r"\.\d+\.[0-9a-f]{8}\.tmp$")
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh temp name beside `path` (what `atomic_write` writes to before the rename)."""
+    return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def is_temp_of(name: str, final_name: str) -> bool:
+    """Whether file `name` is a temp file left by an atomic write of `final_name`."""
+    return name.startswith(f".{final_name}.") and bool(TEMP_SUFFIX.search(name))
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable: the directory entry itself must reach the disk."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms / file systems cannot open a directory; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(f) on a temp file beside `path`, fsync it, rename it over `path`, fsync the directory.
+
+    On any exception (a full disk, a signal's KeyboardInterrupt) the temp file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "xb") as f:  # "x": never reuse a name; normal umask permissions (mkstemp gives 0600)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` (UTF-8) atomically."""
+    data = text.encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path: str | Path, value: Any, indent: int | None = 1) -> None:
+    """Replace `path` with `value` as JSON (NaN written as null) atomically."""
+    atomic_write_text(path, json.dumps(json_safe(value), indent=indent) + "\n")
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities -> None, tuples -> lists, numpy scalars -> python numbers: valid, portable JSON."""
+    if isinstance(value, float):
+        return None if not math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalar
+        return json_safe(value.item())
+    return value
