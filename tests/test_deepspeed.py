@@ -177,7 +177,7 @@ def test_contradicting_deepspeed_json_names_both_keys(tmp_path, content, message
 
 
 def test_batch_not_divisible_and_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"data.batch_size' \(16\) must be divisible by world size x train.grad_accum"):
+    with pytest.raises(ConfigError, match=r"data.batch_size' \(16\) must be divisible by the number of ranks x 'train.grad_accum' \(3 x 2 = 6\)"):
         ds_config(tmp_path, None, world_size=3)
     with pytest.raises(ConfigError, match="file '.*nowhere.json' not found"):
         ds_config(tmp_path, None, f"dist.deepspeed_config={tmp_path / 'nowhere.json'}")

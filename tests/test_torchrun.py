@@ -79,6 +79,26 @@ def test_two_ranks_follow_the_single_process_curve(shards_dir, single_run, tmp_p
     assert worst < 1e-4
 
 
+def test_two_ranks_with_gradient_accumulation_follow_the_single_process_curve(shards_dir, single_run, tmp_path):
+    # 16 samples per step = 2 ranks x 4 micro-batches of 2: every sample of the global batch is trained on
+    run(torchrun(*train_args(shards_dir, tmp_path / "run", "train.grad_accum=4")))
+    one, accumulated = all_losses(single_run), all_losses(tmp_path / "run")
+    worst = max(abs(a - b) for a, b in zip(one, accumulated))
+    print(f"max |loss(1 rank) - loss(2 ranks x 4 accumulation steps)| over {STEPS} steps: {worst:.2e}")
+    assert len(accumulated) == STEPS and worst < 1e-4
+
+
+def test_a_batch_that_ranks_x_accumulation_does_not_divide_is_refused_before_any_data(tmp_path):
+    shards = tmp_path / "would_be_synthesised" / "shards"
+    cmd = torchrun(*train_args(shards, tmp_path / "run", "data.batch_size=12", "train.grad_accum=4",
+                               "data.synth_patients=4"))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
+    assert result.returncode != 0
+    assert ("vascdist train: error: config key 'data.batch_size' (12) must be divisible by the number of ranks x "
+            "'train.grad_accum' (2 x 4 = 8)") in result.stderr
+    assert not shards.parent.exists() and not (tmp_path / "run").exists()
+
+
 def test_two_nodes_of_two_ranks_follow_the_single_process_curve(shards_dir, single_run, tmp_path):
     port = free_port()
     nodes = [subprocess.Popen(torchrun(*train_args(shards_dir, tmp_path / "run"), nnodes=2, node_rank=rank, port=port),

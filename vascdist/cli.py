@@ -153,6 +153,19 @@ def _add_predict(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_env(sub) -> None:
+    p = sub.add_parser("env", help="versions of the stack, extensions, devices, backends and SLURM commands "
+                                   "(exit 2 when something a command needs is broken)")
+
+    def run(a):
+        from vascdist.environment import environment_report
+        lines, problems = environment_report()
+        print("\n".join(lines + [f"problem: {p}" for p in problems[1:]]))
+        if problems:  # the first is the error line; any others are listed above it
+            raise VascdistError(problems[0])
+    p.set_defaults(func=run)
+
+
 def _add_passthrough(sub, name: str, help: str, module: str) -> None:
     """A sub-command whose own parser lives in `module.main(argv)` (bench, submit)."""
     p = sub.add_parser(name, help=help, add_help=False)
@@ -168,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vascdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_synth, _add_manifest, _add_preprocess, _add_shards, _add_train, _add_evaluate, _add_predict,
-                _add_models):
+                _add_models, _add_env):
         add(sub)
     _add_passthrough(sub, "bench", "benchmarks (loader, train, make-shards, scaling, preprocess, checkpoint, dist); "
                      "see BENCHMARKS.md", "vascdist.bench")

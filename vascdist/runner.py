@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vascdist.config import Config, load_config, save_config
+from vascdist.config import Config, batch_sizes, load_config, save_config
 from vascdist.dist import DistEnv, broadcast_object, init_distributed, main_first, shutdown
 from vascdist.errors import VascdistError
 from vascdist.fileio import atomic_write_json
@@ -72,6 +72,7 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
     own_env = env is None
     env = env or init_distributed(cfg.train.device, cfg.dist.timeout_s)
     try:
+        batch_sizes(cfg.data.batch_size, env.world_size, cfg.train.grad_accum)  # before any data or run dir is made
         if cfg.dist.engine == "deepspeed":  # a contradicting DeepSpeed JSON fails before any data or run dir is made
             from vascdist.train.deepspeed_engine import build_deepspeed_config
             build_deepspeed_config(cfg, env.world_size, env.device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vascdist.config.batch import batch_sizes
 from vascdist.errors import ConfigError
 
 
@@ -338,5 +339,4 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def check(self, key: str = "") -> None:
-        _require(self.data.batch_size % self.train.grad_accum == 0, "train.grad_accum",
-                 f"must divide data.batch_size ({self.data.batch_size})")
+        batch_sizes(self.data.batch_size, 1, self.train.grad_accum)  # the world size is checked again at launch

@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
 
+from vascdist.compat import import_torchaudio
 from vascdist.config import AudioConfig
 from vascdist.errors import DataError
+
+AF = import_torchaudio().functional
 
 # torchaudio's biquads run through lfilter, which clamps its output to [-1, 1]. The filters are linear, so we
 # filter a copy scaled to this peak (headroom for overshoot) and scale the result back.

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from vascdist.data.reader import Chunk, ChunkLayout, WindowReader
+from vascdist.config.batch import batch_sizes, eval_batch_per_rank
 from vascdist.data.shards import load_index
 from vascdist.errors import ConfigError, VascdistError
 
@@ -87,17 +88,15 @@ class ShardStream:
             raise ConfigError(f"data.spec_augment needs spectrogram shards; {self.root} holds {self.index['kind']} "
                               f"samples of shape {list(self.sample_shape)}")
         if train:
-            if batch_size % world_size:
-                raise ConfigError(f"data.batch_size ({batch_size}) must be divisible by the number of ranks ({world_size})")
             self.global_batch = batch_size
-            self.local_batch = batch_size // world_size
+            self.local_batch = batch_sizes(batch_size, world_size).per_rank
             self.batches_per_epoch = self.num_samples // batch_size
             if self.batches_per_epoch == 0:
                 raise ConfigError(f"data.batch_size ({batch_size}) is larger than the {split} split ({self.num_samples} samples)")
         else:
             # Evaluation: every sample once; rank r takes a contiguous 1/R of the positions.
             self.global_batch = batch_size
-            self.local_batch = max(1, batch_size // world_size)
+            self.local_batch = eval_batch_per_rank(batch_size, world_size)
             lo, hi = self._eval_range()
             self.batches_per_epoch = -(-(hi - lo) // self.local_batch)
         self.epoch, self.start_batch = 0, 0

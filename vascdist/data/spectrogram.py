@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torchaudio
 
+from vascdist.compat import import_torchaudio
 from vascdist.config import SpectrogramConfig
+
+torchaudio = import_torchaudio()
 
 
 def window_samples(cfg: SpectrogramConfig) -> int:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from vascdist.compat import import_torchvision_resnet
 from vascdist.errors import ConfigError
 from vascdist.models import check_options, register_model, scaled
+
+_tv = import_torchvision_resnet()
+BasicBlock, Bottleneck, ResNet = _tv.BasicBlock, _tv.Bottleneck, _tv.ResNet
 
 STEMS = ("imagenet", "small")
 NORMS = ("batch", "group")

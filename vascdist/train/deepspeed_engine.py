@@ -29,7 +29,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from vascdist.config import Config
+from vascdist.compat import deepspeed_internals
+from vascdist.config import Config, batch_sizes
 from vascdist.dist import DistEnv, barrier
 from vascdist.errors import ConfigError, VascdistError
 from vascdist.train.checkpoint import (CheckpointManager, deepspeed_root, deepspeed_tag, fsync_tree,
@@ -45,16 +46,14 @@ _OWNED_SECTIONS = {"optimizer": "optim.*", "scheduler": "sched.*"}
 def derive_deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict[str, tuple[Any, str]]:
     """{dotted DeepSpeed key: (value, the vascdist setting it comes from)} for the keys vascdist decides."""
     batch, accum = cfg.data.batch_size, cfg.train.grad_accum
-    if batch % (world_size * accum):
-        raise ConfigError(f"config key 'data.batch_size' ({batch}) must be divisible by world size x train.grad_accum "
-                          f"({world_size} x {accum}) for dist.engine=deepspeed")
+    sizes = batch_sizes(batch, world_size, accum)
     bf16 = uses_bf16(cfg.train.precision, device)
     precision = f"train.precision={cfg.train.precision}" + (f" ({'bf16' if bf16 else 'fp32'} here)"
                                                              if cfg.train.precision == "auto" else "")
     return {
         "train_batch_size": (batch, f"data.batch_size={batch}"),
         "gradient_accumulation_steps": (accum, f"train.grad_accum={accum}"),
-        "train_micro_batch_size_per_gpu": (batch // world_size // accum,
+        "train_micro_batch_size_per_gpu": (sizes.micro,
                                            f"data.batch_size/world size/train.grad_accum={batch}/{world_size}/{accum}"),
         "gradient_clipping": (cfg.train.grad_clip, f"train.grad_clip={cfg.train.grad_clip}"),
         "zero_optimization.stage": (cfg.dist.zero_stage, f"dist.zero_stage={cfg.dist.zero_stage}"),
@@ -120,12 +119,11 @@ def import_deepspeed(env: DistEnv):
     if env.device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, at the first get_accelerator()
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed asserts it (srun without torchrun lacks it)
+    deepspeed_internals.check_version()
     import deepspeed
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
-    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a minute of g++ per machine) that only
-    # its inference all-reduce uses; marking it incompatible keeps training on plain gloo collectives.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed_internals.disable_shm_comm(deepspeed.ops)
     ds_logger = logging.getLogger("DeepSpeed")
     ds_logger.setLevel(logging.WARNING)  # its INFO lines dump the whole config on every rank
     if not any(isinstance(f, _ExpectedWarnings) for f in ds_logger.filters):
@@ -219,9 +217,7 @@ class DeepSpeedEngine:
             # DeepSpeed would step the client optimiser with no overflow check (and its clipping fails on no
             # gradients), so drop the gradients here and count the step as skipped, as its step() would.
             self.ds.zero_grad()
-            self.ds.micro_steps += 1
-            self.ds.global_steps += 1
-            self.ds.skipped_steps += 1
+            deepspeed_internals.count_skipped_step(self.ds)
         else:
             # ZeRO and bf16 optimisers keep reduced gradients in their own buffers and clear them only in step(),
             # which sees the non-finite gradients that backward() made sure of and skips the update as an overflow.
@@ -232,7 +228,7 @@ class DeepSpeedEngine:
 
     def _check_boundary(self) -> None:
         if not self.ds.is_gradient_accumulation_boundary():
-            raise VascdistError(f"DeepSpeed is not at a gradient accumulation boundary (micro step {self.ds.micro_steps},"
+            raise VascdistError(f"DeepSpeed is not at a gradient accumulation boundary (micro step {deepspeed_internals.micro_step(self.ds)},"
                                 f" gradient_accumulation_steps={self.ds.gradient_accumulation_steps()}): "
                                 "backward() must run train.grad_accum times per step")
 

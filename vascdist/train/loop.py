@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vascdist.config import Config, to_dict
+from vascdist.config import Config, batch_sizes, to_dict
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.data.shards import load_index, verify_files
 from vascdist.data.transform import InputTransform
@@ -90,10 +90,7 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     train_loader, val_loader, test_loader = build_loaders(cfg, env)
     inputs = InputTransform(index, env.device, cfg.train.channels_last)
     steps_per_epoch = len(train_loader)
-    micro = cfg.data.batch_size // env.world_size // cfg.train.grad_accum
-    if micro == 0:
-        raise VascdistError(f"data.batch_size ({cfg.data.batch_size}) is too small for {env.world_size} ranks x "
-                            f"train.grad_accum={cfg.train.grad_accum}")
+    micro = batch_sizes(cfg.data.batch_size, env.world_size, cfg.train.grad_accum).micro
 
     module = prepare_module(build_model(cfg.model, len(classes), tuple(index["sample_shape"])), cfg, env)
     optimizer = build_optimizer(cfg.optim, module)
