@@ -16,6 +16,7 @@ setup(
         # vascdist/compat.py uses private internals of both: pinned to the minor release that was tested.
         "deepspeed>=0.19,<0.20",
         "numpy",
+        "scipy",  # band-pass (sosfiltfilt), polyphase resampling, moving median of the cycle envelope
         "h5py",
         "submitit>=1.5,<1.6",
         "tensorboard",

@@ -16,7 +16,8 @@ from vascdist.config import PreprocessConfig
 from vascdist.data import shards as shardlib
 from vascdist.data.audio import load_audio
 from vascdist.data.beats import preprocess_beats
-from vascdist.data.cycles import find_cycle_onsets
+from vascdist.data.cycles import segment
+from vascdist.data.quality import normalise_level
 from vascdist.data.manifest import build_manifest, read_manifest
 from vascdist.data.preprocess import preprocess
 from vascdist.data.spectrogram import cycle_windows, window_samples
@@ -29,7 +30,8 @@ def test_spectrograms_equal_direct_torchaudio(synth_dir, shards_dir):
     index = shardlib.load_index(shards_dir)
     rec = index["recordings"][0]
     signal = load_audio(rec["path"], cfg.audio)
-    onsets = find_cycle_onsets(signal, cfg.audio.sample_rate, cfg.cycles)
+    seg = segment(signal, cfg.audio.sample_rate, cfg.cycles)
+    onsets, signal = seg.onsets, normalise_level(signal, seg)  # the model sees every recording at one level
     s = cfg.spectrogram
     mel = torchaudio.transforms.MelSpectrogram(sample_rate=cfg.audio.sample_rate, n_fft=s.n_fft, hop_length=s.hop_length,
                                                n_mels=s.n_mels, f_min=s.f_min, f_max=s.f_max, power=2.0)
@@ -164,7 +166,8 @@ def _bad_wav(tmp_path, kind):
     elif kind == "silent":
         sf.write(path, np.zeros(4000 * 20, np.float32), 4000, subtype="PCM_16")
     elif kind == "short":
-        sf.write(path, np.random.default_rng(0).normal(0, 0.1, 4000).astype(np.float32), 4000, subtype="PCM_16")
+        # 0.3 s: even padded, a 1-s window would be 70 % padding (preprocess.cycles.pad_fraction is 0.5)
+        sf.write(path, np.random.default_rng(0).normal(0, 0.1, 1200).astype(np.float32), 4000, subtype="PCM_16")
     return path
 
 
@@ -185,7 +188,16 @@ def test_skip_bad_goes_on_and_lists_skipped(synth_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     skipped = list(csv.DictReader(open(out / "skipped.csv")))
     assert len(skipped) == 1 and "silent" in skipped[0]["path"] and skipped[0]["reason"]
-    assert len(shardlib.verify(out)["recordings"]) == 8
+    index = shardlib.verify(out)
+    assert len(index["recordings"]) == 8
+    # Counted with its reason, split and class in index.json, `shards info` and the metrics' excluded entries.
+    (gone,) = index["excluded"]
+    assert "silent" in gone["path"] and "silent recording" in gone["reason"]
+    assert index["splits"][gone["split"]]["excluded"][index["classes"][gone["label"]]] == 1
+    info = run_cli("shards", "info", str(out)).stdout
+    assert "excluded recordings: 1" in info and "silent recording (RMS" in info
+    counts = shardlib.excluded_counts(index, gone["split"])
+    assert counts["recording/excluded"] == 1 and counts["excluded_recordings"][0]["reason"] == gone["reason"]
 
 
 @pytest.mark.parametrize("mutate, expected", [

@@ -135,21 +135,86 @@ def _add_evaluate(sub) -> None:
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="per-cycle probabilities and a verdict for each recording")
     p.add_argument("checkpoint", help="checkpoint file or run directory")
-    p.add_argument("files", nargs="+", help="WAV (or any soundfile-readable) recordings")
+    p.add_argument("files", nargs="*", help="WAV (or any soundfile-readable) recordings")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--patient", default=None, help="all FILES are of this patient: add a patient-level verdict")
+    p.add_argument("--manifest", default=None,
+                   help="manifest CSV (path,patient_id,...): patient ids of FILES (or, without FILES, its recordings)")
 
     def run(a):
         import json
         from vascdist.inference import predict_files
-        results = predict_files(a.checkpoint, a.files)
+        files, patients = _predict_patients(a)
+        results = predict_files(a.checkpoint, files)
+        verdicts = _patient_verdicts(a.checkpoint, results, patients) if patients else []
         if a.json:
-            print(json.dumps(results, indent=1))
+            print(json.dumps({"recordings": results, "patients": verdicts} if patients else results, indent=1))
             return
         for r in results:
             probs = "  ".join(f"P({k})={v:.3f}" for k, v in r["probabilities"].items())
             per_cycle = " ".join(f"{list(c['probabilities'].values())[-1]:.2f}" for c in r["cycles"])
             print(f"{r['file']}: {r['verdict'].upper()}  {probs}  ({len(r['cycles'])} cycles; "
                   f"per-cycle P({list(r['probabilities'])[-1]}): {per_cycle})")
+            _print_quality(r)
+        for v in verdicts:
+            probs = "  ".join(f"P({k})={p:.3f}" for k, p in v["probabilities"].items())
+            print(f"patient {v['patient']}: {v['verdict'].upper()}  {probs}  ({len(v['recordings'])} recordings"
+                  + (f", {v['warnings']} quality warnings)" if v["warnings"] else ")"))
+    p.set_defaults(func=run)
+
+
+def _predict_patients(a) -> tuple[list[str], dict[str, str]]:
+    """predict's files and {file: patient id} from --patient / --manifest."""
+    from pathlib import Path
+    from vascdist.errors import VascdistError
+    from vascdist.inference import manifest_patients
+    files = list(a.files)
+    if a.manifest:
+        listed = manifest_patients(a.manifest)
+        if not files:
+            files = list(listed)
+        resolved = {f: str(Path(f).resolve()) for f in files}
+        by_resolved = {str(Path(k).resolve()): v for k, v in listed.items()}
+        patients = {f: by_resolved[resolved[f]] for f in files if resolved[f] in by_resolved}
+    elif a.patient:
+        patients = {f: a.patient for f in files}
+    else:
+        patients = {}
+    if not files:
+        raise VascdistError("predict: no recordings given (pass FILES or --manifest)")
+    return files, patients
+
+
+def _patient_verdicts(checkpoint: str, results: list[dict], patients: dict[str, str]) -> list[dict]:
+    from vascdist.inference import checkpoint_state, find_checkpoint, patient_verdicts
+    state = checkpoint_state(find_checkpoint(checkpoint))
+    thresholds = state.get("progress", {}).get("val_thresholds") or {}
+    return patient_verdicts(results, patients, state["data"]["classes"], thresholds.get("patient"))
+
+
+def _print_quality(r: dict) -> None:
+    """One quality line per recording; a warning line per reason to doubt it."""
+    q = r.get("quality") or {}
+    hr = f"{q['heart_rate_bpm']:.0f} bpm" if q.get("heart_rate_bpm") else "no heart rate"
+    print(f"  quality: {hr}, periodicity {q.get('periodicity', float('nan')):.2f}, level {q.get('level_dbfs')} dBFS, "
+          f"SNR >= {q.get('snr_db')} dB, clipping {q.get('clipping_fraction')}")
+    for w in r.get("warnings", []):
+        print(f"  warning: {w}")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="one PNG of a recording's segmentation: waveform, envelope, onsets, windows, "
+                       "heart rate, periodicity, log-mel")
+    p.add_argument("file", help="a recording (WAV or any soundfile-readable file)")
+    p.add_argument("--config", default=None, help="YAML config whose preprocess section is used")
+    p.add_argument("--out", default=None, help="PNG to write (default FILE.inspect.png beside the recording)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. preprocess.cycles.min_bpm=50")
+
+    def run(a):
+        from vascdist.config import load_config
+        from vascdist.inspect import inspect_file
+        cfg = load_config(a.config, a.overrides)
+        print(f"wrote {inspect_file(a.file, cfg.preprocess, a.out)}")
     p.set_defaults(func=run)
 
 
@@ -181,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vascdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_synth, _add_manifest, _add_preprocess, _add_shards, _add_train, _add_evaluate, _add_predict,
-                _add_models, _add_env):
+                _add_inspect, _add_models, _add_env):
         add(sub)
     _add_passthrough(sub, "bench", "benchmarks (loader, train, make-shards, scaling, preprocess, checkpoint, dist); "
                      "see BENCHMARKS.md", "vascdist.bench")

@@ -34,9 +34,14 @@ def find_checkpoint(run_or_ckpt: str | Path) -> Path:
     raise VascdistError(f"{path}: neither a checkpoint file nor a run directory with checkpoints")
 
 
+def checkpoint_state(checkpoint: Path) -> dict:
+    """A checkpoint's saved state (VascdistError naming the file if it does not load)."""
+    return CheckpointManager(checkpoint.parent, keep_last=1).load(checkpoint)
+
+
 def load_model(checkpoint: Path) -> tuple[torch.nn.Module, dict, Config]:
     """Rebuild the model a checkpoint was trained with and load its weights."""
-    state = CheckpointManager(checkpoint.parent, keep_last=1).load(checkpoint)
+    state = checkpoint_state(checkpoint)
     for key in ("engine", "config", "data"):
         if key not in state:
             raise VascdistError(f"{checkpoint}: not a vascdist checkpoint (no '{key}')")
@@ -76,6 +81,11 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
     arrays = predict_arrays(model, StreamingLoader(stream), DistEnv())
     thresholds = state["progress"].get("val_thresholds") if split != "val" else None
     metrics = split_metrics(arrays, index["classes"], index["kind"] == "beats", thresholds)
+    if index["kind"] == "spectrogram":
+        from vascdist.data.shards import excluded_counts
+        from vascdist.train.evaluate import site_metrics
+        metrics.update(excluded_counts(index, split))
+        metrics["sites"] = site_metrics(arrays, index, thresholds)
     out_path = Path(out) if out else checkpoint.parent.parent / f"eval-{split}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_path, metrics)
@@ -90,8 +100,8 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
 @torch.no_grad()
 def predict_files(checkpoint: str, files: list[str]) -> list[dict]:
     """Per recording: per-cycle probabilities and the verdict, with the checkpoint's own preprocessing."""
-    from vascdist.data.audio import load_audio
-    from vascdist.data.preprocess import recording_spectrograms
+    from vascdist.data.audio import load_audio_stats
+    from vascdist.data.preprocess import analyse_recording
     path = find_checkpoint(checkpoint)
     model, state, _ = load_model(path)
     info = state["data"]
@@ -103,9 +113,9 @@ def predict_files(checkpoint: str, files: list[str]) -> list[dict]:
     thresholds = state["progress"].get("val_thresholds") or {}
     results = []
     for file in files:
-        signal = load_audio(file, pcfg.audio)
+        signal, stats = load_audio_stats(file, pcfg.audio)
         try:
-            spec, cycles = recording_spectrograms(signal, pcfg)
+            spec, cycles, quality = analyse_recording(signal, pcfg, stats)
         except VascdistError as exc:
             raise VascdistError(f"{file}: {exc}") from None
         x = inputs(torch.from_numpy(spec.astype(np.float16)))  # float16 as stored in shards, then as in training
@@ -117,6 +127,49 @@ def predict_files(checkpoint: str, files: list[str]) -> list[dict]:
         else:
             threshold, verdict = None, classes[int(mean_probs.argmax())]
         results.append({"file": str(file), "verdict": verdict, "probabilities": dict(zip(classes, mean_probs.tolist())),
-                        "threshold": threshold, "cycles": [
+                        "threshold": threshold, **quality_fields(quality, info), "cycles": [
                             {"cycle": int(c), "probabilities": dict(zip(classes, p.tolist()))} for c, p in zip(cycles, probs)]})
     return results
+
+
+def quality_fields(quality: dict, info: dict) -> dict:
+    """A prediction's `quality` record and its `warnings` against the training data's range (the checkpoint's
+    data entry; a checkpoint from before quality control has no range: only absolute checks apply)."""
+    from vascdist.data.quality import quality_warnings
+    return {"quality": quality, "warnings": quality_warnings(quality, info.get("quality_range") or {})}
+
+
+def patient_verdicts(results: list[dict], patients: dict[str, str], classes: list[str],
+                     threshold: float | None) -> list[dict]:
+    """Patient-level verdicts: a patient's probabilities are the mean over their recordings (as in evaluation),
+    compared with the checkpoint's patient-level threshold (two classes) or arg-maxed.
+
+    `patients` maps a result's file to its patient id; files without one are left out.
+    """
+    by_patient: dict[str, list[dict]] = {}
+    for r in results:
+        if r["file"] in patients:
+            by_patient.setdefault(patients[r["file"]], []).append(r)
+    verdicts = []
+    for patient, recs in sorted(by_patient.items()):
+        mean = np.mean([[r["probabilities"][c] for c in classes] for r in recs], axis=0)
+        if len(classes) == 2:
+            cut = 0.5 if threshold is None else threshold
+            verdict = classes[1] if mean[1] >= cut else classes[0]
+        else:
+            cut, verdict = None, classes[int(mean.argmax())]
+        verdicts.append({"patient": patient, "verdict": verdict, "probabilities": dict(zip(classes, mean.tolist())),
+                         "threshold": cut, "recordings": [r["file"] for r in recs],
+                         "warnings": sum(len(r.get("warnings", [])) for r in recs)})
+    return verdicts
+
+
+def manifest_patients(manifest: str) -> dict[str, str]:
+    """{recording path as given in the manifest, resolved against its folder: patient id} of a manifest CSV."""
+    import csv
+    root = Path(manifest).parent
+    with open(manifest, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "path" not in reader.fieldnames or "patient_id" not in reader.fieldnames:
+            raise VascdistError(f"{manifest}: needs the columns path and patient_id")
+        return {str(root / row["path"]): row["patient_id"].strip() for row in reader}

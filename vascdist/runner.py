@@ -54,6 +54,7 @@ def format_summary(summary: dict) -> str:
     levels = [lv for lv in ("cycle", "recording", "patient") if f"{lv}/accuracy" in test]
     names = ["balanced_accuracy", "sensitivity", "specificity", "auroc", "f1", "n"] if len(summary["classes"]) == 2 \
         else ["balanced_accuracy", "accuracy", "macro_f1", "macro_auroc", "n"]
+    names.append("excluded")  # recordings (patients) of the split left out of the data, with no prediction
     fmt = lambda v: "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (
         f"{v:>5d}" if isinstance(v, int) else f"{v:5.3f}")
     lines = [f"test set ({', '.join(summary['classes'])}), thresholds chosen on validation; best step {summary['best_step']}",
@@ -94,6 +95,8 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
             if os.environ.get("VASCDIST_REQUEUE") == "scontrol":  # set by slurm/train.sbatch
                 print(requeue_slurm_job(cfg.dist.max_requeues), flush=True)
         if env.is_main and not summary["stopped"]:
+            from vascdist.data.shards import excluded_counts, load_index
+            summary["test"].update(excluded_counts(load_index(cfg.data.shards), "test"))
             atomic_write_json(path / "test_metrics.json", summary["test"])
             print(format_summary(summary), flush=True)
         return summary

@@ -47,11 +47,26 @@ class CycleConfig:
     """Rate (Hz) of the smoothed energy envelope that onsets are picked on."""
     envelope_smoothing_s: float = 0.03
     """Length (s) of the moving average applied to the squared signal to form the envelope."""
-    min_cycles: int = 2
-    """A recording with fewer detected cycles is rejected."""
+    min_cycles: int = 1
+    """A recording with fewer usable cycle windows is rejected (counted in the shards' `excluded` table)."""
+    min_periodicity: float = 0.2
+    """Below this envelope autocorrelation at the heart period a recording is aperiodic (see `aperiodic`)."""
+    aperiodic: str = "windows"
+    """What an aperiodic recording gets: 'windows' (fixed-length windows every aperiodic_hop_s, flagged in its
+    quality record) or 'refuse' (a DataError naming the reason)."""
+    aperiodic_hop_s: float = 0.5
+    """Hop (s) between the fixed-length windows of an aperiodic recording."""
+    pad_fraction: float = 0.5
+    """A window running past the end of the recording is kept, padded, if at most this fraction of it is
+    missing (0: only complete windows)."""
 
     def check(self, key: str) -> None:
         _require(0 < self.min_bpm < self.max_bpm, f"{key}.min_bpm", "must be > 0 and below max_bpm")
+        _require(-1 <= self.min_periodicity < 1, f"{key}.min_periodicity", "must be in [-1, 1)")
+        _require(self.aperiodic in ("windows", "refuse"), f"{key}.aperiodic",
+                 f"must be 'windows' or 'refuse', got '{self.aperiodic}'")
+        _require(self.aperiodic_hop_s > 0, f"{key}.aperiodic_hop_s", "must be > 0")
+        _require(0 <= self.pad_fraction < 1, f"{key}.pad_fraction", "must be in [0, 1)")
         _require(self.envelope_hz > 0, f"{key}.envelope_hz", "must be > 0")
         _require(self.envelope_smoothing_s > 0, f"{key}.envelope_smoothing_s", "must be > 0")
         _require(self.min_cycles >= 1, f"{key}.min_cycles", "must be >= 1")

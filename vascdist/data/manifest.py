@@ -1,4 +1,4 @@
-"""Reading, checking and building the recordings manifest (path,label,patient_id,recording_id[,split])."""
+"""Reading, checking and building the recordings manifest (path,label,patient_id,recording_id[,split][,site])."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class Recording:
     recording_id: str
     split: str | None
     row: int  # 1-based line number in the manifest (header is line 1), for error messages
+    site: str = ""  # optional `site` column (arterial, venous, anastomosis...): metrics per site in evaluate
 
 
 def file_sha256(path: str | Path) -> str:
@@ -89,7 +90,8 @@ def read_manifest(path: str | Path, classes: list[str], allow_mixed_patient_labe
         split = (row.get("split") or "").strip().lower() or None
         if split is not None and split not in SPLITS:
             raise DataError(f"{where}: split '{split}' must be one of {', '.join(SPLITS)} or empty")
-        recordings.append(Recording(audio, label, patient, rec_id, split, line))
+        site = (row.get("site") or "").strip()
+        recordings.append(Recording(audio, label, patient, rec_id, split, line, site))
     return recordings
 
 

@@ -5,7 +5,9 @@ Layout of a shards directory:
                       (int64; patient/recording index into index.json's tables); attrs: schema_version,
                       kind, split, preprocess (JSON), package_version, manifest_sha256, checksum
   index.json          shards (file, split, samples, sha256 of the file, checksum of the data), per-split and
-                      per-label counts, the train-split normalisation, class names, patient/recording tables.
+                      per-label counts, the train-split normalisation, class names, patient/recording tables
+                      (each recording with its site and quality record), the excluded recordings with their
+                      reasons (per split and label in `splits`), and the train recordings' quality range.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import numpy as np
 
 import vascdist
 from vascdist.data.manifest import file_sha256
+from vascdist.data.quality import quality_range
 from vascdist.errors import DataError
 from vascdist.fileio import atomic_write_text, fsync_dir, temp_path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: level-normalised spectrograms, per-recording quality, excluded recordings
 INDEX = "index.json"
 FIELDS = ("x", "y", "patient", "recording", "cycle")
 
@@ -108,7 +111,9 @@ class ShardSetWriter:
         self.written.append(path)
         self.entries.append(write_shard(path, head, attrs, self.chunk_size))
 
-    def finish(self, patients: list[str], recordings: list[dict]) -> dict:
+    def finish(self, patients: list[str], recordings: list[dict], excluded: list[dict] = ()) -> dict:
+        """Flush, then write index.json; `excluded`: recordings left out ({id, patient, path, label, split,
+        reason}), counted per split and label so that no exclusion is silent."""
         for split in self.buffers:
             if self.buffered[split]:
                 self._flush(split, self.buffered[split])
@@ -123,15 +128,20 @@ class ShardSetWriter:
             for e in entries:
                 labels.update({int(k): v for k, v in e["labels"].items()})
             recs = [r for r in recordings if r["split"] == split]
+            left_out = Counter(r["label"] for r in excluded if r["split"] == split)
             splits[split] = {"samples": sum(e["samples"] for e in entries),
                              "labels": {self.classes[k]: labels.get(k, 0) for k in range(len(self.classes))},
-                             "patients": len({r["patient"] for r in recs}), "recordings": len(recs)}
+                             "patients": len({r["patient"] for r in recs}), "recordings": len(recs),
+                             "excluded": {self.classes[k]: left_out.get(k, 0) for k in range(len(self.classes))}}
         index = {"schema_version": SCHEMA_VERSION, "kind": self.kind, "sample_shape": list(self.sample_shape),
                  "classes": self.classes, "package_version": vascdist.__version__,
                  "manifest_sha256": self.manifest_sha256, "preprocess": self.preprocess,
                  "normalization": {"axis": self.norm_axis, "mean": mean.tolist(), "std": std.tolist(),
                                    "fitted_on": "train"},
-                 "shards": self.entries, "splits": splits, "patients": patients, "recordings": recordings}
+                 "shards": self.entries, "splits": splits, "patients": patients, "recordings": recordings,
+                 "excluded": list(excluded),
+                 "quality_range": quality_range([r["quality"] for r in recordings
+                                                 if r["split"] == "train" and "quality" in r])}
         atomic_write_text(self.out_dir / INDEX, json.dumps(index, indent=1))
         return index
 
@@ -238,6 +248,24 @@ def verify(shards_dir: str | Path) -> dict:
     return index
 
 
+def excluded_counts(index: dict, split: str) -> dict:
+    """Metrics-JSON entries for what `split` lost in preprocessing: excluded recordings and the patients left
+    with none, their counts per class, and every reason."""
+    gone = [r for r in index.get("excluded", []) if r["split"] == split]
+    kept_patients = {r["patient"] for r in index["recordings"] if r["split"] == split}
+    classes = index["classes"]
+    return {"recording/excluded": len(gone),
+            "patient/excluded": len({r["patient"] for r in gone} - kept_patients),
+            "excluded_per_class": {c: sum(r["label"] == k for r in gone) for k, c in enumerate(classes)},
+            "excluded_recordings": [{"id": r["id"], "label": classes[r["label"]], "reason": r["reason"]} for r in gone]}
+
+
+def _reason_kind(reason: str) -> str:
+    """An exclusion reason without the file path in front (so that equal reasons are counted together)."""
+    head, sep, tail = reason.partition(": ")
+    return tail if sep and ("/" in head or head.endswith((".wav", ".flac"))) else reason
+
+
 def info(shards_dir: str | Path) -> str:
     """Human-readable summary: counts per split / label / patient and the preprocessing parameters."""
     root = Path(shards_dir)
@@ -249,6 +277,15 @@ def info(shards_dir: str | Path) -> str:
     for split, c in index["splits"].items():
         labels = "  ".join(f"{k}={v}" for k, v in c["labels"].items())
         lines.append(f"{split:<6} {c['samples']:>8} {c['patients']:>8} {c['recordings']:>10}  {labels}")
+    excluded = index.get("excluded", [])
+    lines.append(f"\nexcluded recordings: {len(excluded)}" + ("" if not excluded else "  (" + "; ".join(
+        f"{split}: " + ", ".join(f"{k}={v}" for k, v in c.get("excluded", {}).items())
+        for split, c in index["splits"].items()) + ")"))
+    reasons = Counter(_reason_kind(r["reason"]) for r in excluded)
+    lines += [f"  {n:>5}  {reason}" for reason, n in reasons.most_common()]
+    aperiodic = [r for r in index["recordings"] if not r.get("quality", {}).get("periodic", True)]
+    if aperiodic:
+        lines.append(f"aperiodic recordings cut into fixed windows: {len(aperiodic)}")
     per_patient = Counter()
     for entry in index["shards"]:
         arrays, _ = read_shard(root / entry["file"])

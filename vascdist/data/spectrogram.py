@@ -16,19 +16,33 @@ def window_samples(cfg: SpectrogramConfig) -> int:
     return cfg.hop_length * (cfg.n_frames - 1)
 
 
-def cycle_windows(signal: np.ndarray, onsets: np.ndarray, cfg: SpectrogramConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Cut a fixed-length window starting at each onset; windows running past the end are dropped.
+def cycle_windows(signal: np.ndarray, onsets: np.ndarray, cfg: SpectrogramConfig, pad_fraction: float = 0.0,
+                  period: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a fixed-length window starting at each onset.
+
+    A window running past the end of `signal` is kept if at most `pad_fraction` of it is missing; the missing
+    part continues the sound one `period` (samples) earlier, i.e. with the same phase of the previous cycle
+    (without a period: the last samples repeated), so a short clip keeps its last beat and no window ends in
+    an artificial silence that only short clips would show. Windows missing more are dropped.
 
     Returns (windows [N, L] float32, kept cycle numbers [N]). A cycle longer than the window is cropped,
     a shorter one runs into the next cycle's start: every window has the same duration, so the frequency
     and time axes mean the same thing in every spectrogram.
     """
     length = window_samples(cfg)
-    kept = [i for i, start in enumerate(onsets) if start >= 0 and start + length <= len(signal)]
+    n = len(signal)
+    kept = [i for i, start in enumerate(onsets) if 0 <= start < n and start + length - n <= pad_fraction * length]
     if not kept:
         return np.zeros((0, length), np.float32), np.zeros(0, np.int64)
-    starts = np.asarray(onsets)[kept]
-    windows = np.stack([signal[s:s + length] for s in starts]).astype(np.float32)
+    windows = np.empty((len(kept), length), np.float32)
+    for row, i in enumerate(kept):
+        idx = np.arange(onsets[i], onsets[i] + length)
+        over = idx >= n
+        if over.any():
+            missing = int(over.sum())
+            step = min(n, period if period else missing)  # repeat whole periods, never reach before the start
+            idx[over] = n - step + (idx[over] - n) % step
+        windows[row] = signal[idx]
     return windows, np.asarray(kept, np.int64)
 
 

@@ -44,3 +44,20 @@ def split_metrics(arrays: dict[str, np.ndarray], classes: list[str], per_beat: b
         results = evaluate_levels(arrays["probs"], arrays["y"], ids, ids, classes, thresholds)
         return {k: v for k, v in results.items() if k.startswith("cycle/")}
     return evaluate_levels(arrays["probs"], arrays["y"], arrays["recording"], arrays["patient"], classes, thresholds)
+
+
+def site_metrics(arrays: dict[str, np.ndarray], index: dict, thresholds: dict[str, float] | None) -> dict:
+    """Recording-level metrics per recording site (the manifest's optional `site` column), at the same
+    thresholds as the whole split: {site: {"recording/...": ...}}. Empty when no recording names a site."""
+    sites = np.array([r.get("site", "") for r in index["recordings"]], dtype=object)
+    if not len(arrays["recording"]) or not any(sites):
+        return {}
+    site_of = sites[arrays["recording"]]
+    out = {}
+    for site in sorted(set(site_of) - {""}):
+        keep = site_of == site
+        part = {k: v[keep] for k, v in arrays.items()}
+        metrics = evaluate_levels(part["probs"], part["y"], part["recording"], part["patient"], index["classes"],
+                                  thresholds)
+        out[site] = {k: v for k, v in metrics.items() if k.startswith("recording/")}
+    return out

@@ -51,7 +51,8 @@ class Progress:
 
 def data_info(index: dict) -> dict:
     """What inference needs to know about the data a model was trained on (stored in every checkpoint)."""
-    return {k: index[k] for k in ("kind", "classes", "sample_shape", "preprocess", "normalization")}
+    info = {k: index[k] for k in ("kind", "classes", "sample_shape", "preprocess", "normalization")}
+    return {**info, "quality_range": index.get("quality_range", {})}  # predict warns outside it
 
 
 def build_loaders(cfg: Config, env: DistEnv) -> tuple[StreamingLoader, StreamingLoader, StreamingLoader]:
