@@ -242,7 +242,10 @@ class SchedConfig:
     name: str = "step"
     """'none', 'step', 'exponential', 'cosine' (linear warm-up then cosine), 'onecycle' or 'plateau'."""
     step_size: int = 1
-    """StepLR: epochs between decays."""
+    """StepLR: epochs between decays (unless step_fraction is set)."""
+    step_fraction: float = 0.0
+    """StepLR: if > 0, decay every this fraction of the run's optimiser steps instead of every step_size epochs,
+    so the schedule keeps its shape when train.min_steps lengthens a run on a small data set."""
     gamma: float = 0.5
     """StepLR / ExponentialLR / plateau decay factor."""
     warmup_steps: int = 0
@@ -256,6 +259,7 @@ class SchedConfig:
         _require(self.name in ("none", "step", "exponential", "cosine", "onecycle", "plateau"), f"{key}.name",
                  f"must be one of none, step, exponential, cosine, onecycle, plateau; got '{self.name}'")
         _require(self.step_size >= 1, f"{key}.step_size", "must be >= 1")
+        _require(0 <= self.step_fraction < 1, f"{key}.step_fraction", "must be in [0, 1)")
         _require(0 < self.gamma <= 1, f"{key}.gamma", "must be in (0, 1]")
         _require(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
 
@@ -263,7 +267,10 @@ class SchedConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    """Epochs to train."""
+    """Epochs to train (at least; see min_steps)."""
+    min_steps: int = 0
+    """Train at least this many optimiser steps: when epochs x steps per epoch is fewer, the epoch count is
+    raised to reach it, so a small data set (1,500 cycles: 24 steps per epoch at batch 64) is not undertrained."""
     max_steps: int = 0
     """Stop after this many optimiser steps (0: no limit)."""
     seed: int = 0
@@ -283,7 +290,8 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate every N steps (0: at the end of every epoch)."""
     early_stop_metric: str = "recording/balanced_accuracy"
-    """Validation metric that picks the best checkpoint and drives early stopping / plateau."""
+    """Validation metric that picks the best checkpoint and drives early stopping / plateau; a tie (a metric
+    saturated at 1.0) goes to the lower validation loss."""
     early_stop_patience: int = 0
     """Evaluations without improvement before stopping (0: never stop early)."""
     keep_last: int = 2
@@ -296,6 +304,7 @@ class TrainConfig:
     def check(self, key: str) -> None:
         _require(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
         _require(self.max_steps >= 0, f"{key}.max_steps", "must be >= 0")
+        _require(self.min_steps >= 0, f"{key}.min_steps", "must be >= 0")
         _require(self.grad_accum >= 1, f"{key}.grad_accum", "must be >= 1")
         _require(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0")
         _require(self.precision in ("auto", "fp32", "bf16"), f"{key}.precision", "must be auto, fp32 or bf16")

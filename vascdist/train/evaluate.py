@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -34,6 +36,23 @@ def predict_arrays(model: nn.Module, loader: StreamingLoader, env: DistEnv, prec
     arrays = gather_arrays(arrays, env)
     order = np.argsort(arrays["position"], kind="stable")  # the same order whatever the world size
     return {k: v[order] for k, v in arrays.items()}
+
+
+def validation_loss(arrays: dict[str, np.ndarray]) -> float:
+    """Mean negative log-probability of the true class over all samples (cycles): the tie-breaker of model
+    selection when the selection metric saturates (NaN for an empty split)."""
+    if not len(arrays["y"]):
+        return math.nan
+    p = arrays["probs"][np.arange(len(arrays["y"])), arrays["y"].astype(np.int64)]
+    return float(-np.log(np.clip(p, 1e-12, 1.0)).mean())
+
+
+def improves(value: float, loss: float, best_value: float, best_loss: float) -> bool:
+    """Whether a validation result beats the best so far: a higher metric, or the same metric (a saturated
+    one: balanced accuracy 1.000 at every evaluation) at a lower validation loss."""
+    if value > best_value:
+        return True
+    return value == best_value and not math.isnan(loss) and loss < best_loss
 
 
 def split_metrics(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool,

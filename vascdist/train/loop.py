@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,12 +23,12 @@ from vascdist.errors import VascdistError
 from vascdist.models import build_model
 from vascdist.train.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
 from vascdist.train.engines import build_engine, prepare_module
-from vascdist.train.evaluate import predict_arrays, split_metrics
+from vascdist.train.evaluate import improves, predict_arrays, split_metrics, validation_loss
 from vascdist.train.precision import autocast_context
 from vascdist.train.runlog import RunLogger
 from vascdist.train.losses import build_loss
 from vascdist.train.metrics import render_confusion_matrix, save_confusion_png, thresholds_from
-from vascdist.train.optim import build_optimizer, build_scheduler
+from vascdist.train.optim import build_optimizer, build_scheduler, run_epochs
 
 
 class TrainingDiverged(VascdistError):
@@ -42,6 +42,7 @@ class Progress:
     epoch: int = 0
     best_metric: float = -math.inf
     best_step: int = -1
+    best_loss: float = math.inf  # validation loss at best_step: breaks ties of a saturated metric
     evals_without_improvement: int = 0
     bad_steps_in_a_row: int = 0
     bad_steps_total: int = 0
@@ -91,6 +92,8 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     train_loader, val_loader, test_loader = build_loaders(cfg, env)
     inputs = InputTransform(index, env.device, cfg.train.channels_last)
     steps_per_epoch = len(train_loader)
+    cfg = replace(cfg, train=replace(cfg.train, epochs=run_epochs(cfg.train.epochs, cfg.train.min_steps,
+                                                                  steps_per_epoch)))  # train.min_steps
     micro = batch_sizes(cfg.data.batch_size, env.world_size, cfg.train.grad_accum).micro
 
     module = prepare_module(build_model(cfg.model, len(classes), tuple(index["sample_shape"])), cfg, env)
@@ -126,13 +129,15 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     def evaluate() -> dict:
         arrays = predict_arrays(engine.module, val_loader, env, cfg.train.precision, cfg.train.channels_last)
         metrics = split_metrics(arrays, classes, per_beat)
+        metrics["loss"] = loss = validation_loss(arrays)
         value = float(metrics.get(cfg.train.early_stop_metric, math.nan))
         if cfg.train.early_stop_metric not in metrics:
             raise VascdistError(f"train.early_stop_metric '{cfg.train.early_stop_metric}' is not a metric here; "
                                 f"choose one of: {', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
-        improved = not math.isnan(value) and value > progress.best_metric
+        improved = not math.isnan(value) and improves(value, loss, progress.best_metric, progress.best_loss)
         if improved:
             progress.best_metric, progress.best_step, progress.evals_without_improvement = value, progress.step, 0
+            progress.best_loss = loss
             progress.val_thresholds = None if len(classes) != 2 else thresholds_from(metrics)
         else:
             progress.evals_without_improvement += 1

@@ -5,7 +5,8 @@ undecayed one. `build_scheduler(cfg.sched, optimizer, steps_per_epoch, epochs)` 
 whose three hooks the loop calls at fixed places, so no schedule is stepped at the wrong granularity:
 
     after_step()         after every optimiser step       cosine (warm-up + cosine), onecycle
-    after_epoch()        at the end of every epoch        step, exponential (step_size counts epochs)
+    after_epoch()        at the end of every epoch        step, exponential (step_size counts epochs;
+                                                           step with sched.step_fraction counts steps)
     after_eval(metric)   after every validation           plateau (mode 'max': higher metric is better)
 """
 
@@ -179,10 +180,11 @@ def peak_lrs(optimizer: Optimizer) -> list[float]:
 class LRSchedule:
     """A torch lr scheduler (or none) behind the three hooks the training loop calls; see the module doc."""
 
-    def __init__(self, name: str, optimizer: Optimizer, scheduler: Any | None):
+    def __init__(self, name: str, optimizer: Optimizer, scheduler: Any | None, per_step: bool = False):
         self.name = name
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.per_step = per_step or name in _AFTER_STEP  # StepLR with sched.step_fraction counts steps
 
     def after_step(self) -> None:
         """Call after every optimiser step."""
@@ -190,12 +192,12 @@ class LRSchedule:
             # Step total_steps - 1 is OneCycleLR's minimum; one more step bends the cosine back up and the
             # next raises. A run longer than planned keeps the final lr.
             return
-        if self.name in _AFTER_STEP:
+        if self.per_step:
             self.scheduler.step()
 
     def after_epoch(self) -> None:
         """Call at the end of every training epoch."""
-        if self.name in _AFTER_EPOCH:
+        if self.name in _AFTER_EPOCH and not self.per_step:
             self.scheduler.step()
 
     def after_eval(self, metric: float) -> None:
@@ -253,6 +255,10 @@ def build_scheduler(cfg: SchedConfig, optimizer: Optimizer, steps_per_epoch: int
     total_steps = steps_per_epoch * epochs
     if cfg.name == "none":
         scheduler = None
+    elif cfg.name == "step" and cfg.step_fraction > 0:
+        every = max(1, round(cfg.step_fraction * total_steps))
+        return LRSchedule(cfg.name, optimizer, lr_scheduler.StepLR(optimizer, step_size=every, gamma=cfg.gamma),
+                          per_step=True)
     elif cfg.name == "step":
         scheduler = lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     elif cfg.name == "exponential":
@@ -270,3 +276,8 @@ def build_scheduler(cfg: SchedConfig, optimizer: Optimizer, steps_per_epoch: int
         raise ConfigError(f"config key 'sched.name' must be one of none, step, exponential, cosine, onecycle, "
                           f"plateau; got '{cfg.name}'")
     return LRSchedule(cfg.name, optimizer, scheduler)
+
+
+def run_epochs(epochs: int, min_steps: int, steps_per_epoch: int) -> int:
+    """Epochs a run trains: `epochs`, raised so that at least `min_steps` optimiser steps are taken."""
+    return max(epochs, -(-min_steps // max(1, steps_per_epoch)))
