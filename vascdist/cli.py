@@ -127,9 +127,21 @@ def _add_evaluate(sub) -> None:
         if a.split == "val":  # no thresholds from elsewhere: each level's is chosen on the validation set itself
             text = text.replace("thresholds chosen on validation", "thresholds chosen on this set")
         print(text)
+        _print_sites(result["metrics"].get("sites", {}))
         print(f"checkpoint: {result['checkpoint']}")
         print(f"wrote {result['json']} and {result['png']}")
     p.set_defaults(func=run)
+
+
+def _print_sites(sites: dict) -> None:
+    """evaluate's recording-level metrics per recording site (the manifest's `site` column)."""
+    if not sites:
+        return
+    print(f"per site (recording level){'':<4}{'balanced_accuracy':>19}{'auroc':>19}{'n':>19}")
+    fmt = lambda v: "  n/a" if v is None or v != v else f"{v:5.3f}"
+    for site, m in sites.items():
+        print(f"{site:<30}{fmt(m.get('recording/balanced_accuracy')):>19}{fmt(m.get('recording/auroc')):>19}"
+              f"{m.get('recording/n', 0):>19}")
 
 
 def _add_predict(sub) -> None:

@@ -283,6 +283,10 @@ def info(shards_dir: str | Path) -> str:
         for split, c in index["splits"].items()) + ")"))
     reasons = Counter(_reason_kind(r["reason"]) for r in excluded)
     lines += [f"  {n:>5}  {reason}" for reason, n in reasons.most_common()]
+    ranges = index.get("quality_range", {})
+    if ranges:
+        lines.append("quality of the train recordings: " + ", ".join(
+            f"{name} {lo:g}..{hi:g}" for name, (lo, hi) in ranges.items()))
     aperiodic = [r for r in index["recordings"] if not r.get("quality", {}).get("periodic", True)]
     if aperiodic:
         lines.append(f"aperiodic recordings cut into fixed windows: {len(aperiodic)}")
