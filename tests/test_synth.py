@@ -80,3 +80,39 @@ def test_break_frequency_sets_where_the_bruit_spectrum_falls():
     low, high = break_spectrum(freqs, 150.0), break_spectrum(freqs, 600.0)
     assert 20 * np.log10(low[600] / low[150]) < -20  # two octaves above the break: about -24 dB
     assert abs(20 * np.log10(high[300] / high[150])) < 1  # still flat below the break
+
+
+def test_generator_statistics_match_the_shared_real_recordings(tmp_path):
+    """The real files' reference (README in /work/shared/realdata/vascular-access: centroid 150-200 Hz, spectral
+    peak 40-80 Hz, roll-off 540-780 Hz; periodicity 0.74 arterial, 0.49 venous, measured by cycles.segment; no
+    mains line) against normal synthetic recordings."""
+    from scipy import signal as sps
+    from vascdist.config import AudioConfig, CycleConfig
+    from vascdist.data.audio import load_audio
+    from vascdist.data.cycles import segment
+    manifest = synthesize(tmp_path, n_patients=10, seed=3)
+    _, rows = _read(manifest)
+    stats = []
+    for row in rows:
+        raw, _ = sf.read(str(tmp_path / row["path"]))
+        x = load_audio(tmp_path / row["path"], AudioConfig())
+        f, p = sps.welch(x, 4000, nperseg=1024)
+        band = (f >= 20) & (f <= 1800)
+        f, p = f[band], p[band]
+        cum = np.cumsum(p) / p.sum()
+        line = max(p[np.argmin(abs(f - hz))] / np.median(p[(abs(f - hz) > 8) & (abs(f - hz) < 25)])
+                   for hz in (50, 60))
+        stats.append({"label": row["label"], "centroid": (f * p).sum() / p.sum(), "peak": f[np.argmax(p)],
+                      "rolloff": f[np.searchsorted(cum, 0.95)], "line": line,
+                      "periodicity": segment(x, 4000, CycleConfig()).periodicity,
+                      "level": 20 * np.log10(np.sqrt(np.mean(raw ** 2)))})
+    normal = [s for s in stats if s["label"] == "normal"]
+    median = {k: float(np.median([s[k] for s in normal])) for k in ("centroid", "peak", "rolloff")}
+    print({k: round(v) for k, v in median.items()})
+    assert 120 <= median["centroid"] <= 250 and 40 <= median["peak"] <= 80
+    assert median["rolloff"] >= 0.6 * 540  # still lower than the real files': the break slope is steep
+    assert np.mean([s["line"] > 3 for s in stats]) <= 0.35  # hum only in a minority, and faint
+    periodicity = [s["periodicity"] for s in stats]
+    assert min(periodicity) <= 0.49 and max(periodicity) >= 0.74  # venous-like and arterial-like both occur
+    levels = [s["level"] for s in stats]
+    assert max(levels) - min(levels) >= 20

@@ -10,8 +10,12 @@ A recording is built from:
     above it. Phonoangiography (Duncan et al.; Lees & Dewey) relates the break frequency to the jet through the
     residual lumen: f_break = f0 / (1 - s), i.e. inversely proportional to the residual diameter. The systolic
     jet is faster than the diastolic flow, so its break frequency is higher;
+  * a low-frequency flow shape peaking at 40-80 Hz (as the real recordings do), falling as f^-0.75 to the break;
+  * on a third of the venous-side recordings a damped pulsatility (a continuous bruit with a shallow envelope,
+    like the real venous file);
   * a per-patient sensor/skin coloration (tilt, one resonance, tissue low-pass), motion bursts, broadband sensor
-    noise at a random SNR and 50 or 60 Hz mains hum with harmonics.
+    noise at a random SNR, in a fifth of the recordings a faint 50 or 60 Hz mains hum, and a level drawn over
+    -40..-12 dBFS RMS (recorders differ that widely; a loud motion burst may clip).
 Per-patient spread of f0 and of the diastolic fraction makes severities near 0.5 genuinely ambiguous.
 """
 
@@ -28,13 +32,26 @@ import soundfile as sf
 from vascdist.errors import VascdistError
 from vascdist.fileio import atomic_write_text
 
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 """Bump when the generated data changes, so cached data sets are regenerated."""
 STENOSIS_THRESHOLD = 0.5
 SITES = ("arterial_anastomosis", "mid_fistula", "venous_outflow", "upper_arm")
 SITE_GAIN_DB = {"arterial_anastomosis": 1.5, "mid_fistula": 0.0, "venous_outflow": -0.5, "upper_arm": -1.5}
 SNR_DB_RANGE = (12.0, 30.0)
 """Default broadband-noise SNR (dB, relative to the bruit), drawn uniformly per recording."""
+BREAK_F0_HZ = 220.0
+"""Break frequency of a normal access's diastolic bruit (f0 of f_break = f0 / (1 - s))."""
+FLOW_PEAK_HZ = (40.0, 80.0)
+"""Where a bruit's spectrum peaks (per patient): the real recordings peak at 40-80 Hz, below the break."""
+HUM_PROBABILITY = 0.2
+"""Fraction of recordings with mains hum; the real files show no line at all."""
+HUM_DB_RANGE = (-50.0, -35.0)
+"""Hum amplitude relative to the unit-RMS bruit (dB): a faint line when present."""
+LEVEL_DBFS_RANGE = (-40.0, -12.0)
+"""RMS level of a recording (dBFS), drawn per recording: recorders and their gains differ that widely."""
+SHALLOW_PROBABILITY = 0.35
+"""Fraction of the venous-side recordings (venous_outflow, upper_arm) whose pulsatility is damped, as in the
+real venous file: a continuous bruit with a shallow pulsatile envelope."""
 DURATION_S_RANGE = (20.0, 40.0)
 MANIFEST_COLUMNS = ("path", "label", "patient_id", "recording_id", "severity", "site")
 
@@ -50,6 +67,7 @@ class Patient:
     diastolic_fraction: float  # bruit amplitude in diastole relative to the systolic peak
     break_hz: float  # bruit break frequency (diastolic flow; the systolic jet's is 1.5x)
     mains_hz: float
+    flow_peak_hz: float  # where the bruit spectrum peaks (below the break)
     tilt: float  # coloration: spectral tilt exponent around 200 Hz
     resonance_hz: float
     resonance_db: float
@@ -80,8 +98,9 @@ def draw_patient(rng: np.random.Generator, patient_id: str) -> Patient:
         rise_s=rng.uniform(0.05, 0.09),
         decay_s=rng.uniform(0.10, 0.22),
         diastolic_fraction=float(np.clip(0.55 - 0.55 * s + rng.normal(0.0, 0.05), 0.04, 0.7)),
-        break_hz=130.0 * np.exp(rng.normal(0.0, 0.12)) / (1.0 - s),
+        break_hz=BREAK_F0_HZ * np.exp(rng.normal(0.0, 0.12)) / (1.0 - s),
         mains_hz=float(rng.choice([50.0, 60.0])),
+        flow_peak_hz=rng.uniform(*FLOW_PEAK_HZ),
         tilt=rng.uniform(-0.15, 0.15),
         resonance_hz=float(np.exp(rng.uniform(np.log(80.0), np.log(800.0)))),
         resonance_db=rng.uniform(-4.0, 4.0),
@@ -130,6 +149,16 @@ def break_spectrum(freqs: np.ndarray, break_hz: float) -> np.ndarray:
     return hp / np.sqrt(1.0 + (freqs / break_hz) ** 4)
 
 
+FLOW_SLOPE = 0.75  # amplitude falls as f^-0.75 (power f^-1.5) from the flow peak to the break
+
+
+def flow_peak(freqs: np.ndarray, peak_hz: float) -> np.ndarray:
+    """Low-frequency shape of turbulent-flow noise: rising as f below peak_hz, falling as f^-FLOW_SLOPE above
+    (a wall-pressure spectrum), 1 at the peak; the break spectrum steepens it further above its break."""
+    x = np.maximum(freqs, 1e-3) / peak_hz
+    return x * (2.0 / (1.0 + x ** 2)) ** ((1.0 + FLOW_SLOPE) / 2.0)
+
+
 def coloration(freqs: np.ndarray, p: Patient) -> np.ndarray:
     """Per-patient sensor + skin response: tilt, one resonance (Gaussian in octaves), first-order tissue low-pass."""
     f = np.maximum(freqs, 1.0)
@@ -164,10 +193,13 @@ def render_recording(rng: np.random.Generator, p: Patient, site: str, sample_rat
 
     # Bruit: diastolic flow noise plus the systolic jet, both shaped from one white source (coherent low band).
     d = float(np.clip(p.diastolic_fraction + rng.normal(0.0, 0.015), 0.03, 0.8))
+    if site in ("venous_outflow", "upper_arm") and rng.random() < SHALLOW_PROBABILITY:
+        d = 1.0 - (1.0 - d) * rng.uniform(0.25, 0.5)  # far from the anastomosis the flow pulse is damped
     fb = p.break_hz * np.exp(rng.normal(0.0, 0.04))  # small site-to-site variation
     white = np.fft.rfft(rng.standard_normal(n))
-    bruit = d * _shaped(white, break_spectrum(freqs, 0.8 * fb), n) \
-        + (1 - d) * systole * _shaped(white, break_spectrum(freqs, 1.5 * fb), n)
+    shape = flow_peak(freqs, p.flow_peak_hz)
+    bruit = d * _shaped(white, shape * break_spectrum(freqs, 0.8 * fb), n) \
+        + (1 - d) * systole * _shaped(white, shape * break_spectrum(freqs, 1.5 * fb), n)
 
     # Motion bursts: Hann-windowed low-frequency thumps, picked up through the same sensor as the bruit.
     bruit_rms = np.sqrt(np.mean(bruit ** 2))
@@ -186,12 +218,13 @@ def render_recording(rng: np.random.Generator, p: Patient, site: str, sample_rat
     # Electronic noise and mains hum come after the sensor's acoustic coloration.
     snr = rng.uniform(*SNR_DB_RANGE) if snr_db is None else snr_db
     x += 10 ** (-snr / 20.0) * rng.standard_normal(n)
-    hum_amp = 10 ** (rng.uniform(-30.0, -10.0) / 20.0) * np.sqrt(2)
-    mains = p.mains_hz + rng.normal(0.0, 0.03)
-    for harmonic, rel in ((1, 1.0), (2, rng.uniform(0.1, 0.4)), (3, rng.uniform(0.05, 0.3))):
-        x += hum_amp * rel * np.sin(2 * np.pi * harmonic * mains * t + rng.uniform(0, 2 * np.pi))
+    if rng.random() < HUM_PROBABILITY:
+        hum_amp = 10 ** (rng.uniform(*HUM_DB_RANGE) / 20.0) * np.sqrt(2)
+        mains = p.mains_hz + rng.normal(0.0, 0.03)
+        for harmonic, rel in ((1, 1.0), (2, rng.uniform(0.1, 0.4)), (3, rng.uniform(0.05, 0.3))):
+            x += hum_amp * rel * np.sin(2 * np.pi * harmonic * mains * t + rng.uniform(0, 2 * np.pi))
 
-    gain_db = rng.uniform(-28.0, -25.0) + SITE_GAIN_DB[site] + rng.normal(0.0, 0.5)
+    gain_db = rng.uniform(*LEVEL_DBFS_RANGE) + SITE_GAIN_DB[site] - 20 * np.log10(np.sqrt(np.mean(x ** 2)))
     x = np.clip(x * 10 ** (gain_db / 20.0), -1.0, 1.0)  # a strong motion burst may clip, as it would on a device
     truth = onsets[onsets < duration_s]
     return x.astype(np.float32), truth
