@@ -194,7 +194,7 @@ def render_recording(rng: np.random.Generator, p: Patient, site: str, sample_rat
     # Bruit: diastolic flow noise plus the systolic jet, both shaped from one white source (coherent low band).
     d = float(np.clip(p.diastolic_fraction + rng.normal(0.0, 0.015), 0.03, 0.8))
     if site in ("venous_outflow", "upper_arm") and rng.random() < SHALLOW_PROBABILITY:
-        d = 1.0 - (1.0 - d) * rng.uniform(0.25, 0.5)  # far from the anastomosis the flow pulse is damped
+        d = 1.0 - (1.0 - d) * rng.uniform(0.4, 0.7)  # far from the anastomosis the flow pulse is damped
     fb = p.break_hz * np.exp(rng.normal(0.0, 0.04))  # small site-to-site variation
     white = np.fft.rfft(rng.standard_normal(n))
     shape = flow_peak(freqs, p.flow_peak_hz)
