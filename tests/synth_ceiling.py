@@ -18,7 +18,7 @@ from sklearn.preprocessing import StandardScaler
 
 from vascdist.config import AudioConfig, CycleConfig
 from vascdist.data.audio import load_audio
-from vascdist.data.cycles import find_cycle_onsets
+from vascdist.data.cycles import segment
 from vascdist.data.synth import draw_patient, synthesize
 
 out = Path(sys.argv[1]); n_pat = int(sys.argv[2]) if len(sys.argv) > 2 else 200
@@ -39,7 +39,7 @@ def features(x):
     band = (f >= 30) & (f <= 1800)
     f, p = f[band], p[band]
     centroid = np.sum(f * p) / np.sum(p)
-    onsets = find_cycle_onsets(x, fs, ccfg)
+    onsets = segment(x, fs, ccfg).onsets  # an aperiodic recording: its fixed windows (ratio near 0)
     sys_e, dia_e, sys_c, dia_c = [], [], [], []
     for a, b in zip(onsets[:-1], onsets[1:]):
         L = b - a

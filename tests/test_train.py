@@ -96,7 +96,8 @@ def test_evaluate_and_predict_cli(straight_run, synth_dir, tmp_path):
         assert math.isclose(sum(p["probabilities"].values()), 1.0, rel_tol=1e-5)
 
     short = tmp_path / "short.wav"
-    sf.write(short, np.random.default_rng(0).normal(0, 0.1, 3000).astype(np.float32), 4000)
+    # 0.3 s: a padded 1-s window would still be 70 % padding (preprocess.cycles.pad_fraction 0.5)
+    sf.write(short, np.random.default_rng(0).normal(0, 0.1, 1200).astype(np.float32), 4000)
     result = run_cli("predict", str(run), str(short))
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
     assert "short.wav" in result.stderr and "cycle" in result.stderr
