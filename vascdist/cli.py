@@ -170,7 +170,8 @@ def _add_predict(sub) -> None:
             _print_quality(r)
         for v in verdicts:
             probs = "  ".join(f"P({k})={p:.3f}" for k, p in v["probabilities"].items())
-            print(f"patient {v['patient']}: {v['verdict'].upper()}  {probs}  ({len(v['recordings'])} recordings"
+            cut = "" if v["threshold"] is None else f", threshold {v['threshold']:.3f}"
+            print(f"patient {v['patient']}: {v['verdict'].upper()}  {probs}  ({len(v['recordings'])} recordings{cut}"
                   + (f", {v['warnings']} quality warnings)" if v["warnings"] else ")"))
     p.set_defaults(func=run)
 
