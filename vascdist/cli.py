@@ -87,8 +87,31 @@ def _add_models(sub) -> None:
     p.add_argument("pattern", nargs="?", default="*")
 
     def run(a):
-        from vascdist.models import list_models
-        print("\n".join(list_models(a.pattern)))
+        from vascdist.model_names import model_names  # the registry's names, read without importing torch
+        print("\n".join(model_names(a.pattern)))
+    p.set_defaults(func=run)
+
+
+def _add_config(sub) -> None:
+    p = sub.add_parser("config", help="print the resolved config: every key's value, default and docstring")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (path or name in configs/); default: defaults")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01")
+    p.add_argument("--diff", action="store_true", help="only the keys that differ from the defaults")
+    p.add_argument("--markdown", action="store_true", help="print the config reference (docs/config.md) instead")
+
+    def run(a):
+        from vascdist.config import load_config
+        from vascdist.config.checks import check_config
+        from vascdist.config.reference import format_config, markdown_reference
+        if a.markdown:
+            print(markdown_reference(), end="")
+            return
+        config, overrides = a.config, list(a.overrides)
+        if config is not None and "=" in config:  # `vascdist config optim.lr=0.1`: overrides only
+            config, overrides = None, [config] + overrides
+        cfg = load_config(config, overrides)
+        check_config(cfg)
+        print(format_config(cfg, diff_only=a.diff))
     p.set_defaults(func=run)
 
 
@@ -181,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vascdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_synth, _add_manifest, _add_preprocess, _add_shards, _add_train, _add_evaluate, _add_predict,
-                _add_models, _add_env):
+                _add_models, _add_config, _add_env):
         add(sub)
     _add_passthrough(sub, "bench", "benchmarks (loader, train, make-shards, scaling, preprocess, checkpoint, dist); "
                      "see BENCHMARKS.md", "vascdist.bench")
