@@ -61,7 +61,8 @@ def _add_preprocess(sub) -> None:
         else:
             from vascdist.data.preprocess import preprocess
             index = preprocess(a.manifest, a.out, cfg.preprocess, workers=a.workers, skip_bad=a.skip_bad,
-                               progress=not a.quiet, overwrite=a.overwrite)
+                               progress=not a.quiet, overwrite=a.overwrite,
+                               progress_interval_s=cfg.run.progress_interval_s)
         print(f"wrote {len(index['shards'])} shards to {a.out}: " +
               ", ".join(f"{s}={c['samples']}" for s, c in index["splits"].items()))
     p.set_defaults(func=run)

@@ -37,7 +37,8 @@ def ensure_data(cfg: Config, quiet: bool) -> None:
         print(f"synthesising {cfg.data.synth_patients} patients into {raw} (seed {cfg.data.synth_seed})", flush=True)
     manifest = synthesize(raw, n_patients=cfg.data.synth_patients, seed=cfg.data.synth_seed,
                           sample_rate=cfg.preprocess.audio.sample_rate)
-    preprocess(manifest, shards, cfg.preprocess, workers=2, progress=not quiet)
+    preprocess(manifest, shards, cfg.preprocess, workers=2, progress=not quiet,
+               progress_interval_s=cfg.run.progress_interval_s)
 
 
 def pick_run_dir(cfg: Config, resume: str | None, run_dir: str | None) -> Path:
