@@ -36,6 +36,11 @@ def _add_manifest(sub) -> None:
         cfg = load_config(a.config)
         n = build_manifest(a.root, a.out, classes=cfg.preprocess.classes, patient_pattern=a.patient_pattern)
         print(f"wrote {a.out} ({n} recordings)")
+        if not a.patient_pattern:
+            print(f"vascdist manifest: WARNING: no --patient-pattern, so each of the {n} recordings is its own patient; "
+                  "recordings of one patient can then land in different splits and leak between train and test. "
+                  "Give the regex whose first group is the patient id, e.g. --patient-pattern '(?i)^(p\\d+)_' for "
+                  "P001_left.wav, p001_right.wav", file=sys.stderr)
     p.set_defaults(func=run)
 
 
@@ -161,20 +166,41 @@ def _add_predict(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     p.add_argument("files", nargs="+", help="WAV (or any soundfile-readable) recordings")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="go on past files that cannot be read or hold too few cycles; they are listed on stderr "
+                        "and the exit code is 1")
 
     def run(a):
         import json
         from vascdist.inference import predict_files
-        results = predict_files(a.checkpoint, a.files)
+        skipped: list[dict] | None = [] if a.skip_bad else None
+        results = predict_files(a.checkpoint, a.files, skipped=skipped)
         if a.json:
             print(json.dumps(results, indent=1))
-            return
-        for r in results:
+        for r in [] if a.json else results:
             probs = "  ".join(f"P({k})={v:.3f}" for k, v in r["probabilities"].items())
             per_cycle = " ".join(f"{list(c['probabilities'].values())[-1]:.2f}" for c in r["cycles"])
             print(f"{r['file']}: {r['verdict'].upper()}  {probs}  ({len(r['cycles'])} cycles; "
                   f"per-cycle P({list(r['probabilities'])[-1]}): {per_cycle})")
+        if results and not a.json:
+            print(decision_rule(results[0]))
+        for s in skipped or []:
+            print(f"vascdist predict: skipped {s['reason']}", file=sys.stderr)
+        if skipped:
+            print(f"vascdist predict: {len(skipped)} of {len(a.files)} files skipped", file=sys.stderr)
+            return 1
     p.set_defaults(func=run)
+
+
+def decision_rule(result: dict) -> str:
+    """The line that says how predict turned probabilities into verdicts."""
+    classes = list(result["probabilities"])
+    if result["threshold"] is None:
+        return f"verdict: the class of highest mean probability ({', '.join(classes)})"
+    where = "chosen on the validation set" if result.get("threshold_source") == "validation" else \
+        "the default: this checkpoint holds no validation threshold"
+    return (f"verdict: {classes[1]} when the mean P({classes[1]}) over cycles >= {result['threshold']:.3f} "
+            f"(threshold {where})")
 
 
 def _add_env(sub) -> None:
