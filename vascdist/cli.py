@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from vascdist.errors import VascdistError
+
+
+def _require_path(path: str, what: str) -> None:
+    """A missing input is said at once, before the heavy imports of the command that reads it."""
+    if not Path(path).exists():
+        raise VascdistError(f"{path}: {what} not found")
 
 
 def _add_synth(sub) -> None:
@@ -60,6 +67,9 @@ def _add_preprocess(sub) -> None:
     def run(a):
         from vascdist.config import load_config
         cfg = load_config(a.config, a.overrides)
+        source = Path(a.beats or a.manifest)
+        if not source.is_file():  # said before torch and h5py are imported (seconds)
+            raise VascdistError(f"{source}: {'beats CSV' if a.beats else 'manifest'} not found")
         if a.beats:
             from vascdist.data.beats import preprocess_beats
             index = preprocess_beats(a.beats, a.out, cfg.preprocess, overwrite=a.overwrite)
@@ -147,6 +157,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--out", default=None, help="metrics JSON to write (default RUN/eval-<split>.json)")
 
     def run(a):
+        _require_path(a.run, "run directory or checkpoint")
         from vascdist.inference import evaluate_checkpoint
         from vascdist.runner import format_summary
         result = evaluate_checkpoint(a.run, a.shards, a.split, a.out)
@@ -171,6 +182,11 @@ def _add_predict(sub) -> None:
                         "and the exit code is 1")
 
     def run(a):
+        _require_path(a.checkpoint, "checkpoint or run directory")
+        missing = [f for f in a.files if not Path(f).is_file()]
+        if missing and not a.skip_bad:
+            raise VascdistError(f"{missing[0]}: file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                                                                   else "") + "; --skip-bad goes on past bad files")
         import json
         from vascdist.inference import predict_files
         skipped: list[dict] | None = [] if a.skip_bad else None
