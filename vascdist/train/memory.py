@@ -3,12 +3,14 @@ is refused with one line instead of being killed by the kernel's OOM killer minu
 
 The activation part is measured, not guessed: one forward pass of a batch of 2 in training mode records the bytes
 of every tensor autograd saves for the backward pass (`torch.autograd.graph.saved_tensors_hooks`), which scales
-with the micro-batch. Weights, gradients and optimiser state come from the parameter count. The estimate is in
-fp32 (bf16 autocast saves less), so it errs on the side of refusing; `train.check_memory=false` skips it.
+with the micro-batch (measured under bf16 autocast when the run uses bf16). Weights, gradients and optimiser
+state come from the parameter count. Workspace and allocator slack are not counted, so a step that fits by a
+hair may still fail; `train.check_memory=false` skips the check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -16,13 +18,15 @@ from torch import nn
 
 from vascdist.config import Config, batch_sizes
 from vascdist.errors import ConfigError
+from vascdist.train.precision import uses_bf16
 
 GB = 1e9
 OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "adamw": 2, "adabound": 2}  # fp32 tensors per parameter (SGD: momentum)
 
 
-def saved_bytes_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Bytes autograd keeps for the backward pass per sample (parameters excluded), from a batch of 2."""
+def saved_bytes_per_sample(model: nn.Module, input_shape: tuple[int, ...], bf16: bool = False) -> int:
+    """Bytes autograd keeps for the backward pass per sample (parameters excluded), from a batch of 2 on the CPU
+    (under bf16 autocast when `bf16`: the dtypes a bf16 run saves)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
     total = 0
@@ -38,18 +42,20 @@ def saved_bytes_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> in
     was_training = model.training
     model.train()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
             model(torch.zeros((2, *input_shape)))
     finally:
         model.train(was_training)
     return total // 2
 
 
-def step_bytes(cfg: Config, model: nn.Module, input_shape: tuple[int, ...], micro_batch: int) -> tuple[int, int]:
-    """(activation bytes of one micro-batch, bytes of weights + gradients + optimiser state), fp32."""
+def step_bytes(cfg: Config, model: nn.Module, input_shape: tuple[int, ...], micro_batch: int,
+               bf16: bool = False) -> tuple[int, int]:
+    """(activation bytes of one micro-batch, bytes of fp32 weights + gradients + optimiser state)."""
     n_params = sum(p.numel() for p in model.parameters())
     states = OPTIMIZER_STATES.get(cfg.optim.name, 2) if not (cfg.optim.name == "sgd" and cfg.optim.momentum == 0) else 0
-    return saved_bytes_per_sample(model, input_shape) * micro_batch, 4 * n_params * (2 + states)
+    return saved_bytes_per_sample(model, input_shape, bf16) * micro_batch, 4 * n_params * (2 + states)
 
 
 def available_bytes(device: torch.device) -> tuple[int, str]:
@@ -69,7 +75,7 @@ def check_memory(cfg: Config, index: dict, device: torch.device, world_size: int
     shape = tuple(index["sample_shape"])
     micro = batch_sizes(cfg.data.batch_size, world_size, cfg.train.grad_accum).micro
     model = build_model(cfg.model, len(index["classes"]), shape)  # on the CPU: the estimate needs no device
-    activations, states = step_bytes(cfg, model, shape, micro)
+    activations, states = step_bytes(cfg, model, shape, micro, uses_bf16(cfg.train.precision, device))
     need = activations + states
     free, where = available_bytes(device)
     if need > free:
