@@ -41,7 +41,8 @@ def test_config_errors_and_models_do_not_import_torch(tmp_path):
     code = ("import sys; from vascdist.cli import main; rc = main(sys.argv[1:]); "
             "print('torch' in sys.modules, rc)")
     for argv in (["models"], ["config", "quickstart", "--diff"], ["train", "model.name=resnet19"],
-                 ["train", "optim.lrr=1"], ["train", "no-such-config.yaml"]):
+                 ["train", "optim.lrr=1"], ["train", "no-such-config.yaml"],
+                 ["preprocess", "--manifest", "missing.csv", "--out", "shards"], ["predict", "runs/none", "a.wav"]):
         out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path)
         assert out.stdout.strip().splitlines()[-1].startswith("False"), (argv, out.stdout, out.stderr)
 

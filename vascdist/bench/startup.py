@@ -27,6 +27,7 @@ COMMANDS = [
     ("train: unknown key", ["train", "optim.lrr=0.1"]),
     ("train: unknown model", ["train", "model.name=resnet19"]),
     ("preprocess: missing manifest", ["preprocess", "--manifest", "missing.csv", "--out", "shards"]),
+    ("predict: missing checkpoint", ["predict", "runs/none", "a.wav"]),
 ]
 
 
