@@ -3,7 +3,7 @@
 #
 #   slurm/local-cluster.sh start    # install what is missing, start munged + slurmctld + 2 slurmd, wait for idle
 #   slurm/local-cluster.sh status   # print sinfo; exit non-zero unless both nodes are up
-#   slurm/local-cluster.sh stop     # cancel all jobs, stop the daemons (the next start begins clean)
+#   slurm/local-cluster.sh stop     # cancel all jobs, stop the daemons, remove the /etc/hosts line start added
 #
 # Everything lives under $VASCDIST_SLURM_DIR (default /tmp/vascdist-slurm): slurm.conf, a private munge key
 # and socket, state, spool, pids, logs.  Nothing touches /etc/slurm or the system munged, and the ports
@@ -21,6 +21,7 @@ CONF="$STATE/slurm.conf"
 MUNGE="$STATE/munge"
 LOGS="$STATE/log"
 NODES=(n1 n2)
+HOSTS_TAG="# vascdist local SLURM cluster"
 PACKAGES=(slurmctld slurmd slurm-client munge)
 PATH="$PATH:/usr/sbin:/sbin"
 export SLURM_CONF="$CONF"
@@ -62,10 +63,24 @@ ensure_hosts() {
     for n in "${NODES[@]}"; do
         if [ "$(getent ahostsv4 "$n" 2>/dev/null | awk 'NR==1{print $1}')" != "127.0.0.1" ]; then
             log "adding '127.0.0.1 ${NODES[*]}' to /etc/hosts"
-            echo "127.0.0.1 ${NODES[*]}  # vascdist local SLURM cluster" | as_root tee -a /etc/hosts >/dev/null
+            echo "127.0.0.1 ${NODES[*]}  $HOSTS_TAG" | as_root tee -a /etc/hosts >/dev/null
+            mkdir -p "$STATE" && touch "$STATE/hosts-added"  # so that stop removes exactly what start added
             return 0
         fi
     done
+}
+
+# Undo ensure_hosts: drop the tagged line, writing /etc/hosts in place (in containers it is a bind mount, which
+# a rename cannot replace).
+remove_hosts() {
+    [ -f "$STATE/hosts-added" ] || return 0
+    if grep -q "$HOSTS_TAG\$" /etc/hosts; then
+        log "removing '127.0.0.1 ${NODES[*]}' from /etc/hosts"
+        grep -v "$HOSTS_TAG\$" /etc/hosts >"$STATE/hosts.new" || true
+        as_root tee /etc/hosts <"$STATE/hosts.new" >/dev/null
+        rm -f "$STATE/hosts.new"
+    fi
+    rm -f "$STATE/hosts-added"
 }
 
 # RealMemory per node: 90% of this host's memory in MB (each slurmd reports the whole host, so both fit).
@@ -242,6 +257,7 @@ cmd_stop() {
     stop_pidfiles "$STATE/slurmctld.pid" "$STATE"/slurmd-*.pid
     stop_stepds
     stop_pidfiles "$MUNGE/munged.pid"
+    remove_hosts
     log "stopped"
 }
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from slurm_cluster import stop_started_cluster_at_exit  # noqa: F401 (session teardown of a started SLURM cluster)
 from vascdist.config import PreprocessConfig
 from vascdist.data.preprocess import preprocess
 from vascdist.data.synth import synthesize

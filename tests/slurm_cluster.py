@@ -8,14 +8,17 @@
         assert wait_job(job_id, env, timeout=60) == "COMPLETED"
 
 Accounting is off (no slurmdbd), so `sacct` does not work: job state comes from `scontrol show job`, which
-keeps a finished job for MinJobAge (30 s) after it ends. The cluster is left running after the tests, so the
-next run starts in a second; `slurm/local-cluster.sh stop` tears it down.
+keeps a finished job for MinJobAge (30 s) after it ends. A cluster that this test session started is stopped
+when the session ends (`slurm/local-cluster.sh stop`: daemons, jobs and the `127.0.0.1 n1 n2` line it added to
+/etc/hosts); one that was already running is left alone. VASCDIST_KEEP_SLURM=1 keeps a started one running, so
+that the next session starts in a second instead of ten.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +34,7 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PRE
 
 _started: dict | None = None  # the env, once this process has seen the cluster up
 _failure: str | None = None  # why the cluster could not be started, so later tests do not retry
+_started_here = False  # whether this process ran `start` (and so should run `stop` at the end)
 
 
 def _unavailable(reason: str):
@@ -53,7 +57,7 @@ def ensure_cluster(timeout: float = 900) -> dict:
     mirror); later starts take about 2 s. If the cluster cannot be started the test is skipped with the
     reason, or failed when the environment variable VASCDIST_REQUIRE_SLURM=1 is set.
     """
-    global _started, _failure
+    global _started, _failure, _started_here
     if _started is not None:
         return dict(_started)
     if _failure is not None:
@@ -63,6 +67,7 @@ def ensure_cluster(timeout: float = 900) -> dict:
     try:
         if subprocess.run(["bash", str(SCRIPT), "status"], timeout=30, **run).returncode != 0:
             proc = subprocess.run(["bash", str(SCRIPT), "start"], timeout=timeout, **run)
+            _started_here = True  # even a failed start may leave daemons or the hosts line behind
             if proc.returncode != 0:
                 tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
                 _failure = f"{SCRIPT.name} start exited {proc.returncode}: {tail}"
@@ -72,6 +77,29 @@ def ensure_cluster(timeout: float = 900) -> dict:
         _unavailable(_failure)
     _started = env
     return dict(env)
+
+
+def stop_if_started_here() -> str | None:
+    """Stop the cluster if this process started it, unless VASCDIST_KEEP_SLURM=1; returns what was done."""
+    global _started, _started_here
+    if not _started_here:
+        return None
+    if os.environ.get("VASCDIST_KEEP_SLURM") == "1":
+        return "kept running (VASCDIST_KEEP_SLURM=1)"
+    proc = subprocess.run(["bash", str(SCRIPT), "stop"], env=cluster_env(), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    _started, _started_here = None, False
+    return "stopped" if proc.returncode == 0 else f"stop exited {proc.returncode}: {proc.stderr.strip()[-300:]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_started_cluster_at_exit(pytestconfig):
+    """Session teardown (imported by conftest.py): stop what the tests started, and say so."""
+    yield
+    outcome = stop_if_started_here()
+    if outcome:  # with pytest's capture off, so that it is seen
+        with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+            sys.stderr.write(f"\nlocal SLURM cluster (started by these tests): {outcome}\n")
 
 
 @pytest.fixture

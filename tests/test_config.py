@@ -22,7 +22,7 @@ def test_round_trip_through_dict():
     ("optim.lr=-1", "config key 'optim.lr' must be > 0"),
     ("data.batch_size=abc", "config key 'data.batch_size' must be int"),
     ("model.stem=huge", "config key 'model.stem'"),
-    ("train.grad_accum=3", "config key 'train.grad_accum' must divide data.batch_size"),
+    ("train.grad_accum=3", "config key 'data.batch_size' (64) must be divisible by the number of ranks x 'train.grad_accum' (1 x 3 = 3)"),
     ("optim=3", "config key 'optim' must be a mapping"),
     ("nonsense", "must look like section.key=value"),
 ])

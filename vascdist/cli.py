@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from vascdist.errors import VascdistError
+
+
+def _require_path(path: str, what: str) -> None:
+    """A missing input is said at once, before the heavy imports of the command that reads it."""
+    if not Path(path).exists():
+        raise VascdistError(f"{path}: {what} not found")
 
 
 def _add_synth(sub) -> None:
@@ -36,6 +43,11 @@ def _add_manifest(sub) -> None:
         cfg = load_config(a.config)
         n = build_manifest(a.root, a.out, classes=cfg.preprocess.classes, patient_pattern=a.patient_pattern)
         print(f"wrote {a.out} ({n} recordings)")
+        if not a.patient_pattern:
+            print(f"vascdist manifest: WARNING: no --patient-pattern, so each of the {n} recordings is its own patient; "
+                  "recordings of one patient can then land in different splits and leak between train and test. "
+                  "Give the regex whose first group is the patient id, e.g. --patient-pattern '(?i)^(p\\d+)_' for "
+                  "P001_left.wav, p001_right.wav", file=sys.stderr)
     p.set_defaults(func=run)
 
 
@@ -55,13 +67,17 @@ def _add_preprocess(sub) -> None:
     def run(a):
         from vascdist.config import load_config
         cfg = load_config(a.config, a.overrides)
+        source = Path(a.beats or a.manifest)
+        if not source.is_file():  # said before torch and h5py are imported (seconds)
+            raise VascdistError(f"{source}: {'beats CSV' if a.beats else 'manifest'} not found")
         if a.beats:
             from vascdist.data.beats import preprocess_beats
             index = preprocess_beats(a.beats, a.out, cfg.preprocess, overwrite=a.overwrite)
         else:
             from vascdist.data.preprocess import preprocess
             index = preprocess(a.manifest, a.out, cfg.preprocess, workers=a.workers, skip_bad=a.skip_bad,
-                               progress=not a.quiet, overwrite=a.overwrite)
+                               progress=not a.quiet, overwrite=a.overwrite,
+                               progress_interval_s=cfg.run.progress_interval_s)
         print(f"wrote {len(index['shards'])} shards to {a.out}: " +
               ", ".join(f"{s}={c['samples']}" for s, c in index["splits"].items()))
     p.set_defaults(func=run)
@@ -87,8 +103,31 @@ def _add_models(sub) -> None:
     p.add_argument("pattern", nargs="?", default="*")
 
     def run(a):
-        from vascdist.models import list_models
-        print("\n".join(list_models(a.pattern)))
+        from vascdist.model_names import model_names  # the registry's names, read without importing torch
+        print("\n".join(model_names(a.pattern)))
+    p.set_defaults(func=run)
+
+
+def _add_config(sub) -> None:
+    p = sub.add_parser("config", help="print the resolved config: every key's value, default and docstring")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (path or name in configs/); default: defaults")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01")
+    p.add_argument("--diff", action="store_true", help="only the keys that differ from the defaults")
+    p.add_argument("--markdown", action="store_true", help="print the config reference (docs/config.md) instead")
+
+    def run(a):
+        from vascdist.config import load_config
+        from vascdist.config.checks import check_config
+        from vascdist.config.reference import format_config, markdown_reference
+        if a.markdown:
+            print(markdown_reference(), end="")
+            return
+        config, overrides = a.config, list(a.overrides)
+        if config is not None and "=" in config:  # `vascdist config optim.lr=0.1`: overrides only
+            config, overrides = None, [config] + overrides
+        cfg = load_config(config, overrides)
+        check_config(cfg)
+        print(format_config(cfg, diff_only=a.diff))
     p.set_defaults(func=run)
 
 
@@ -118,6 +157,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--out", default=None, help="metrics JSON to write (default RUN/eval-<split>.json)")
 
     def run(a):
+        _require_path(a.run, "run directory or checkpoint")
         from vascdist.inference import evaluate_checkpoint
         from vascdist.runner import format_summary
         result = evaluate_checkpoint(a.run, a.shards, a.split, a.out)
@@ -152,27 +192,42 @@ def _add_predict(sub) -> None:
     p.add_argument("--patient", default=None, help="all FILES are of this patient: add a patient-level verdict")
     p.add_argument("--manifest", default=None,
                    help="manifest CSV (path,patient_id,...): patient ids of FILES (or, without FILES, its recordings)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="go on past files that cannot be read or hold too few cycles; they are listed on stderr "
+                        "and the exit code is 1")
 
     def run(a):
+        _require_path(a.checkpoint, "checkpoint or run directory")
+        missing = [f for f in a.files if not Path(f).is_file()]
+        if missing and not a.skip_bad:
+            raise VascdistError(f"{missing[0]}: file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                                                                   else "") + "; --skip-bad goes on past bad files")
         import json
         from vascdist.inference import predict_files
         files, patients = _predict_patients(a)
-        results = predict_files(a.checkpoint, files)
+        skipped: list[dict] | None = [] if a.skip_bad else None
+        results = predict_files(a.checkpoint, files, skipped=skipped)
         verdicts = _patient_verdicts(a.checkpoint, results, patients) if patients else []
         if a.json:
             print(json.dumps({"recordings": results, "patients": verdicts} if patients else results, indent=1))
-            return
-        for r in results:
+        for r in [] if a.json else results:
             probs = "  ".join(f"P({k})={v:.3f}" for k, v in r["probabilities"].items())
             per_cycle = " ".join(f"{list(c['probabilities'].values())[-1]:.2f}" for c in r["cycles"])
             print(f"{r['file']}: {r['verdict'].upper()}  {probs}  ({len(r['cycles'])} cycles; "
                   f"per-cycle P({list(r['probabilities'])[-1]}): {per_cycle})")
             _print_quality(r)
-        for v in verdicts:
+        for v in [] if a.json else verdicts:
             probs = "  ".join(f"P({k})={p:.3f}" for k, p in v["probabilities"].items())
             cut = "" if v["threshold"] is None else f", threshold {v['threshold']:.3f}"
             print(f"patient {v['patient']}: {v['verdict'].upper()}  {probs}  ({len(v['recordings'])} recordings{cut}"
                   + (f", {v['warnings']} quality warnings)" if v["warnings"] else ")"))
+        if results and not a.json:
+            print(decision_rule(results[0]))
+        for s in skipped or []:
+            print(f"vascdist predict: skipped {s['reason']}", file=sys.stderr)
+        if skipped:
+            print(f"vascdist predict: {len(skipped)} of {len(a.files)} files skipped", file=sys.stderr)
+            return 1
     p.set_defaults(func=run)
 
 
@@ -231,6 +286,17 @@ def _add_inspect(sub) -> None:
     p.set_defaults(func=run)
 
 
+def decision_rule(result: dict) -> str:
+    """The line that says how predict turned probabilities into verdicts."""
+    classes = list(result["probabilities"])
+    if result["threshold"] is None:
+        return f"verdict: the class of highest mean probability ({', '.join(classes)})"
+    where = "chosen on the validation set" if result.get("threshold_source") == "validation" else \
+        "the default: this checkpoint holds no validation threshold"
+    return (f"verdict: {classes[1]} when the mean P({classes[1]}) over cycles >= {result['threshold']:.3f} "
+            f"(threshold {where})")
+
+
 def _add_env(sub) -> None:
     p = sub.add_parser("env", help="versions of the stack, extensions, devices, backends and SLURM commands "
                                    "(exit 2 when something a command needs is broken)")
@@ -259,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vascdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_synth, _add_manifest, _add_preprocess, _add_shards, _add_train, _add_evaluate, _add_predict,
-                _add_inspect, _add_models, _add_env):
+                _add_inspect, _add_models, _add_config, _add_env):
         add(sub)
     _add_passthrough(sub, "bench", "benchmarks (loader, train, make-shards, scaling, preprocess, checkpoint, dist); "
                      "see BENCHMARKS.md", "vascdist.bench")

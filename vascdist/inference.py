@@ -98,8 +98,12 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
 
 
 @torch.no_grad()
-def predict_files(checkpoint: str, files: list[str]) -> list[dict]:
-    """Per recording: per-cycle probabilities and the verdict, with the checkpoint's own preprocessing."""
+def predict_files(checkpoint: str, files: list[str], skipped: list[dict] | None = None) -> list[dict]:
+    """Per recording: per-cycle probabilities and the verdict, with the checkpoint's own preprocessing.
+
+    A bad file (unreadable, silent, too few cycles) raises VascdistError naming it; when a `skipped` list is given
+    it is appended there as {'file', 'reason'} instead and the other files go on.
+    """
     from vascdist.data.audio import load_audio_stats
     from vascdist.data.preprocess import analyse_recording
     path = find_checkpoint(checkpoint)
@@ -113,21 +117,29 @@ def predict_files(checkpoint: str, files: list[str]) -> list[dict]:
     thresholds = state["progress"].get("val_thresholds") or {}
     results = []
     for file in files:
-        signal, stats = load_audio_stats(file, pcfg.audio)
         try:
-            spec, cycles, quality = analyse_recording(signal, pcfg, stats)
+            signal, stats = load_audio_stats(file, pcfg.audio)
+            try:
+                spec, cycles, quality = analyse_recording(signal, pcfg, stats)
+            except VascdistError as exc:
+                raise VascdistError(f"{file}: {exc}") from None
         except VascdistError as exc:
-            raise VascdistError(f"{file}: {exc}") from None
+            if skipped is None:
+                raise
+            skipped.append({"file": str(file), "reason": str(exc)})
+            continue
         x = inputs(torch.from_numpy(spec.astype(np.float16)))  # float16 as stored in shards, then as in training
         probs = torch.softmax(model(x).float(), dim=1).numpy()
         mean_probs = probs.mean(axis=0)
+        source = "validation" if "recording" in thresholds else "default"
         if len(classes) == 2:
             threshold = float(thresholds.get("recording", 0.5))
             verdict = classes[1] if mean_probs[1] >= threshold else classes[0]
         else:
             threshold, verdict = None, classes[int(mean_probs.argmax())]
         results.append({"file": str(file), "verdict": verdict, "probabilities": dict(zip(classes, mean_probs.tolist())),
-                        "threshold": threshold, **quality_fields(quality, info), "cycles": [
+                        "threshold": threshold, "threshold_source": source if threshold is not None else None,
+                        **quality_fields(quality, info), "cycles": [
                             {"cycle": int(c), "probabilities": dict(zip(classes, p.tolist()))} for c, p in zip(cycles, probs)]})
     return results
 

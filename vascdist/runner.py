@@ -8,13 +8,17 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from vascdist.config import Config, batch_sizes, load_config, save_config
-from vascdist.dist import DistEnv, broadcast_object, init_distributed, main_first, shutdown
+from vascdist.config.checks import check_against_index, check_config
+from vascdist.config.drift import CONFIG_FILE, check_resume, effective_config, record_changes
 from vascdist.errors import VascdistError
 from vascdist.fileio import atomic_write_json
 from vascdist.preemption import StopSignals, requeue_slurm_job
+
+if TYPE_CHECKING:  # vascdist.dist imports torch (seconds): loaded only once the config has passed its checks
+    from vascdist.dist import DistEnv
 
 DEFAULT_CONFIG = "quickstart"
 
@@ -33,7 +37,8 @@ def ensure_data(cfg: Config, quiet: bool) -> None:
         print(f"synthesising {cfg.data.synth_patients} patients into {raw} (seed {cfg.data.synth_seed})", flush=True)
     manifest = synthesize(raw, n_patients=cfg.data.synth_patients, seed=cfg.data.synth_seed,
                           sample_rate=cfg.preprocess.audio.sample_rate)
-    preprocess(manifest, shards, cfg.preprocess, workers=2, progress=not quiet)
+    preprocess(manifest, shards, cfg.preprocess, workers=2, progress=not quiet,
+               progress_interval_s=cfg.run.progress_interval_s)
 
 
 def pick_run_dir(cfg: Config, resume: str | None, run_dir: str | None) -> Path:
@@ -61,15 +66,44 @@ def format_summary(summary: dict) -> str:
              f"{'level':<10}" + "".join(f"{n:>19}" for n in names)]
     for lv in levels:
         lines.append(f"{lv:<10}" + "".join(f"{fmt(test.get(f'{lv}/{n}')):>19}" for n in names))
-    lines.append(f"run directory: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']}/tb)")
+    lines.append(f"run directory: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']}/tb)"
+                 if summary.get("show_run_dir", True) else f"tensorboard --logdir {summary['run_dir']}/tb")
     return "\n".join(lines)
+
+
+def resume_checkpoint(resume: str | None, run_dir: Path) -> tuple[Path | None, int]:
+    """(checkpoint file a --resume value picks in `run_dir`, its step); (None, 0) when there is none to resume."""
+    if not resume:
+        return None, 0
+    from vascdist.train.checkpoint import STEP_FILE, resolve_resume
+    path = resolve_resume(resume, run_dir / "checkpoints")
+    match = STEP_FILE.match(path.name) if path else None
+    return path, int(match.group(1)) if match else 0
+
+
+def prepare_run_dir(cfg: Config, path: Path, resume_from: Path | None, step: int) -> None:
+    """A resume may only make safe changes (recorded in the config history); a new run writes config.yaml."""
+    origin = resume_from.parent.parent if resume_from else None  # <run>/checkpoints/step-*.pt
+    previous = effective_config(origin) if origin else None
+    changes = check_resume(cfg, previous) if previous is not None else {}
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / CONFIG_FILE).exists():  # the original is never rewritten
+        save_config(cfg, path / CONFIG_FILE)
+    elif changes:
+        record_changes(path, step, changes)
 
 
 def run_training(config: str | None, overrides: list[str], resume: str | None = None, run_dir: str | None = None,
                  quiet: bool = False, stop_requested: Callable[[], bool] = lambda: False,
                  env: DistEnv | None = None) -> dict:
-    """Parse, build, train, report; the process group is torn down on every exit path."""
+    """Check, parse, build, train, report; the process group is torn down on every exit path.
+
+    Everything that needs only the config is checked before anything is imported, synthesised or written;
+    what needs the shards' index right after it is read, before the run directory exists.
+    """
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    check_config(cfg)
+    from vascdist.dist import broadcast_object, init_distributed, main_first, shutdown
     own_env = env is None
     env = env or init_distributed(cfg.train.device, cfg.dist.timeout_s)
     try:
@@ -80,14 +114,28 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
         with main_first(env):
             if env.is_main:
                 ensure_data(cfg, quiet)
+        from vascdist.data.shards import load_index
+        index = load_index(cfg.data.shards)
+        check_against_index(cfg, index, env.world_size)
+        if cfg.train.check_memory:
+            from vascdist.train.memory import check_memory
+            check_memory(cfg, index, env.device, env.world_size)
         path = Path(broadcast_object(str(pick_run_dir(cfg, resume, run_dir)) if env.is_main else None, env))
+        resume_from, resume_step = resume_checkpoint(resume, path)
+        problem = None
         if env.is_main:
-            path.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, path / "config.yaml")
+            try:
+                prepare_run_dir(cfg, path, resume_from, resume_step)
+            except VascdistError as exc:
+                problem = str(exc)
+        problem = broadcast_object(problem, env)  # every rank stops with the same message instead of hanging
+        if problem:
+            raise VascdistError(problem)
+        if env.is_main:
             print(f"run directory: {path}", flush=True)
         from vascdist.train.loop import train
         with StopSignals((cfg.dist.requeue_signal, "TERM")) as signals:
-            summary = train(cfg, env, path, resume=resume, quiet=quiet,
+            summary = train(cfg, env, path, resume=str(resume_from) if resume_from else None, quiet=quiet,
                             stop_requested=lambda: signals.requested() or stop_requested())
         if env.is_main and summary["stopped"]:
             print(f"stopped at step {summary['step']} ({signals.received.name if signals.received else 'requested'}); "
@@ -98,7 +146,7 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
             from vascdist.data.shards import excluded_counts, load_index
             summary["test"].update(excluded_counts(load_index(cfg.data.shards), "test"))
             atomic_write_json(path / "test_metrics.json", summary["test"])
-            print(format_summary(summary), flush=True)
+            print(format_summary({**summary, "show_run_dir": False}), flush=True)  # printed once, at the start
         return summary
     finally:
         if own_env:

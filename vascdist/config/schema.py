@@ -300,6 +300,13 @@ class TrainConfig:
     """Also checkpoint every N steps (0: only after each evaluation)."""
     device: str = "auto"
     """'auto' (CUDA if present), 'cpu' or 'cuda'."""
+    check_memory: bool = True
+    """Refuse to start when the estimated memory of a training step exceeds the device's free memory."""
+
+    def planned_steps(self, steps_per_epoch: int) -> int:
+        """Optimiser steps the run takes: epochs x steps_per_epoch, capped by max_steps."""
+        total = self.epochs * steps_per_epoch
+        return min(total, self.max_steps) if self.max_steps else total
 
     def check(self, key: str) -> None:
         _require(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
@@ -348,6 +355,11 @@ class RunConfig:
     """Run name: runs/<name>/<time>/."""
     out_dir: str = "runs"
     """Parent of all run directories."""
+    progress_interval_s: float = 30.0
+    """Seconds between plain progress lines when stdout is not a terminal (0: a line every step)."""
+
+    def check(self, key: str) -> None:
+        _require(self.progress_interval_s >= 0, f"{key}.progress_interval_s", "must be >= 0")
 
 
 @dataclass

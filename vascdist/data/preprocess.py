@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from vascdist.config import PreprocessConfig
 from vascdist.data.audio import AudioStats, load_audio_stats
@@ -21,6 +20,7 @@ from vascdist.data.shards import ShardSetWriter, prepare_output_dir
 from vascdist.data.spectrogram import LogMel, cycle_windows
 from vascdist.data.splits import assign_splits
 from vascdist.errors import DataError
+from vascdist.progress import ProgressReporter
 
 _logmel: LogMel | None = None  # one per worker process, built on first use
 
@@ -77,8 +77,11 @@ def _init_worker() -> None:
 
 
 def preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessConfig, workers: int = 1,
-               skip_bad: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+               skip_bad: bool = False, progress: bool = True, overwrite: bool = False,
+               progress_interval_s: float = 30.0) -> dict:
     """Run the whole pipeline; returns the index written to out_dir/index.json.
+
+    Progress is a bar in a terminal, else a plain line every `progress_interval_s` seconds (vascdist.progress).
 
     Output is all-or-nothing: on an error every shard written by this run is removed again.
     """
@@ -105,8 +108,10 @@ def preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessConfig,
             torch.set_num_threads(1)
             pool, results = None, map(_process, jobs)
         try:
-            for rec, x, cycles, quality, error in tqdm(results, total=len(jobs), desc="preprocess", unit="rec",
-                                              disable=not progress):
+            bar = ProgressReporter("preprocess", len(jobs), unit="recording", enabled=progress,
+                                   interval_s=progress_interval_s)
+            for rec, x, cycles, quality, error in results:
+                bar.update(1)
                 if error:
                     if not skip_bad:
                         raise DataError(f"{error} (manifest row {rec.row}; --skip-bad goes on past bad recordings)")
@@ -122,6 +127,7 @@ def preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessConfig,
                 kept.append({"id": rec.recording_id, "patient": rec.patient_id, "path": str(rec.path),
                              "label": rec.label, "split": splits[rec.patient_id], "cycles": n,
                              "site": rec.site, "quality": quality})
+            bar.close()
         finally:
             torch.set_num_threads(threads)
             if pool is not None:

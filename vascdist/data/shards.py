@@ -298,5 +298,11 @@ def info(shards_dir: str | Path) -> str:
         counts = np.array(list(per_patient.values()))
         lines.append(f"\nsamples per patient: min {counts.min()}, median {int(np.median(counts))}, max {counts.max()} "
                      f"over {len(counts)} patients")
+    recordings = index.get("recordings", [])
+    one_each = len(recordings) > 1 and len({r["patient"] for r in recordings}) == len(recordings)
+    if index["kind"] == "spectrogram" and one_each:
+        lines.append(f"\nWARNING: every patient has exactly one recording ({len(recordings)}): if patients made more "
+                     "than one, their recordings may sit in different splits (build the manifest with "
+                     "`vascdist manifest --patient-pattern REGEX`)")
     lines += ["", "preprocessing parameters:", json.dumps(index["preprocess"], indent=1)]
     return "\n".join(lines)

@@ -4,7 +4,6 @@ run it unchanged; what differs between them arrives as a DistEnv and an engine."
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from vascdist.config import Config, batch_sizes, to_dict
 from vascdist.data.loader import ShardStream, StreamingLoader
@@ -25,6 +23,7 @@ from vascdist.train.checkpoint import CheckpointManager, capture_rng_state, reso
 from vascdist.train.engines import build_engine, prepare_module
 from vascdist.train.evaluate import improves, predict_arrays, split_metrics, validation_loss
 from vascdist.train.precision import autocast_context
+from vascdist.progress import ProgressReporter
 from vascdist.train.runlog import RunLogger
 from vascdist.train.losses import build_loss
 from vascdist.train.metrics import render_confusion_matrix, save_confusion_png, thresholds_from
@@ -156,8 +155,9 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
         examples = next(iter(val_loader), None)
         if examples is not None and examples["x"].dim() == 4:
             log.images("val/spectrogram_examples", 0, examples["x"][:8].float())
-    bar = tqdm(total=steps_per_epoch * cfg.train.epochs, initial=progress.step, desc="train", unit="step",
-               disable=quiet or not env.is_main or not sys.stdout.isatty(), dynamic_ncols=True)
+    bar = ProgressReporter("train", cfg.train.planned_steps(steps_per_epoch), initial=progress.step,
+                           enabled=not quiet and env.is_main, interval_s=cfg.run.progress_interval_s,
+                           rate_scale=cfg.data.batch_size, rate_unit="samples")
     stopped, finished = False, False
     module.train()
     while progress.epoch < cfg.train.epochs and not (stopped or finished):
@@ -194,12 +194,12 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
                                            f"{progress.step}; last good checkpoint kept in {run_dir / 'checkpoints'} "
                                            "(lower optim.lr or set train.grad_clip)")
             progress.step += 1
-            bar.update(1)
 
             # ---- logging (rank 0 only: RunLogger is disabled elsewhere)
             window_samples += cfg.data.batch_size
             elapsed = time.perf_counter() - window_start
             lrs = scheduler.current_lrs()
+            bar.update(1, epoch=f"{progress.epoch + 1}/{cfg.train.epochs}", loss=float(step_loss), lr=f"{lrs[0]:.3g}")
             scalars = {"train/loss": step_loss, "train/lr": lrs[0], **{f"train/lr/group{g}": lr for g, lr in enumerate(lrs)},
                        "train/bad_steps": progress.bad_steps_total}
             if log_now:
@@ -207,7 +207,6 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
                 scalars["train/samples_per_s"] = window_samples / elapsed
                 scalars["train/data_wait_fraction"] = data_wait / elapsed
                 log.jsonl({"step": progress.step, "epoch": progress.epoch, "split": "train", **scalars})
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lrs[0]:.3g}")
                 window_start, data_wait, window_samples = time.perf_counter(), 0.0, 0
             log.scalars(progress.step, scalars)
 
