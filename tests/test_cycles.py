@@ -17,7 +17,7 @@ from vascdist.data.synth import draw_patient, render_recording, synthesize
 from vascdist.errors import DataError
 
 AUDIO, CYCLES = AudioConfig(), CycleConfig()
-REAL = Path("/work/shared/realdata/vascular-access")
+REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "realdata" / "vascular-access"  # ../shared beside the checkout
 # The README there: 65-72 bpm, about 41-45 cycles in each 37.5-s file (arterial strongly, venous weakly periodic).
 REAL_BPM, REAL_CYCLES = (65.0, 72.0), (41, 45)
 

@@ -13,7 +13,7 @@ from conftest import run_cli
 from vascdist.inference import predict_files
 from vascdist.runner import run_training
 
-REAL = Path("/work/shared/realdata/vascular-access")
+REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "realdata" / "vascular-access"  # ../shared beside the checkout
 REAL_FILES = [REAL / "arterial_20190923.wav", REAL / "venous_20190923.wav"]
 GAINS_DB = (-20.0, -12.0, -6.0, 6.0, 12.0)
 

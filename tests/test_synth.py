@@ -83,7 +83,7 @@ def test_break_frequency_sets_where_the_bruit_spectrum_falls():
 
 
 def test_generator_statistics_match_the_shared_real_recordings(tmp_path):
-    """The real files' reference (README in /work/shared/realdata/vascular-access: centroid 150-200 Hz, spectral
+    """The real files' reference (README in ../shared/realdata/vascular-access: centroid 150-200 Hz, spectral
     peak 40-80 Hz, roll-off 540-780 Hz; periodicity 0.74 arterial, 0.49 venous, measured by cycles.segment; no
     mains line) against normal synthetic recordings."""
     from scipy import signal as sps
