@@ -120,7 +120,8 @@ def test_single_process_bf16_zero1_resumes_exactly(shards_dir, tmp_path):
 
     a, b = scalars(tmp_path / "a", "train/loss"), scalars(tmp_path / "b", "train/loss")
     assert a == b and len(a) == 8  # one process: resuming from the DeepSpeed directory is exact, bf16 included
-    assert a[8] < a[1]
+    # It learns: over 8 bf16 steps on issue 13's level-normalised data one step's loss is noisy, so compare means.
+    assert sum(a[k] for k in (6, 7, 8)) < sum(a[k] for k in (1, 2, 3)), a
     final_a, final_b = (weights(tmp_path / r / "checkpoints" / "step-00000008.pt") for r in "ab")
     assert final_b["conv1.weight"].dtype == torch.bfloat16  # DeepSpeed bf16 trains bf16 weights (fp32 master copy)
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)

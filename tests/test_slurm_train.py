@@ -185,7 +185,7 @@ def test_torchrun_script_keeps_the_agent_alive_through_usr2(shards_dir, tmp_path
 
 
 def test_sweep_submits_a_job_array(shards_dir, tmp_path):
-    proc = submit_cli("quickstart", *overrides(shards_dir, "train.max_steps=3"), "--sweep", "optim.lr=0.01,0.02",
+    proc = submit_cli("quickstart", *overrides(shards_dir, "train.max_steps=6"), "--sweep", "optim.lr=0.01,0.02",
                       "--time", "5", "--log-dir", str(tmp_path / "logs"), "--wait", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     jobs = submitted(proc.stdout)
