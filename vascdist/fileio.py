@@ -9,22 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-TEMP_SUFFIX = re.compile(r"\.\d+\.[0-9a-f]{8}\.tmp$")
-
-
 def temp_path(path: Path) -> Path:
     """A fresh temp name beside `path` (what `atomic_write` writes to before the rename)."""
     return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-
-
-def is_temp_of(name: str, final_name: str) -> bool:
-    """Whether file `name` is a temp file left by an atomic write of `final_name`."""
-    return name.startswith(f".{final_name}.") and bool(TEMP_SUFFIX.search(name))
 
 
 def fsync_dir(directory: Path) -> None:
