@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from vascdist.errors import VascdistError
-from vascdist.train.checkpoint import (CheckpointManager, atomic_torch_save, capture_rng_state, resolve_resume,
-                                       restore_rng_state)
+from vascdist.train.checkpoint import atomic_torch_save, capture_rng_state, restore_rng_state
+from vascdist.train.state import CheckpointManager, resolve_resume
 
 
 def _train_state(seed: int = 0) -> dict:

@@ -24,12 +24,15 @@ def _tree(root) -> list[str]:
     ("dist.requeue_signal=USR9", "dist.requeue_signal"),
     ("train.early_stop_metric=balanced_accuracy", "train.early_stop_metric"),
     ("train.max_steps=20", "sched.warmup_steps"),  # with sched.warmup_steps=50 below
+    ("model.name=resnext1d model.norm=group", "model.norm': model 'resnext1d' has no choice of normalisation"),
+    ("optim.lr=nan", "optim.lr' must be finite"),
+    ("optim.name=adabound optim.final_lr=0", "optim.final_lr"),
 ])
 def test_config_mistakes_fail_before_data_is_synthesised(tmp_path, override, key):
     work = tmp_path / "work"
     work.mkdir()
     result = run_cli("train", "data.synth_patients=6", f"data.shards={work / 'data' / 'shards'}",
-                     f"run.out_dir={work / 'runs'}", "sched.name=cosine", "sched.warmup_steps=50", override, cwd=work)
+                     f"run.out_dir={work / 'runs'}", "sched.name=cosine", "sched.warmup_steps=50", *override.split(), cwd=work)
     assert result.returncode == 2, result.stdout + result.stderr
     assert key in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "synthesising" not in result.stdout

@@ -132,11 +132,13 @@ def test_non_finite_steps_are_skipped_without_touching_weights(stage, shards_dir
     result = single(shards_dir, tmp_path / "r", f"dist.zero_stage={stage}", "optim.lr=1e30", "sched.name=none",
                     "optim.momentum=0.0", "train.max_bad_steps=3", "train.checkpoint_every=1")
     assert result.returncode != 0 and "non-finite losses in a row" in result.stderr
-    # lr=1e30 makes every loss after the first non-finite: the skipped steps leave the weights as they were.
+    # lr=1e30 makes every loss after the first non-finite: the skipped steps leave the weights as they were, but
+    # the forward passes of those steps fill BatchNorm's running statistics with inf, so that state is not saved
+    # (issue 16): the checkpoints kept are the finite ones from before.
     ckpt = tmp_path / "r" / "checkpoints"
-    first, last = [weights(p) for p in sorted(ckpt.glob("step-*.pt"))]
-    params = [k for k in first if "running" not in k and "num_batches" not in k]
-    assert all(torch.isfinite(first[k]).all() and torch.equal(first[k], last[k]) for k in params)
+    kept = [weights(p) for p in sorted(ckpt.glob("step-*.pt"))]
+    assert kept and "not saving step" in result.stdout
+    assert all(torch.isfinite(t).all() for state in kept for t in state.values() if t.is_floating_point())
 
 
 # --------------------------------------------------------------------------------------------- config checks

@@ -1,6 +1,7 @@
 """RunLogger: what it writes is read back with TensorBoard's own EventAccumulator and with json."""
 
 import io
+from contextlib import closing
 import json
 import math
 
@@ -27,14 +28,15 @@ def _png(event) -> np.ndarray:
 
 
 def test_scalars_and_jsonl(tmp_path):
-    with RunLogger(tmp_path, enabled=True) as log:
+    with closing(RunLogger(tmp_path, enabled=True)) as log:
         for step in (1, 2, 3):
             log.scalars(step, {"train/loss": 1.0 / step, "train/grad_norm": torch.tensor(2.0 * step),
                                "train/lr": np.float32(0.5)})
         log.scalars(4, {"train/loss": math.nan})
         log.jsonl({"step": 3, "split": "val", "acc": 0.75, "bad": math.nan, "inf": -math.inf,
                    "confusion": np.array([[3, 1], [0, 4]]), "n": np.int64(8), "t": torch.tensor(0.5)})
-        log.metrics(5, "test", {"auc": 0.9, "confusion": [[1, 0], [0, 1]]})
+        log.scalars(5, {"test/auc": 0.9})
+        log.jsonl({"step": 5, "split": "test", "auc": 0.9, "confusion": [[1, 0], [0, 1]]})
     acc = _read_events(tmp_path / "tb")
     assert {"train/loss", "train/grad_norm", "train/lr", "test/auc"} <= set(acc.Tags()["scalars"])
     assert "test/confusion" not in acc.Tags()["scalars"]
@@ -58,7 +60,7 @@ def test_scalars_and_jsonl(tmp_path):
 def test_jsonl_appends_across_loggers(tmp_path):
     # A resumed run opens a second logger on the same run directory.
     for step in (1, 2):
-        with RunLogger(tmp_path, enabled=True, purge_step=step) as log:
+        with closing(RunLogger(tmp_path, enabled=True, purge_step=step)) as log:
             log.jsonl({"step": step, "kind": "train"})
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
@@ -69,7 +71,7 @@ def test_image_and_images_round_trip(tmp_path):
     batch = torch.stack([torch.arange(20.0).reshape(1, 4, 5),            # ramp 0..19
                          -3.0 * torch.arange(20.0).reshape(1, 4, 5),     # decreasing, negative
                          torch.full((1, 4, 5), 7.0)])                    # constant
-    with RunLogger(tmp_path, enabled=True) as log:
+    with closing(RunLogger(tmp_path, enabled=True)) as log:
         log.image("val/confusion", 3, rgb)
         log.images("val/spectrogram_examples", 0, batch)  # (N=3, C=1, F=4, T=5)
     acc = _read_events(tmp_path / "tb")
@@ -88,7 +90,7 @@ def test_image_and_images_round_trip(tmp_path):
 
 
 def test_images_with_two_channels_draws_each_channel(tmp_path):
-    with RunLogger(tmp_path, enabled=True) as log:
+    with closing(RunLogger(tmp_path, enabled=True)) as log:
         log.images("x", 0, np.random.default_rng(0).normal(size=(2, 2, 3, 4)).astype(np.float32))
     (event,) = _read_events(tmp_path / "tb").Images("x")
     assert (event.height, event.width) == (3, 16)
@@ -97,7 +99,7 @@ def test_images_with_two_channels_draws_each_channel(tmp_path):
 def test_pr_curve_counts(tmp_path):
     labels = np.array([1, 1, 1, 0, 0, 0, 0, 1])
     scores = np.array([0.95, 0.75, 0.45, 0.65, 0.25, 0.05, 0.55, 0.99])  # off bucket edges
-    with RunLogger(tmp_path, enabled=True) as log:
+    with closing(RunLogger(tmp_path, enabled=True)) as log:
         log.pr_curve("val/pr_cycle", 7, labels, torch.tensor(scores), num_thresholds=11)
     acc = _read_events(tmp_path / "tb")
     assert "val/pr_cycle" in acc.Tags()["tensors"]
@@ -115,7 +117,7 @@ def test_pr_curve_counts(tmp_path):
 
 
 def test_pr_curve_rejects_logits_and_bad_labels(tmp_path):
-    with RunLogger(tmp_path, enabled=True) as log:
+    with closing(RunLogger(tmp_path, enabled=True)) as log:
         with pytest.raises(VascdistError, match="probabilities in"):
             log.pr_curve("x", 0, [0, 1], [-2.0, 3.0])
         with pytest.raises(VascdistError, match="labels must be 0/1"):
@@ -128,7 +130,7 @@ def test_hparams_flattened_into_the_run(tmp_path):
     config = {"optim": {"name": "sgd", "lr": 0.05, "betas": [0.9, 0.999], "nesterov": False},
               "model": {"name": "resnet18", "width": 0.25}, "loss": {"class_weights": []},
               "preprocess": {"classes": ["normal", "stenosis"], "split": {"seed": 3}}, "extra": None}
-    with RunLogger(tmp_path, enabled=True) as log:
+    with closing(RunLogger(tmp_path, enabled=True)) as log:
         log.hparams(config, {"final/recording/auc": 0.875}, step=12)
     acc = _read_events(tmp_path / "tb")  # the run's own directory, not a time-named sub-run
     assert [p.name for p in (tmp_path / "tb").iterdir() if p.is_dir()] == []
@@ -161,12 +163,10 @@ def test_disabled_logger_writes_nothing(tmp_path):
     log = RunLogger(run_dir, enabled=False)
     log.scalars(1, {"a": 1.0})
     log.jsonl({"step": 1})
-    log.metrics(1, "val", {"a": 1.0})
     log.image("i", 1, np.zeros((2, 2, 3), np.uint8))
     log.images("s", 1, torch.zeros(1, 1, 2, 2))
     log.pr_curve("p", 1, [0, 1], [0.2, 0.8])
     log.hparams({"a": {"b": 1}}, {"m": 1.0})
-    log.flush()
     log.close()
     assert not run_dir.exists()
     assert not log.active

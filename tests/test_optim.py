@@ -11,7 +11,8 @@ from torch import nn
 
 from vascdist.config import OptimConfig, SchedConfig
 from vascdist.errors import ConfigError, VascdistError
-from vascdist.train.optim import AdaBound, build_optimizer, build_scheduler
+from vascdist.train.adabound import AdaBound
+from vascdist.train.optim import build_optimizer, build_scheduler
 
 pytestmark = pytest.mark.filterwarnings("error")  # torch's scheduler-order / deprecation warnings fail tests
 

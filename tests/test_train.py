@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import run_cli
 from vascdist.errors import VascdistError
 from vascdist.runner import run_training
-from vascdist.train.checkpoint import CheckpointManager
+from vascdist.train.state import CheckpointManager
 
 BATCH = 16
 

@@ -14,14 +14,15 @@ import datetime
 import os
 import re
 import subprocess
-from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from torch import nn
 
-from vascdist.errors import VascdistError
+from vascdist.errors import ConfigError, VascdistError
 
 
 @dataclass(frozen=True)
@@ -164,19 +165,64 @@ def broadcast_object(obj, env: DistEnv):
     return box[0]
 
 
-def mean_across_ranks(value: float, env: DistEnv) -> float:
-    if not env.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=env.device)
-    torch_dist.all_reduce(t)
-    return float(t.item()) / env.world_size
+def on_main(env: DistEnv, fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """fn(*args, **kwargs) on global rank 0 only (a rank-0-only side effect); None elsewhere."""
+    return fn(*args, **kwargs) if env.is_main else None
 
 
-@contextmanager
-def main_first(env: DistEnv):
-    """Rank 0 runs the block first (e.g. to create a directory), the others after it."""
-    if not env.is_main:
-        barrier(env)
-    yield
+def main_print(env: DistEnv, text: str) -> None:
+    """Print (flushed) on global rank 0 only."""
     if env.is_main:
-        barrier(env)
+        print(text, flush=True)
+
+
+def run_on_main(env: DistEnv, fn: Callable[[], Any]) -> Any:
+    """Rank 0 runs fn() while the others wait; its result, or its VascdistError, reaches every rank.
+
+    A rank-0 failure while the others wait in a barrier would leave them there until the launcher
+    kills them; here they raise the same one-line error at once.
+    """
+    outcome: tuple[str, Any] = ("ok", None)
+    if env.is_main:
+        try:
+            outcome = ("ok", fn())
+        except VascdistError as exc:
+            outcome = ("error", str(exc))
+    outcome = broadcast_object(outcome, env)
+    if outcome[0] == "error":
+        raise VascdistError(outcome[1])
+    return outcome[1]
+
+
+# --------------------------------------------------------------------------------------------- wrapping
+def wrap_ddp(module: nn.Module, env: DistEnv, dist_cfg) -> nn.Module:
+    """DistributedDataParallel around `module` with dist.bucket_cap_mb, gradient_as_bucket_view, static_graph."""
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                   bucket_cap_mb=dist_cfg.bucket_cap_mb,
+                                   gradient_as_bucket_view=dist_cfg.gradient_as_bucket_view,
+                                   static_graph=dist_cfg.static_graph)
+
+
+def convert_sync_batchnorm(module: nn.Module, env: DistEnv) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm (statistics over all ranks) when several ranks run; unchanged for one."""
+    if not env.distributed:
+        return module
+    if env.device.type != "cuda":
+        raise ConfigError("dist.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+                          "use model.norm=group for batch-size-independent normalisation on CPU")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
+def ensure_process_group(env: DistEnv) -> None:
+    """A process group even for one process (DeepSpeed needs one; vascdist itself makes one only for several)."""
+    if not torch_dist.is_initialized():
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+
+
+def broadcast_buffers(module: nn.Module, env: DistEnv) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank."""
+    if env.distributed:
+        for buffer in module.buffers():
+            torch_dist.broadcast(buffer, src=0)

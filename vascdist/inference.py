@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -17,26 +15,13 @@ from vascdist.dist import DistEnv
 from vascdist.errors import VascdistError
 from vascdist.fileio import atomic_write_json
 from vascdist.models import build_model
-from vascdist.train.checkpoint import CheckpointManager
-
-
-def find_checkpoint(run_or_ckpt: str | Path) -> Path:
-    """A checkpoint file, or a run directory (its best.pt, else its newest step file)."""
-    path = Path(run_or_ckpt)
-    if path.is_file():
-        return path
-    ckpts = path / "checkpoints"
-    if (ckpts / "best.pt").is_file():
-        return ckpts / "best.pt"
-    steps = sorted(ckpts.glob("step-*.pt"))
-    if steps:
-        return steps[-1]
-    raise VascdistError(f"{path}: neither a checkpoint file nor a run directory with checkpoints")
+from vascdist.train.checkpoint import load_file
+from vascdist.train.state import RunLayout, find_checkpoint, model_weights
 
 
 def checkpoint_state(checkpoint: Path) -> dict:
     """A checkpoint's saved state (VascdistError naming the file if it does not load)."""
-    return CheckpointManager(checkpoint.parent, keep_last=1).load(checkpoint)
+    return load_file(checkpoint)
 
 
 def load_model(checkpoint: Path) -> tuple[torch.nn.Module, dict, Config]:
@@ -49,7 +34,7 @@ def load_model(checkpoint: Path) -> tuple[torch.nn.Module, dict, Config]:
     info = state["data"]
     model = build_model(cfg.model, len(info["classes"]), tuple(info["sample_shape"]))
     try:
-        model.load_state_dict(state["engine"]["model"])
+        model.load_state_dict(model_weights(state))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise VascdistError(f"{checkpoint}: weights do not fit model '{cfg.model.name}' ({first})") from None
@@ -86,14 +71,15 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
         from vascdist.train.evaluate import site_metrics
         metrics.update(excluded_counts(index, split))
         metrics["sites"] = site_metrics(arrays, index, thresholds)
-    out_path = Path(out) if out else checkpoint.parent.parent / f"eval-{split}.json"
+    layout = RunLayout(checkpoint.parent.parent)  # checkpoints/<file> -> the run directory
+    out_path = Path(out) if out else layout.eval_json(split)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_path, metrics)
     level = "cycle" if index["kind"] == "beats" else "recording"
     save_confusion_png(np.array(metrics[f"{level}/confusion"]), index["classes"], out_path.with_suffix(".png"),
                        title=f"{split}, per {level}")
     return {"metrics": metrics, "classes": index["classes"], "json": str(out_path), "png": str(out_path.with_suffix(".png")),
-            "best_step": state["progress"].get("best_step", -1), "run_dir": str(checkpoint.parent.parent),
+            "best_step": state["progress"].get("best_step", -1), "run_dir": str(layout.root),
             "checkpoint": str(checkpoint)}
 
 

@@ -3,22 +3,20 @@ resolve the config, make sure the data exist, pick the run directory, train, rep
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from vascdist.config import Config, batch_sizes, load_config, save_config
 from vascdist.config.checks import check_against_index, check_config
-from vascdist.config.drift import CONFIG_FILE, check_resume, effective_config, record_changes
+from vascdist.config.drift import check_resume, effective_config, record_changes
 from vascdist.errors import VascdistError
 from vascdist.fileio import atomic_write_json
 from vascdist.preemption import StopSignals, requeue_slurm_job
-
-if TYPE_CHECKING:  # vascdist.dist imports torch (seconds): loaded only once the config has passed its checks
+if TYPE_CHECKING:  # vascdist.dist and train.state import torch (seconds): loaded once the config has passed its checks
     from vascdist.dist import DistEnv
+    from vascdist.train.state import RunLayout
 
 DEFAULT_CONFIG = "quickstart"
 
@@ -43,14 +41,11 @@ def ensure_data(cfg: Config, quiet: bool) -> None:
 
 def pick_run_dir(cfg: Config, resume: str | None, run_dir: str | None) -> Path:
     """runs/<name>/<time>/; with --resume auto, the newest run of that name that has checkpoints."""
+    from vascdist.train.state import RunLayout
     if run_dir:
         return Path(run_dir)
-    parent = Path(cfg.run.out_dir) / cfg.run.name
-    if resume == "auto" and parent.is_dir():
-        candidates = sorted(d for d in parent.iterdir() if any((d / "checkpoints").glob("step-*.pt")))
-        if candidates:
-            return candidates[-1]
-    return parent / time.strftime("%Y%m%d-%H%M%S")
+    newest = RunLayout.newest_with_checkpoints(cfg.run.out_dir, cfg.run.name) if resume == "auto" else None
+    return (newest or RunLayout.new(cfg.run.out_dir, cfg.run.name)).root
 
 
 def format_summary(summary: dict) -> str:
@@ -71,26 +66,24 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def resume_checkpoint(resume: str | None, run_dir: Path) -> tuple[Path | None, int]:
-    """(checkpoint file a --resume value picks in `run_dir`, its step); (None, 0) when there is none to resume."""
-    if not resume:
-        return None, 0
-    from vascdist.train.checkpoint import STEP_FILE, resolve_resume
-    path = resolve_resume(resume, run_dir / "checkpoints")
-    match = STEP_FILE.match(path.name) if path else None
-    return path, int(match.group(1)) if match else 0
+def prepare_run_dir(cfg: Config, layout: RunLayout, resume: str | None) -> str | None:
+    """The checkpoint file `resume` picks (None: a fresh start), after checking the change of config it makes.
 
-
-def prepare_run_dir(cfg: Config, path: Path, resume_from: Path | None, step: int) -> None:
-    """A resume may only make safe changes (recorded in the config history); a new run writes config.yaml."""
+    A resume may only make safe changes (recorded in the config history); a new run writes config.yaml, and the
+    original is never rewritten. Runs on global rank 0 (it creates the run directory).
+    """
+    from vascdist.train.state import resolve_resume, saved_step_of
+    resume_from = resolve_resume(resume, layout.checkpoints) if resume else None
     origin = resume_from.parent.parent if resume_from else None  # <run>/checkpoints/step-*.pt
     previous = effective_config(origin) if origin else None
     changes = check_resume(cfg, previous) if previous is not None else {}
-    path.mkdir(parents=True, exist_ok=True)
-    if not (path / CONFIG_FILE).exists():  # the original is never rewritten
-        save_config(cfg, path / CONFIG_FILE)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if not layout.config.exists():
+        save_config(cfg, layout.config)
     elif changes:
-        record_changes(path, step, changes)
+        record_changes(layout.root, saved_step_of(resume_from), changes)
+    print(f"run directory: {layout.root}", flush=True)
+    return str(resume_from) if resume_from else None
 
 
 def run_training(config: str | None, overrides: list[str], resume: str | None = None, run_dir: str | None = None,
@@ -103,7 +96,8 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
     """
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
     check_config(cfg)
-    from vascdist.dist import broadcast_object, init_distributed, main_first, shutdown
+    from vascdist.dist import init_distributed, run_on_main, shutdown
+    from vascdist.train.state import RunLayout
     own_env = env is None
     env = env or init_distributed(cfg.train.device, cfg.dist.timeout_s)
     try:
@@ -111,41 +105,29 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
         if cfg.dist.engine == "deepspeed":  # a contradicting DeepSpeed JSON fails before any data or run dir is made
             from vascdist.train.deepspeed_engine import build_deepspeed_config
             build_deepspeed_config(cfg, env.world_size, env.device)
-        with main_first(env):
-            if env.is_main:
-                ensure_data(cfg, quiet)
+        run_on_main(env, lambda: ensure_data(cfg, quiet))  # its error reaches every rank
         from vascdist.data.shards import load_index
         index = load_index(cfg.data.shards)
         check_against_index(cfg, index, env.world_size)
         if cfg.train.check_memory:
             from vascdist.train.memory import check_memory
             check_memory(cfg, index, env.device, env.world_size)
-        path = Path(broadcast_object(str(pick_run_dir(cfg, resume, run_dir)) if env.is_main else None, env))
-        resume_from, resume_step = resume_checkpoint(resume, path)
-        problem = None
-        if env.is_main:
-            try:
-                prepare_run_dir(cfg, path, resume_from, resume_step)
-            except VascdistError as exc:
-                problem = str(exc)
-        problem = broadcast_object(problem, env)  # every rank stops with the same message instead of hanging
-        if problem:
-            raise VascdistError(problem)
-        if env.is_main:
-            print(f"run directory: {path}", flush=True)
+        layout = RunLayout(run_on_main(env, lambda: str(pick_run_dir(cfg, resume, run_dir))))
+        resume_from = run_on_main(env, lambda: prepare_run_dir(cfg, layout, resume))  # every rank stops alike
+        path = layout.root
         from vascdist.train.loop import train
         with StopSignals((cfg.dist.requeue_signal, "TERM")) as signals:
-            summary = train(cfg, env, path, resume=str(resume_from) if resume_from else None, quiet=quiet,
+            summary = train(cfg, env, path, resume=resume_from, quiet=quiet,
                             stop_requested=lambda: signals.requested() or stop_requested())
-        if env.is_main and summary["stopped"]:
+        if env.is_main and summary["stopped"]:  # rank 0 alone reports and requeues
             print(f"stopped at step {summary['step']} ({signals.received.name if signals.received else 'requested'}); "
-                  f"checkpoint saved in {path / 'checkpoints'}; continue with --resume auto", flush=True)
+                  f"checkpoint saved in {layout.checkpoints}; continue with --resume auto", flush=True)
             if os.environ.get("VASCDIST_REQUEUE") == "scontrol":  # set by slurm/train.sbatch
                 print(requeue_slurm_job(cfg.dist.max_requeues), flush=True)
         if env.is_main and not summary["stopped"]:
-            from vascdist.data.shards import excluded_counts, load_index
-            summary["test"].update(excluded_counts(load_index(cfg.data.shards), "test"))
-            atomic_write_json(path / "test_metrics.json", summary["test"])
+            from vascdist.data.shards import excluded_counts
+            summary["test"].update(excluded_counts(index, "test"))
+            atomic_write_json(layout.test_metrics, summary["test"])
             print(format_summary({**summary, "show_run_dir": False}), flush=True)  # printed once, at the start
         return summary
     finally:

@@ -17,7 +17,8 @@ import torch
 from vascdist.bench.common import machine_line, parse_floats, table, write_json
 from vascdist.config import Config, to_dict
 from vascdist.models import build_model
-from vascdist.train.checkpoint import CheckpointManager, capture_rng_state
+from vascdist.train.checkpoint import capture_rng_state
+from vascdist.train.state import CheckpointManager
 from vascdist.train.optim import build_optimizer
 
 SHAPE = (1, 40, 100)

@@ -50,7 +50,8 @@ def measure(a: argparse.Namespace, env) -> dict:
 
     from vascdist.config import load_config
     from vascdist.models import build_model
-    from vascdist.train.engines import build_engine, prepare_module
+    from vascdist.train.engines import prepare_module
+    from vascdist.train.loop import build_engine
     from vascdist.train.optim import build_optimizer
 
     cfg = load_config("quickstart", [f"model.name={a.model}", f"model.stem={a.stem}", f"model.width={a.width}",
@@ -67,7 +68,7 @@ def measure(a: argparse.Namespace, env) -> dict:
         for _ in range(n):
             t0 = time.perf_counter()
             with engine.micro_step_context(is_last=sync):  # no_sync(): the same step without the all-reduce
-                engine.backward(loss_fn(engine.model(x), y))
+                engine.backward(loss_fn(engine.forward(x), y))
             engine.step()
             times.append(time.perf_counter() - t0)
         return times

@@ -4,8 +4,8 @@ Per model and variant (precision / channels_last / compile):
   1. the real loop (`runner.run_training` with train.max_steps) reading shards; samples/s and data-wait fraction
      are the medians of the 10-step windows it logs to metrics.jsonl after step 10 (earlier ones warm up);
   2. a bare loop on one in-memory batch (zero_grad, forward, loss, backward, step): the compute bound;
-  3. the step-time breakdown, from a timed copy of the loop body built from the same vascdist components
-     (loader, engine, scheduler, RunLogger); loop.py itself carries no timers.
+  3. the step-time breakdown: loop.py's own train_step and log_step timed from outside (loop.py carries no
+     timers), so the benchmark times what training runs.
 TFLOP/s = samples/s x 3 x forward FLOPs (count_flops; backward taken as 2x forward) against a measured matmul
 rate (bf16 on CUDA, fp32 on CPU).
 """
@@ -27,14 +27,12 @@ import torch
 from vascdist.bench.common import TreeMemory, machine_line, table, write_json
 from vascdist.bench.makeshards import make_shards
 from vascdist.config import load_config
-from vascdist.data.transform import InputTransform
-from vascdist.dist import DistEnv, global_mean
+from vascdist.dist import DistEnv
 from vascdist.models import build_model, count_flops
-from vascdist.train.engines import build_engine, prepare_module
+from vascdist.train.losses import build_loss
+from vascdist.train.optim import build_optimizer
 from vascdist.train.precision import autocast_context
 from vascdist.train.runlog import RunLogger
-from vascdist.train.losses import build_loss
-from vascdist.train.optim import build_optimizer, build_scheduler
 
 SHAPE = (1, 40, 100)
 
@@ -115,48 +113,33 @@ def bare_loop(cfg, device: torch.device, steps: int) -> dict:
 
 # ------------------------------------------------------------------------------------------- 3. breakdown
 def breakdown(cfg, device: torch.device, steps: int, log_dir: Path) -> dict:
-    """Median ms per step of each phase of the vascdist loop body (a timed copy of loop.py's step)."""
-    from vascdist.train.loop import build_loaders
+    """Median ms per step of each phase of the real loop's own functions (loop.train_step, loop.log_step), timed
+    from outside, so the benchmark cannot drift from the loop."""
+    from vascdist.data.shards import load_index
+    from vascdist.progress import ProgressReporter
+    from vascdist.train import loop
+    from vascdist.train.state import RunLayout
     env = DistEnv(device=device)
-    loader, _, _ = build_loaders(cfg, env)
-    inputs = InputTransform(loader.stream.index, device, cfg.train.channels_last)
-    module = prepare_module(build_model(cfg.model, 2, SHAPE), cfg, env)
-    optimizer = build_optimizer(cfg.optim, module)
-    engine = build_engine(module, optimizer, cfg, env)
-    scheduler = build_scheduler(cfg.sched, optimizer, len(loader), cfg.train.epochs)
-    loss_fn = build_loss(cfg.loss, 2).to(device)
-    log = RunLogger(log_dir, enabled=True)
-    phases: dict[str, list[float]] = {"data_wait": [], "fwd_bwd": [], "optimiser": [], "logging": []}
-    t = time.perf_counter()
-    for step, batch in enumerate(loader, start=1):
-        marks = [t, time.perf_counter()]
-        x = inputs(batch["x"], batch.get("augment"))
-        y = batch["y"].to(device, non_blocking=True)
-        with engine.micro_step_context(is_last=True), autocast_context(cfg.train.precision, device):
-            loss = loss_fn(engine.model(x), y)
-        engine.backward(loss)
-        sync(device)
-        marks.append(time.perf_counter())
-        step_loss = global_mean(loss.detach(), env)
-        grad_norm = math.nan
-        if math.isfinite(step_loss):
-            grad_norm = engine.step(want_norm=step % 10 == 0)
-            scheduler.after_step()
-        sync(device)
-        marks.append(time.perf_counter())
-        lrs = scheduler.current_lrs()
-        scalars = {"train/loss": step_loss, "train/lr": lrs[0]}
-        if step % 10 == 0:
-            scalars["train/grad_norm"] = grad_norm
-            log.jsonl({"step": step, "split": "train", **scalars})
-        log.scalars(step, scalars)
-        t = time.perf_counter()
-        if step > 3:  # warm-up steps excluded
-            for name, (a, b) in zip(phases, zip(marks + [t], marks[1:] + [t])):
-                phases[name].append(b - a)
-        if step >= steps + 3:
+    run = loop.build(cfg, env, load_index(cfg.data.shards), RunLayout(log_dir))
+    run.log = RunLogger(log_dir, enabled=True)
+    meter, bar = loop.Throughput(cfg.data.batch_size), ProgressReporter("bench", steps + 3, enabled=False)
+    phases: dict[str, list[float]] = {"data_wait": [], "step": [], "logging": []}
+    batches = iter(run.state.loader)
+    for i in range(steps + 3):  # 3 warm-up steps excluded
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
             break
-    log.close()
+        t1 = time.perf_counter()
+        loss, grad_norm = loop.train_step(run, batch, want_norm=loop.should_log(cfg, run.state.progress.step))
+        sync(device)
+        t2 = time.perf_counter()
+        loop.log_step(run, loss, grad_norm, meter, bar)
+        t3 = time.perf_counter()
+        if i >= 3:
+            for name, (a, b) in zip(phases, ((t0, t1), (t1, t2), (t2, t3))):
+                phases[name].append(b - a)
+    run.log.close()
     return {f"{k}_ms": 1e3 * statistics.median(v) for k, v in phases.items() if v}
 
 
@@ -215,7 +198,7 @@ def format_train(result: dict) -> str:
     rows = result["rows"]
     cols = [("model", "model"), ("variant", "variant"), ("batch", "batch"), ("full_s", "1. vascdist samples/s"),
             ("bare_s", "2. bare samples/s"), ("ratio", "1/2"), ("data_wait", "data-wait frac"),
-            ("data_wait_ms", "wait ms"), ("fwd_bwd_ms", "fwd+bwd ms"), ("optimiser_ms", "optim ms"),
+            ("data_wait_ms", "wait ms"), ("step_ms", "train_step ms"),
             ("logging_ms", "log ms"), ("bare_fwd_bwd_ms", "bare fwd+bwd ms"), ("bare_opt_ms", "bare optim ms"),
             ("peak_pss_mb", "peak PSS MB"), ("peak_rss_mb", "peak RSS MB")]
     if any(r["cuda_peak_mb"] is not None for r in rows):
@@ -224,7 +207,7 @@ def format_train(result: dict) -> str:
     lines = [table(rows, cols), "",
              f"device {result['device']}; matmul reference {result['peak_tflops']:.3g} TFLOP/s ({result['peak_dtype']}); "
              f"loader workers {result['workers']}; real loop: median 10-step window after step 10 of {result['steps']} steps; "
-             "breakdown columns: medians per step of a timed copy of the loop body; memory: process tree, sampled; "
+             "breakdown columns: medians per step of loop.train_step / log_step; memory: process tree, sampled; "
              f"medians of {result['repeats']} repeats (1/2: median of same-repeat ratios)"]
     for r in rows:
         lines.append(f"{r['model']} {r['variant']}: harness overhead target 1/2 >= 0.95 -> {r['ratio']:.2f} "

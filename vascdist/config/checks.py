@@ -5,6 +5,10 @@ synthesises or preprocesses anything. `check_against_index(cfg, index, world_siz
 (numbers of samples, classes, data kind): it runs right after the index is read and before the run directory is
 made. Section-local range checks stay in each dataclass's ``check()`` (schema.py); what lives here crosses
 sections or needs more than the config.
+
+This module sits above the builders: the valid names and options of models, losses, optimisers and schedules
+are owned by their registries (model_names.py, train/losses.py, train/optim.py, all importable without torch),
+and the checks here ask them, so a name is written once.
 """
 
 from __future__ import annotations
@@ -25,13 +29,23 @@ def _close(name: str, choices: list[str]) -> str:
 
 def check_config(cfg: Config) -> None:
     """Every check that needs only the config; raises ConfigError naming the dotted key."""
-    from vascdist.model_names import registered_models
+    from vascdist.model_names import NORMS, model_options, registered_models
     from vascdist.preemption import signal_number
+    from vascdist.train.losses import check_loss_config
+    from vascdist.train.optim import check_optim_config, check_sched_config
+
+    check_loss_config(cfg.loss, "loss")
+    check_optim_config(cfg.optim, "optim")
+    check_sched_config(cfg.sched, "sched")
 
     models = sorted(registered_models())
     if cfg.model.name not in models:
         raise ConfigError(f"model.name '{cfg.model.name}' is unknown; {_close(cfg.model.name, models)}"
                           f"choose one of: {', '.join(models)} (`vascdist models`)")
+    if cfg.model.norm != NORMS[0] and "norm" not in model_options(cfg.model.name):
+        raise ConfigError(f"config key 'model.norm': model '{cfg.model.name}' has no choice of normalisation (only "
+                          f"'{NORMS[0]}'); models that take model.norm={cfg.model.norm}: "
+                          f"{', '.join(n for n in models if 'norm' in model_options(n))}")
     try:
         signal_number(cfg.dist.requeue_signal)  # a name it does not know is a ConfigError naming the key
     except ValueError:

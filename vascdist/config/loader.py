@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -37,10 +36,6 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(annotation):
-            return None
-        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):

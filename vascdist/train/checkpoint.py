@@ -1,17 +1,14 @@
-"""Exact, crash-safe checkpoints: atomic writes, RNG capture, keep-last-N pruning and resume resolution.
+"""Checkpoint files, whatever directory they live in: atomic torch.save, RNG capture, safe and checked loading.
 
-Nothing here imports ``torch.distributed``: the training loop decides which rank saves (global rank 0) and
-which ranks load (all of them).
+The run directory's layout (step files, best.pt, DeepSpeed tag directories) and what a run saves belong to
+`train/state.py`; nothing here knows them. Nothing here imports ``torch.distributed`` either.
 
-Every file is written temp file -> flush -> fsync -> ``os.replace`` -> fsync(directory), so a crash or a
-signal mid-write never leaves a half-written file under the final name. Temp files are named
-``.<final name>.<pid>.<random>.tmp``: they never match ``step-*.pt``, so loading ignores them, and the manager
-removes leftovers after its next successful save.
+Every file is written through `vascdist.fileio.atomic_write`, so a crash or a signal mid-write never leaves a
+half-written file under the final name.
 
 States are kept loadable with ``torch.load(weights_only=True)`` (the safe unpickler): ``capture_rng_state``
-stores numpy's key as a tensor, and ``CheckpointManager.save`` refuses, at save time and naming the key, a
-value that the safe unpickler would refuse at resume time (a numpy scalar, a slice, a defaultdict ...).
-``CheckpointManager(weights_only=False)`` lifts both for states that need arbitrary python objects.
+stores numpy's key as a tensor, and `check_weights_only` refuses, at save time and naming the key, a value that
+the safe unpickler would refuse at resume time (a numpy scalar, a slice, a defaultdict ...).
 """
 
 from __future__ import annotations
@@ -21,12 +18,10 @@ import os
 import random
 import re
 import shutil
-import sys
-import uuid
 import zipfile
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -34,9 +29,6 @@ import torch
 from vascdist.errors import VascdistError
 from vascdist.fileio import atomic_write, fsync_dir
 
-STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
-BEST_FILE = "best.pt"
-TEMP_FILE = re.compile(r"^\.(step-\d+\.pt|best\.pt)\.\d+\.[0-9a-f]+\.tmp$")  # what fileio.atomic_write names
 
 # Types the safe unpickler of torch.load(weights_only=True) accepts without add_safe_globals (checked on
 # torch 2.11; exact types: a subclass such as defaultdict or a namedtuple is refused).
@@ -52,7 +44,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
-def _atomic_copy(src: Path, dst: Path) -> None:
+def atomic_copy(src: Path, dst: Path) -> None:
     """Copy the bytes of `src` to `dst` atomically (no second serialisation)."""
     def write(f: BinaryIO) -> None:
         with open(src, "rb") as s:
@@ -126,7 +118,7 @@ def check_weights_only(state: Any, key: str = "state") -> None:
         raise VascdistError(
             f"checkpoint state key '{key}' holds a {_type_name(state)}, which torch.load(weights_only=True) "
             "refuses; convert it (float(x), int(x), torch.as_tensor(x), dict(x)) or use "
-            "CheckpointManager(weights_only=False)")
+            "CheckpointManager(weights_only=False) (train/state.py)")
 
 
 def _zip_problem(path: Path) -> str:
@@ -159,120 +151,29 @@ def _short_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(lines[0] if lines else '')[:200]}"
 
 
-# --------------------------------------------------------------------------------------------- manager
-class CheckpointManager:
-    """Writes ``step-{step:08d}.pt`` files (and ``best.pt``) in `directory`; keeps the newest `keep_last`.
-
-    Construction does no I/O, so every rank may build one; only the saving rank should call `save`.
-    """
-
-    def __init__(self, directory: str | Path, keep_last: int, weights_only: bool = True):
-        if keep_last < 1:
-            raise VascdistError(f"CheckpointManager keep_last must be >= 1, got {keep_last} (train.keep_last)")
-        self.directory = Path(directory)
-        self.keep_last = keep_last
-        self.weights_only = weights_only
-
-    def step_path(self, step: int) -> Path:
-        return self.directory / f"step-{step:08d}.pt"
-
-    @property
-    def best_path(self) -> Path:
-        return self.directory / BEST_FILE
-
-    def step_files(self) -> list[tuple[int, Path]]:
-        """(step, path) of every step file, oldest step first; temp files and best.pt are not listed."""
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for path in self.directory.iterdir():
-            match = STEP_FILE.match(path.name)
-            if match and path.is_file():
-                found.append((int(match.group(1)), path))
-        return sorted(found)
-
-    def save(self, step: int, state: dict, is_best: bool = False) -> Path:
-        """Atomically write `state` as the checkpoint of `step` (and as best.pt), then prune old step files.
-
-        Older files are deleted only after the new ones are in place, so a crash at any point leaves at
-        least the previous loadable checkpoint.
-        """
-        if step < 0:
-            raise VascdistError(f"checkpoint step must be >= 0, got {step}")
-        if not isinstance(state, dict):
-            raise VascdistError(f"checkpoint state must be a dict, got {_type_name(state)}")
-        if self.weights_only:
-            check_weights_only(state)
-        path = self.step_path(step)
-        atomic_torch_save(state, path)
-        if is_best:
-            _atomic_copy(path, self.best_path)
-        self._prune(keep=path)
-        self._remove_stale_temp_files()
-        return path
-
-    def _prune(self, keep: Path) -> None:
-        """Keep `keep` (just written) plus the newest keep_last - 1 other step files."""
-        others = [p for _, p in self.step_files() if p != keep]
-        for path in others[: max(0, len(others) - (self.keep_last - 1))]:
-            path.unlink(missing_ok=True)
-
-    def _remove_stale_temp_files(self) -> None:
-        """Temp files left by a crash or a kill mid-write; safe now because our own writes are finished."""
-        for path in self.directory.iterdir():
-            if TEMP_FILE.match(path.name):
-                path.unlink(missing_ok=True)
-
-    def _try_load(self, path: Path, map_location: Any) -> tuple[dict | None, str]:
-        """(state, '') or (None, why it cannot be loaded)."""
-        problem = _zip_problem(path)
-        if problem:
-            return None, problem
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=self.weights_only)
-        except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad bytes
-            return None, _short_reason(exc)
-        if not isinstance(state, dict):
-            return None, f"not a vascdist checkpoint (holds a {_type_name(state)}, not a dict)"
-        return state, ""
-
-    def load(self, path: str | Path, map_location: Any = "cpu") -> dict:
-        """Load one checkpoint file; VascdistError naming the file if it is missing, truncated or corrupt."""
-        path = Path(path)
-        if not path.is_file():
-            raise VascdistError(f"checkpoint '{path}' does not exist or is not a file")
-        state, reason = self._try_load(path, map_location)
-        if state is None:
-            raise VascdistError(f"checkpoint '{path}' is unreadable: {reason}")
-        return state
-
-    def latest_loadable(self, map_location: Any = "cpu") -> tuple[Path, dict] | None:
-        """The newest step file that loads, with its state; corrupt files are skipped with one stderr line."""
-        for _, path in reversed(self.step_files()):
-            state, reason = self._try_load(path, map_location)
-            if state is not None:
-                return path, state
-            print(f"skipping corrupt checkpoint {path}: {reason}", file=sys.stderr, flush=True)
-        return None
+def try_load(path: Path, map_location: Any = "cpu", weights_only: bool = True) -> tuple[dict | None, str]:
+    """(state, '') or (None, why `path` cannot be loaded: truncated, CRC mismatch, unpickling refused, not a dict)."""
+    problem = _zip_problem(path)
+    if problem:
+        return None, problem
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad bytes
+        return None, _short_reason(exc)
+    if not isinstance(state, dict):
+        return None, f"not a vascdist checkpoint (holds a {_type_name(state)}, not a dict)"
+    return state, ""
 
 
-# --------------------------------------------------------------------------------------------- DeepSpeed
-# A DeepSpeed checkpoint is a directory per step (every rank writes its ZeRO partition into it) beside the
-# vascdist step file: <checkpoints>/deepspeed/step-00000040/ and <checkpoints>/step-00000040.pt. The tag
-# directory is written first and the step file last, so a step file's presence marks both complete; a tag
-# directory without its step file is a crashed save and is removed by `prune_deepspeed_tags`.
-DEEPSPEED_DIR = "deepspeed"
-DEEPSPEED_TAG = re.compile(r"^step-(\d+)$")
-
-
-def deepspeed_tag(step: int) -> str:
-    """The DeepSpeed tag (directory name) of the checkpoint of `step`: the step file's name without '.pt'."""
-    return f"step-{step:08d}"
-
-
-def deepspeed_root(checkpoint_dir: str | Path) -> Path:
-    """Where DeepSpeed tag directories live for the step files in `checkpoint_dir`."""
-    return Path(checkpoint_dir) / DEEPSPEED_DIR
+def load_file(path: str | Path, map_location: Any = "cpu", weights_only: bool = True) -> dict:
+    """Load one checkpoint file; VascdistError naming the file if it is missing, truncated or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise VascdistError(f"checkpoint '{path}' does not exist or is not a file")
+    state, reason = try_load(path, map_location, weights_only)
+    if state is None:
+        raise VascdistError(f"checkpoint '{path}' is unreadable: {reason}")
+    return state
 
 
 def fsync_tree(directory: str | Path) -> None:
@@ -284,40 +185,3 @@ def fsync_tree(directory: str | Path) -> None:
                 os.fsync(f.fileno())
     for path in [directory, *[p for p in directory.rglob("*") if p.is_dir()], directory.parent]:
         fsync_dir(path)
-
-
-def prune_deepspeed_tags(manager: "CheckpointManager") -> list[Path]:
-    """Remove DeepSpeed tag directories whose step file is gone (pruned, or never written); returns them."""
-    root = deepspeed_root(manager.directory)
-    if not root.is_dir():
-        return []
-    kept = {path.stem for _, path in manager.step_files()}
-    removed = []
-    for path in sorted(root.iterdir()):
-        if DEEPSPEED_TAG.match(path.name) and path.is_dir() and path.name not in kept:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def resolve_resume(resume: str, run_dir_checkpoints: str | Path, weights_only: bool = True) -> Path | None:
-    """The checkpoint file a `--resume` value names.
-
-    '' or 'none': no resume (None). 'auto': the newest loadable step file in `run_dir_checkpoints`, or None
-    when there is none. A directory: the newest loadable step file in it (error if none). Otherwise a file
-    path, which must exist.
-    """
-    if resume in ("", "none"):
-        return None
-    if resume == "auto":
-        found = CheckpointManager(run_dir_checkpoints, 1, weights_only).latest_loadable()
-        return found[0] if found else None
-    path = Path(resume)
-    if path.is_dir():
-        found = CheckpointManager(path, 1, weights_only).latest_loadable()
-        if found is None:
-            raise VascdistError(f"resume directory '{path}' holds no loadable step-*.pt checkpoint")
-        return found[0]
-    if not path.is_file():
-        raise VascdistError(f"resume checkpoint '{path}' not found (give a file, a checkpoint directory or 'auto')")
-    return path

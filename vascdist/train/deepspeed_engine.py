@@ -26,17 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 
 from vascdist.compat import deepspeed_internals
 from vascdist.config import Config, batch_sizes
-from vascdist.dist import DistEnv, barrier
+from vascdist.dist import DistEnv, barrier, broadcast_buffers, ensure_process_group, on_main
 from vascdist.errors import ConfigError, VascdistError
-from vascdist.train.checkpoint import (CheckpointManager, deepspeed_root, deepspeed_tag, fsync_tree,
-                                       prune_deepspeed_tags)
+from vascdist.train.checkpoint import fsync_tree
 from vascdist.train.engines import grad_norm
 from vascdist.train.precision import uses_bf16
+from vascdist.train.state import CheckpointManager, deepspeed_root, deepspeed_tag, prune_deepspeed_tags
 
 # Keys of a DeepSpeed JSON that vascdist builds itself from its own config sections.
 _OWNED_SECTIONS = {"optimizer": "optim.*", "scheduler": "sched.*"}
@@ -143,13 +142,6 @@ class _ExpectedWarnings(logging.Filter):
         return "untested optimizer" not in record.getMessage()
 
 
-def ensure_process_group(env: DistEnv) -> None:
-    """DeepSpeed needs a process group even for one process; vascdist only makes one for several ranks."""
-    if not torch_dist.is_initialized():
-        backend = "nccl" if env.device.type == "cuda" else "gloo"
-        torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
-
-
 class DeepSpeedEngine:
     """deepspeed.initialize around vascdist's module and optimiser, driven by the loop's engine calls.
 
@@ -164,8 +156,8 @@ class DeepSpeedEngine:
         if cfg.train.compile:
             raise ConfigError("config key 'train.compile' is not supported with dist.engine=deepspeed")
         if cfg.dist.zero_stage == 3:
-            # Tried (report in notes/deepspeed_report.md): training matches DDP, but module.state_dict() holds
-            # empty partitions and evaluation forwards are collectives that uneven val shards leave unmatched.
+            # Tried: training matches DDP, but module.state_dict() holds empty partitions and evaluation
+            # forwards are collectives that uneven val shards leave unmatched.
             raise ConfigError("config key 'dist.zero_stage' = 3 is not supported by vascdist's DeepSpeed engine "
                               "(the loop saves and evaluates the unpartitioned module); use 0, 1 or 2")
         ds_config = build_deepspeed_config(cfg, env.world_size, env.device)
@@ -175,9 +167,8 @@ class DeepSpeedEngine:
             # DeepSpeed casts parameters to bf16 but not buffers, and batch_norm refuses bf16 weights with fp32
             # running statistics; cast both here (in place: the optimiser's parameter references stay valid).
             module.to(torch.bfloat16)
-        self.ds, wrapped, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+        self._ds, wrapped, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
         self.module, self.optimizer, self.cfg, self.env = module, optimizer, cfg, env
-        self.model = self.ds  # forward goes through DeepSpeed's engine (its hooks, its dtype)
         self.zero_stage = cfg.dist.zero_stage
         # Stage 0 in fp32 steps the client optimiser itself: DeepSpeed clips there but reports no norm and
         # has no overflow check, so step() measures the norm and skip() drops the gradients itself.
@@ -185,6 +176,10 @@ class DeepSpeedEngine:
         if not self._plain and wrapped.param_groups is not optimizer.param_groups:
             raise VascdistError(f"DeepSpeed's {type(wrapped).__name__} does not step vascdist's optimiser param "
                                 "groups, so the lr schedule would not reach it")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward, through DeepSpeed's engine (its hooks, its dtype)."""
+        return self._ds(x)
 
     def micro_step_context(self, is_last: bool):
         """DeepSpeed decides itself when to reduce gradients (its own micro-step count)."""
@@ -195,18 +190,18 @@ class DeepSpeedEngine:
         # x * (1 + 0 * x) is x bit for bit when x is finite and NaN otherwise: a non-finite loss then always gives
         # non-finite gradients, which DeepSpeed's overflow check in skip() relies on.
         loss = loss * (1 + 0 * loss.detach())
-        self.ds.backward(loss, scale_wrt_gas=False)
-        if not self.ds.is_gradient_accumulation_boundary():
-            self.ds.step()  # only advances DeepSpeed's micro-step counter
+        self._ds.backward(loss, scale_wrt_gas=False)
+        if not self._ds.is_gradient_accumulation_boundary():
+            self._ds.step()  # only advances DeepSpeed's micro-step counter
 
     def step(self, want_norm: bool = True) -> float:
         """Reduce, clip (gradient_clipping), update, zero the grads; returns the global gradient norm before clipping
         (DeepSpeed computes it anyway under ZeRO; without ZeRO only when `want_norm`)."""
         self._check_boundary()
         norm = grad_norm(self.module) if self._plain and want_norm else None
-        self.ds.step()
+        self._ds.step()
         if norm is None and want_norm and not self._plain:
-            norm = self.ds.get_global_grad_norm()
+            norm = self._ds.get_global_grad_norm()
         self._sync_buffers()
         return math.nan if norm is None else float(norm)
 
@@ -216,28 +211,26 @@ class DeepSpeedEngine:
         if self._plain:
             # DeepSpeed would step the client optimiser with no overflow check (and its clipping fails on no
             # gradients), so drop the gradients here and count the step as skipped, as its step() would.
-            self.ds.zero_grad()
-            deepspeed_internals.count_skipped_step(self.ds)
+            self._ds.zero_grad()
+            deepspeed_internals.count_skipped_step(self._ds)
         else:
             # ZeRO and bf16 optimisers keep reduced gradients in their own buffers and clear them only in step(),
             # which sees the non-finite gradients that backward() made sure of and skips the update as an overflow.
-            self.ds.step()
-            if self.ds.was_step_applied():
+            self._ds.step()
+            if self._ds.was_step_applied():
                 raise VascdistError("DeepSpeed applied an update that vascdist asked it to skip (non-finite loss)")
         self._sync_buffers()
 
     def _check_boundary(self) -> None:
-        if not self.ds.is_gradient_accumulation_boundary():
-            raise VascdistError(f"DeepSpeed is not at a gradient accumulation boundary (micro step {deepspeed_internals.micro_step(self.ds)},"
-                                f" gradient_accumulation_steps={self.ds.gradient_accumulation_steps()}): "
+        if not self._ds.is_gradient_accumulation_boundary():
+            raise VascdistError(f"DeepSpeed is not at a gradient accumulation boundary (micro step {deepspeed_internals.micro_step(self._ds)},"
+                                f" gradient_accumulation_steps={self._ds.gradient_accumulation_steps()}): "
                                 "backward() must run train.grad_accum times per step")
 
     def _sync_buffers(self) -> None:
         """Rank 0's BatchNorm running statistics on every rank (DDP does this each forward; DeepSpeed never),
         so that all ranks evaluate the model the checkpoint holds."""
-        if self.env.distributed:
-            for buffer in self.module.buffers():
-                torch_dist.broadcast(buffer, src=0)
+        broadcast_buffers(self.module, self.env)
 
     def state_dict(self) -> dict:
         """Full model weights (replicated under ZeRO 0-2); the optimiser state lives in the DeepSpeed directory."""
@@ -246,15 +239,17 @@ class DeepSpeedEngine:
     def save_checkpoint(self, manager: CheckpointManager, step: int, state: dict, is_best: bool = False) -> None:
         """Every rank writes its DeepSpeed partition; then rank 0 writes the step file that marks both complete."""
         root, tag = deepspeed_root(manager.directory), deepspeed_tag(step)
-        if self.env.is_main and (root / tag).exists():
-            shutil.rmtree(root / tag)  # a crashed attempt's leftover: never mix its files with this save
+        # a crashed attempt's leftover: never mix its files with this save
+        on_main(self.env, shutil.rmtree, root / tag, ignore_errors=True)
         barrier(self.env)
-        self.ds.save_checkpoint(str(root), tag=tag, save_latest=False)
+        self._ds.save_checkpoint(str(root), tag=tag, save_latest=False)
         barrier(self.env)  # every partition is on disk before the step file claims it
-        if self.env.is_main:
+
+        def write_step_file() -> None:
             fsync_tree(root / tag)
             manager.save(step, {**state, "engine": {**state["engine"], "deepspeed_tag": tag}}, is_best=is_best)
             prune_deepspeed_tags(manager)
+        on_main(self.env, write_step_file)
 
     def load_checkpoint(self, manager: CheckpointManager, path) -> dict:
         """Every rank reads the step file and loads weights plus its optimiser partition from the tag directory."""
@@ -271,8 +266,13 @@ class DeepSpeedEngine:
         tag_dir = deepspeed_root(path.parent) / saved["deepspeed_tag"]
         if not tag_dir.is_dir():
             raise VascdistError(f"checkpoint '{path}' has no DeepSpeed directory '{tag_dir}' (pruned or not copied)")
-        loaded, _ = self.ds.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                            load_lr_scheduler_states=False, load_module_strict=True)
+        try:
+            loaded, _ = self._ds.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False, load_module_strict=True)
+        except (RuntimeError, KeyError, ValueError) as exc:  # another architecture or optimiser than the checkpoint's
+            raise ConfigError(f"checkpoint {path} does not fit this run's model or optimiser "
+                              f"({str(exc).strip().splitlines()[0][:200]}); resume it with the config it was "
+                              "trained with") from None
         if loaded is None:
             raise VascdistError(f"DeepSpeed could not load '{tag_dir}'")
         return state

@@ -1,7 +1,9 @@
 """Engines: how one optimiser step is carried out and checkpointed (plain/DDP here, DeepSpeed beside it).
 
-The loop calls the same methods on each: `micro_step_context`, `backward`, `step`, `skip`, `state_dict`,
-`save_checkpoint` (called on every rank; the engine decides which ranks write) and `load_checkpoint`."""
+The loop calls the same methods on each: `forward`, `micro_step_context`, `backward`, `step`, `skip`,
+`state_dict`, `save_checkpoint` (called on every rank; the engine decides which ranks write) and
+`load_checkpoint`. `engine.module` is the bare model (its weights, evaluation); whatever wraps it for training
+(DDP, torch.compile, DeepSpeed's engine) stays private to the engine."""
 
 from __future__ import annotations
 
@@ -10,12 +12,11 @@ import math
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from vascdist.config import Config
-from vascdist.dist import DistEnv
+from vascdist.dist import DistEnv, convert_sync_batchnorm, on_main, wrap_ddp
 from vascdist.errors import ConfigError
-from vascdist.train.checkpoint import CheckpointManager
+from vascdist.train.state import CheckpointManager
 
 
 def grad_norm(module: nn.Module) -> float:
@@ -31,19 +32,18 @@ class TorchEngine:
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv):
         self.module, self.optimizer, self.cfg, self.env = module, optimizer, cfg, env
-        model: nn.Module = module
-        if env.distributed:
-            model = DistributedDataParallel(
-                module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                bucket_cap_mb=cfg.dist.bucket_cap_mb, gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
-                static_graph=cfg.dist.static_graph)
-        self.model = torch.compile(model) if cfg.train.compile else model
-        self._wrapped = model
+        self._ddp = wrap_ddp(module, env, cfg.dist) if env.distributed else None
+        wrapped = self._ddp or module
+        self._forward = torch.compile(wrapped) if cfg.train.compile else wrapped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward (through DDP and torch.compile when they are on)."""
+        return self._forward(x)
 
     def micro_step_context(self, is_last: bool):
         """No gradient all-reduce on the micro-batches before the last one of an optimiser step."""
-        if self.env.distributed and not is_last:
-            return self._wrapped.no_sync()
+        if self._ddp is not None and not is_last:
+            return self._ddp.no_sync()
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -77,8 +77,7 @@ class TorchEngine:
 
     def save_checkpoint(self, manager: CheckpointManager, step: int, state: dict, is_best: bool = False) -> None:
         """Model and optimiser are replicated on every rank, so global rank 0 alone writes the one file."""
-        if self.env.is_main:
-            manager.save(step, state, is_best=is_best)
+        on_main(self.env, manager.save, step, state, is_best=is_best)
 
     def load_checkpoint(self, manager: CheckpointManager, path) -> dict:
         """Every rank reads the file and restores model and optimiser; returns the whole saved state."""
@@ -87,26 +86,20 @@ class TorchEngine:
         if written_by != self.name:
             raise ConfigError(f"checkpoint {path} was written by dist.engine={written_by}; resume it with "
                               f"dist.engine={written_by} (this run has dist.engine={self.cfg.dist.engine})")
-        self.load_state_dict(state["engine"])
+        try:
+            self.load_state_dict(state["engine"])
+        except (RuntimeError, KeyError, ValueError) as exc:  # another architecture or optimiser than the checkpoint's
+            raise ConfigError(f"checkpoint {path} does not fit this run's model or optimiser "
+                              f"({str(exc).strip().splitlines()[0][:200]}); resume it with the config it was "
+                              "trained with") from None
         return state
 
 
 def prepare_module(module: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
     """Device, memory format and SyncBatchNorm: everything done to the bare model before the optimiser sees it."""
-    if cfg.dist.sync_batchnorm and env.distributed:
-        if env.device.type != "cuda":
-            raise ConfigError("dist.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
-                              "use model.norm=group for batch-size-independent normalisation on CPU")
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if cfg.dist.sync_batchnorm:
+        module = convert_sync_batchnorm(module, env)
     module = module.to(env.device)
     if cfg.train.channels_last:
         module = module.to(memory_format=torch.channels_last)
     return module
-
-
-def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv):
-    """The engine named by dist.engine: TorchEngine ('ddp', also a single process) or DeepSpeedEngine."""
-    if cfg.dist.engine == "deepspeed":
-        from vascdist.train.deepspeed_engine import DeepSpeedEngine  # imports deepspeed only when asked for
-        return DeepSpeedEngine(module, optimizer, cfg, env)
-    return TorchEngine(module, optimizer, cfg, env)

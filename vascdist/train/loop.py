@@ -1,52 +1,43 @@
 """The training loop: one function, read top to bottom. A single CPU process, torchrun and SLURM jobs all
-run it unchanged; what differs between them arrives as a DistEnv and an engine."""
+run it unchanged; what differs between them arrives as a DistEnv and an engine.
+
+`train()` builds, resumes, runs `train_step()` per batch and `validate()` per evaluation, and ends with `test()`;
+what survives a restart lives in one `TrainState` (train/state.py), and the logger and progress bar are closed
+on every exit.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from vascdist.config import Config, batch_sizes, to_dict
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.data.shards import load_index, verify_files
 from vascdist.data.transform import InputTransform
-from vascdist.dist import DistEnv, any_rank, broadcast_object, global_mean
+from vascdist.dist import DistEnv, any_rank, barrier, global_mean, main_print, run_on_main
 from vascdist.errors import VascdistError
 from vascdist.models import build_model
-from vascdist.train.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
-from vascdist.train.engines import build_engine, prepare_module
-from vascdist.train.evaluate import improves, predict_arrays, split_metrics, validation_loss
-from vascdist.train.precision import autocast_context
 from vascdist.progress import ProgressReporter
-from vascdist.train.runlog import RunLogger
+from vascdist.train.engines import TorchEngine, prepare_module
+from vascdist.train.evaluate import improves, predict_arrays, split_metrics, validation_loss
 from vascdist.train.losses import build_loss
 from vascdist.train.metrics import render_confusion_matrix, save_confusion_png, thresholds_from
 from vascdist.train.optim import build_optimizer, build_scheduler, run_epochs
+from vascdist.train.precision import autocast_context
+from vascdist.train.runlog import RunLogger
+from vascdist.train.state import RunLayout, TrainState, all_finite
 
 
 class TrainingDiverged(VascdistError):
     """Too many non-finite losses in a row."""
-
-
-@dataclass
-class Progress:
-    """Loop counters that a checkpoint restores."""
-    step: int = 0
-    epoch: int = 0
-    best_metric: float = -math.inf
-    best_step: int = -1
-    best_loss: float = math.inf  # validation loss at best_step: breaks ties of a saturated metric
-    evals_without_improvement: int = 0
-    bad_steps_in_a_row: int = 0
-    bad_steps_total: int = 0
-    val_thresholds: dict | None = None
-    history: list = field(default_factory=list)
 
 
 def data_info(index: dict) -> dict:
@@ -68,6 +59,55 @@ def build_loaders(cfg: Config, env: DistEnv) -> tuple[StreamingLoader, Streaming
     return make("train", True), make("val", False), make("test", False)
 
 
+def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv):
+    """The engine named by dist.engine: TorchEngine ('ddp', also a single process) or DeepSpeedEngine."""
+    if cfg.dist.engine == "deepspeed":
+        from vascdist.train.deepspeed_engine import DeepSpeedEngine  # imports deepspeed only when asked for
+        return DeepSpeedEngine(module, optimizer, cfg, env)
+    return TorchEngine(module, optimizer, cfg, env)
+
+
+@dataclass
+class Run:
+    """What the steps of one training run share; built once by `build`."""
+    cfg: Config
+    env: DistEnv
+    classes: list[str]
+    per_beat: bool
+    state: TrainState
+    inputs: InputTransform
+    loss_fn: nn.Module
+    val_loader: StreamingLoader
+    test_loader: StreamingLoader
+    micro: int
+    log: RunLogger | None = None
+
+
+def checked_index(cfg: Config, env: DistEnv) -> dict:
+    """The shards' index, after rank 0 verified the files (its error reaches every rank instead of a hang)."""
+    if cfg.data.verify_checksums:
+        run_on_main(env, lambda: verify_files(cfg.data.shards))
+    return load_index(cfg.data.shards)
+
+
+def build(cfg: Config, env: DistEnv, index: dict, layout: RunLayout) -> Run:
+    """Loaders, model, optimiser, engine, schedule and loss for this rank, bundled with a fresh TrainState.
+
+    The run's config has train.epochs raised to cover train.min_steps (it depends on the training set's size)."""
+    classes = index["classes"]
+    train_loader, val_loader, test_loader = build_loaders(cfg, env)
+    epochs = run_epochs(cfg.train.epochs, cfg.train.min_steps, len(train_loader))
+    cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
+    module = prepare_module(build_model(cfg.model, len(classes), tuple(index["sample_shape"])), cfg, env)
+    engine = build_engine(module, build_optimizer(cfg.optim, module), cfg, env)
+    scheduler = build_scheduler(cfg.sched, engine.optimizer, len(train_loader), cfg.train.epochs)
+    extra = {"config": to_dict(cfg), "data": data_info(index), "world_size": env.world_size}
+    state = TrainState(engine, scheduler, train_loader, layout, cfg.train.keep_last, extra, writer=env.is_main)
+    return Run(cfg, env, classes, index["kind"] == "beats", state, InputTransform(index, env.device, cfg.train.channels_last),
+               build_loss(cfg.loss, len(classes)).to(env.device), val_loader, test_loader,
+               batch_sizes(cfg.data.batch_size, env.world_size, cfg.train.grad_accum).micro)
+
+
 def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, quiet: bool = False,
           stop_requested: Callable[[], bool] = lambda: False) -> dict:
     """Train `cfg` in `run_dir`; returns a summary with the test metrics (at thresholds chosen on validation).
@@ -77,185 +117,205 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     """
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    problem = None
-    if env.is_main and cfg.data.verify_checksums:
-        try:
-            verify_files(cfg.data.shards)
-        except VascdistError as exc:
-            problem = str(exc)
-    problem = broadcast_object(problem, env)  # every rank stops with the same message instead of hanging
-    if problem:
-        raise VascdistError(problem)
-    index = load_index(cfg.data.shards)
-    classes, per_beat = index["classes"], index["kind"] == "beats"
-    train_loader, val_loader, test_loader = build_loaders(cfg, env)
-    inputs = InputTransform(index, env.device, cfg.train.channels_last)
-    steps_per_epoch = len(train_loader)
-    cfg = replace(cfg, train=replace(cfg.train, epochs=run_epochs(cfg.train.epochs, cfg.train.min_steps,
-                                                                  steps_per_epoch)))  # train.min_steps
-    micro = batch_sizes(cfg.data.batch_size, env.world_size, cfg.train.grad_accum).micro
-
-    module = prepare_module(build_model(cfg.model, len(classes), tuple(index["sample_shape"])), cfg, env)
-    optimizer = build_optimizer(cfg.optim, module)
-    engine = build_engine(module, optimizer, cfg, env)
-    scheduler = build_scheduler(cfg.sched, optimizer, steps_per_epoch, cfg.train.epochs)
-    loss_fn = build_loss(cfg.loss, len(classes)).to(env.device)
-    checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.train.keep_last)
-    progress = Progress()
-
-    def state() -> dict:
-        return {"engine": engine.state_dict(), "scheduler": scheduler.state_dict(),
-                "loader": train_loader.state_dict(), "rng": capture_rng_state(), "progress": vars(progress).copy(),
-                "config": to_dict(cfg), "data": data_info(index), "world_size": env.world_size}
-
-    def save(is_best: bool = False) -> None:
-        engine.save_checkpoint(checkpoints, progress.step, state(), is_best=is_best)
-
-    resume_path = resolve_resume(resume, run_dir / "checkpoints") if resume else None
-    if resume_path is not None:
-        saved = engine.load_checkpoint(checkpoints, resume_path)
-        scheduler.load_state_dict(saved["scheduler"])
-        train_loader.load_state_dict(saved["loader"])
-        restore_rng_state(saved["rng"])
-        progress = Progress(**saved["progress"])
-        if env.is_main:
-            print(f"resumed from {resume_path} at step {progress.step} (epoch {progress.epoch}, "
-                  f"{train_loader.batches}/{steps_per_epoch} batches in)", flush=True)
-
+    run = build(cfg, env, checked_index(cfg, env), RunLayout(run_dir))
+    cfg, state, progress, loader = run.cfg, run.state, run.state.progress, run.state.loader
+    resumed = state.resume(resume)
+    if resumed:
+        main_print(env, f"resumed from {resumed} at step {progress.step} (epoch {progress.epoch}, "
+                        f"{loader.batches}/{len(loader)} batches in)")
     # Created after the resume so that TensorBoard drops the points an interrupted attempt logged past it.
-    log = RunLogger(run_dir, enabled=env.is_main, purge_step=progress.step + 1 if resume_path else None)
-
-    def evaluate() -> dict:
-        arrays = predict_arrays(engine.module, val_loader, env, cfg.train.precision, cfg.train.channels_last)
-        metrics = split_metrics(arrays, classes, per_beat)
-        metrics["loss"] = loss = validation_loss(arrays)
-        value = float(metrics.get(cfg.train.early_stop_metric, math.nan))
-        if cfg.train.early_stop_metric not in metrics:
-            raise VascdistError(f"train.early_stop_metric '{cfg.train.early_stop_metric}' is not a metric here; "
-                                f"choose one of: {', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
-        improved = not math.isnan(value) and improves(value, loss, progress.best_metric, progress.best_loss)
-        if improved:
-            progress.best_metric, progress.best_step, progress.evals_without_improvement = value, progress.step, 0
-            progress.best_loss = loss
-            progress.val_thresholds = None if len(classes) != 2 else thresholds_from(metrics)
-        else:
-            progress.evals_without_improvement += 1
-        scheduler.after_eval(value)
-        log.scalars(progress.step, {f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)})
-        level = "cycle" if per_beat else "recording"
-        log.image("val/confusion", progress.step, render_confusion_matrix(np.array(metrics[f"{level}/confusion"]), classes))
-        if len(classes) == 2 and np.isfinite(arrays["probs"]).all():
-            log.pr_curve("val/pr_cycle", progress.step, arrays["y"], arrays["probs"][:, 1])
-        log.jsonl({"step": progress.step, "epoch": progress.epoch, "split": "val", **metrics})
-        progress.history.append({"step": progress.step, "metric": value})
-        save(is_best=improved)
-        return metrics
-
-    if env.is_main and progress.step == 0:
-        examples = next(iter(val_loader), None)
-        if examples is not None and examples["x"].dim() == 4:
-            log.images("val/spectrogram_examples", 0, examples["x"][:8].float())
-    bar = ProgressReporter("train", cfg.train.planned_steps(steps_per_epoch), initial=progress.step,
+    run.log = RunLogger(run_dir, enabled=env.is_main, purge_step=progress.step + 1 if resumed else None)
+    bar = ProgressReporter("train", cfg.train.planned_steps(len(loader)), initial=progress.step,
                            enabled=not quiet and env.is_main, interval_s=cfg.run.progress_interval_s,
                            rate_scale=cfg.data.batch_size, rate_unit="samples")
-    stopped, finished = False, False
-    module.train()
-    while progress.epoch < cfg.train.epochs and not (stopped or finished):
-        train_loader.set_epoch(progress.epoch)
-        window_start, data_wait, window_samples = time.perf_counter(), 0.0, 0
-        t_wait = time.perf_counter()
-        for batch in train_loader:
-            data_wait += time.perf_counter() - t_wait
-            # ---- one optimiser step over grad_accum micro-batches
-            losses = []
-            for i in range(cfg.train.grad_accum):
-                part = slice(i * micro, (i + 1) * micro)
-                x = inputs(batch["x"][part], batch["augment"][part] if "augment" in batch else None)
-                y = batch["y"][part].to(env.device, non_blocking=True)
-                with engine.micro_step_context(is_last=i == cfg.train.grad_accum - 1):
-                    with autocast_context(cfg.train.precision, env.device):
-                        loss = loss_fn(engine.model(x), y) / cfg.train.grad_accum
-                    engine.backward(loss)
-                losses.append(loss.detach())
-            step_loss = global_mean(torch.stack(losses).sum(), env)  # the loss of the global batch
-            log_now = (progress.step + 1) % 10 == 0 or progress.step == 0  # a metrics.jsonl line for this step
-            if math.isfinite(step_loss):
-                grad_norm = engine.step(want_norm=log_now)
-                scheduler.after_step()
-                progress.bad_steps_in_a_row = 0
+    try:
+        if progress.step == 0:
+            log_examples(run)
+        stopped = finished = False
+        while progress.epoch < cfg.train.epochs and not (stopped or finished):
+            loader.set_epoch(progress.epoch)
+            meter = Throughput(cfg.data.batch_size)
+            for batch in meter.wait_for(loader):
+                loss, grad_norm = train_step(run, batch, want_norm=should_log(cfg, progress.step))
+                log_step(run, loss, grad_norm, meter, bar)
+                if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
+                    validate(run)
+                elif cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
+                    save(run)
+                finished = bool(cfg.train.max_steps) and progress.step >= cfg.train.max_steps
+                stopped = any_rank(stop_requested(), env)
+                if finished or stopped:
+                    break
             else:
-                engine.skip()
-                grad_norm = math.nan
-                progress.bad_steps_in_a_row += 1
-                progress.bad_steps_total += 1
-                if progress.bad_steps_in_a_row >= cfg.train.max_bad_steps:
-                    log.close()
-                    raise TrainingDiverged(f"{progress.bad_steps_in_a_row} non-finite losses in a row at step "
-                                           f"{progress.step}; last good checkpoint kept in {run_dir / 'checkpoints'} "
-                                           "(lower optim.lr or set train.grad_clip)")
-            progress.step += 1
+                progress.epoch += 1
+                state.scheduler.after_epoch()
+                if not cfg.train.eval_every:
+                    validate(run)
+                finished = should_stop_early(run)
+        if stopped or finished:
+            save(run)  # the exact state to resume from (mid-epoch included)
+        if stopped:
+            return {"stopped": True, "step": progress.step}
+        return test(run, run_dir)
+    finally:
+        bar.close()
+        run.log.close()
 
-            # ---- logging (rank 0 only: RunLogger is disabled elsewhere)
-            window_samples += cfg.data.batch_size
-            elapsed = time.perf_counter() - window_start
-            lrs = scheduler.current_lrs()
-            bar.update(1, epoch=f"{progress.epoch + 1}/{cfg.train.epochs}", loss=float(step_loss), lr=f"{lrs[0]:.3g}")
-            scalars = {"train/loss": step_loss, "train/lr": lrs[0], **{f"train/lr/group{g}": lr for g, lr in enumerate(lrs)},
-                       "train/bad_steps": progress.bad_steps_total}
-            if log_now:
-                scalars["train/grad_norm"] = grad_norm
-                scalars["train/samples_per_s"] = window_samples / elapsed
-                scalars["train/data_wait_fraction"] = data_wait / elapsed
-                log.jsonl({"step": progress.step, "epoch": progress.epoch, "split": "train", **scalars})
-                window_start, data_wait, window_samples = time.perf_counter(), 0.0, 0
-            log.scalars(progress.step, scalars)
 
-            # ---- evaluation, checkpoints, stopping
-            if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
-                evaluate()
-            elif cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
-                save()
-            if cfg.train.max_steps and progress.step >= cfg.train.max_steps:
-                finished = True
-            if any_rank(stop_requested(), env):
-                stopped = True
-            if finished or stopped:
-                break
-            t_wait = time.perf_counter()
-        else:
-            progress.epoch += 1
-            scheduler.after_epoch()
-            if not cfg.train.eval_every:
-                evaluate()
-            if cfg.train.early_stop_patience and progress.evals_without_improvement >= cfg.train.early_stop_patience:
-                if env.is_main:
-                    print(f"early stop: {cfg.train.early_stop_metric} did not improve for "
-                          f"{progress.evals_without_improvement} evaluations", flush=True)
-                finished = True
-    bar.close()
-    if stopped or finished:
-        save()  # the exact state to resume from (mid-epoch included)
-    if stopped:
-        log.close()
-        return {"stopped": True, "step": progress.step}
+# --------------------------------------------------------------------------------------------- steps
+def train_step(run: Run, batch: dict, want_norm: bool) -> tuple[float, float]:
+    """One optimiser step over train.grad_accum micro-batches; returns (global loss, gradient norm or NaN).
 
-    # ---- final test evaluation with the best checkpoint and the thresholds chosen on validation
+    A non-finite loss on any rank skips the step on every rank; too many in a row raise TrainingDiverged."""
+    cfg, env, engine, progress = run.cfg, run.env, run.state.engine, run.state.progress
+    losses = []
+    for i in range(cfg.train.grad_accum):
+        part = slice(i * run.micro, (i + 1) * run.micro)
+        x = run.inputs(batch["x"][part], batch["augment"][part] if "augment" in batch else None)
+        y = batch["y"][part].to(env.device, non_blocking=True)
+        with engine.micro_step_context(is_last=i == cfg.train.grad_accum - 1):
+            with autocast_context(cfg.train.precision, env.device):
+                loss = run.loss_fn(engine.forward(x), y) / cfg.train.grad_accum
+            engine.backward(loss)
+        losses.append(loss.detach())
+    step_loss = global_mean(torch.stack(losses).sum(), env)  # the loss of the global batch, the same on every rank
+    if math.isfinite(step_loss):
+        grad_norm = engine.step(want_norm=want_norm)
+        run.state.scheduler.after_step()
+        progress.bad_steps_in_a_row = 0
+    else:
+        engine.skip()
+        grad_norm = math.nan
+        progress.bad_steps_in_a_row += 1
+        progress.bad_steps_total += 1
+        if progress.bad_steps_in_a_row >= cfg.train.max_bad_steps:
+            raise TrainingDiverged(f"{progress.bad_steps_in_a_row} non-finite losses in a row at step {progress.step}; "
+                                   f"last finite checkpoint kept in {run.state.layout.checkpoints} "
+                                   "(lower optim.lr or set train.grad_clip)")
+    progress.step += 1
+    return step_loss, grad_norm
+
+
+def validate(run: Run) -> dict:
+    """Metrics on the validation split; picks the best checkpoint (ties of a saturated metric go to the lower
+    validation loss), steps a plateau schedule, logs and saves."""
+    cfg, progress, classes = run.cfg, run.state.progress, run.classes
+    arrays = predict_arrays(run.state.engine.module, run.val_loader, run.env, cfg.train.precision, cfg.train.channels_last)
+    metrics = split_metrics(arrays, classes, run.per_beat)
+    metrics["loss"] = loss = validation_loss(arrays)
+    if cfg.train.early_stop_metric not in metrics:
+        raise VascdistError(f"train.early_stop_metric '{cfg.train.early_stop_metric}' is not a metric here; "
+                            f"choose one of: {', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
+    value = float(metrics[cfg.train.early_stop_metric])
+    improved = not math.isnan(value) and improves(value, loss, progress.best_metric, progress.best_loss)
+    if improved:
+        progress.best_metric, progress.best_step, progress.evals_without_improvement = value, progress.step, 0
+        progress.best_loss = loss
+        progress.val_thresholds = None if len(classes) != 2 else thresholds_from(metrics)
+    else:
+        progress.evals_without_improvement += 1
+    run.state.scheduler.after_eval(value)
+    log = run.log
+    log.scalars(progress.step, {f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)})
+    level = "cycle" if run.per_beat else "recording"
+    log.image("val/confusion", progress.step, render_confusion_matrix(np.array(metrics[f"{level}/confusion"]), classes))
+    if len(classes) == 2 and np.isfinite(arrays["probs"]).all():
+        log.pr_curve("val/pr_cycle", progress.step, arrays["y"], arrays["probs"][:, 1])
+    log.jsonl({"step": progress.step, "epoch": progress.epoch, "split": "val", **metrics})
+    progress.history.append({"step": progress.step, "metric": value})
+    save(run, is_best=improved)
+    return metrics
+
+
+def save(run: Run, is_best: bool = False) -> None:
+    """Checkpoint on every rank together; a model with non-finite weights on any rank is not saved."""
+    finite = not any_rank(not all_finite(run.state.engine.module), run.env)
+    if not run.state.save(finite, is_best=is_best):
+        main_print(run.env, f"not saving step {run.state.progress.step}: the model has non-finite weights; the last "
+                            f"finite checkpoint in {run.state.layout.checkpoints} is kept")
+
+
+def should_stop_early(run: Run) -> bool:
+    cfg, progress = run.cfg, run.state.progress
+    if cfg.train.early_stop_patience and progress.evals_without_improvement >= cfg.train.early_stop_patience:
+        main_print(run.env, f"early stop: {cfg.train.early_stop_metric} did not improve for "
+                            f"{progress.evals_without_improvement} evaluations")
+        return True
+    return False
+
+
+def test(run: Run, run_dir: Path) -> dict:
+    """Test metrics of the best checkpoint at the thresholds chosen on validation; logged and summarised."""
+    cfg, env, progress, classes = run.cfg, run.env, run.state.progress, run.classes
     if progress.best_step < 0:
-        evaluate()  # no evaluation happened yet (max_steps before the first one): thresholds come from val, never test
-    best = run_dir / "checkpoints" / "best.pt"
-    if best.exists():
-        engine.module.load_state_dict(checkpoints.load(best)["engine"]["model"])
-    arrays = predict_arrays(engine.module, test_loader, env, cfg.train.precision, cfg.train.channels_last)
-    test = split_metrics(arrays, classes, per_beat, progress.val_thresholds)
-    summary = {"stopped": False, "step": progress.step, "best_step": progress.best_step,
-               "best_val": progress.best_metric, "test": test, "classes": classes, "run_dir": str(run_dir)}
-    log.scalars(progress.step, {f"test/{k}": v for k, v in test.items() if isinstance(v, float)})
-    log.jsonl({"step": progress.step, "split": "test", **test})
+        validate(run)  # no evaluation happened yet (max_steps before the first one): thresholds come from val, never test
+    barrier(env)  # rank 0's last best.pt is on disk before every rank reads it
+    run.state.load_best_weights()
+    arrays = predict_arrays(run.state.engine.module, run.test_loader, env, cfg.train.precision, cfg.train.channels_last)
+    test_metrics = split_metrics(arrays, classes, run.per_beat, progress.val_thresholds)
+    run.log.scalars(progress.step, {f"test/{k}": v for k, v in test_metrics.items() if isinstance(v, float)})
+    run.log.jsonl({"step": progress.step, "split": "test", **test_metrics})
     if env.is_main:
-        level = "cycle" if per_beat else "recording"
-        save_confusion_png(np.array(test[f"{level}/confusion"]), classes, run_dir / "test_confusion.png",
+        level = "cycle" if run.per_beat else "recording"
+        save_confusion_png(np.array(test_metrics[f"{level}/confusion"]), classes, run.state.layout.test_confusion,
                            title=f"test, per {level}")
-        final = {f"final/{k}": v for k, v in test.items() if isinstance(v, float) and not math.isnan(v)}
-        log.hparams(to_dict(cfg), final)
-    log.close()
-    return summary
+        final = {f"final/{k}": v for k, v in test_metrics.items() if isinstance(v, float) and not math.isnan(v)}
+        run.log.hparams(to_dict(cfg), final)
+    return {"stopped": False, "step": progress.step, "best_step": progress.best_step, "best_val": progress.best_metric,
+            "test": test_metrics, "classes": classes, "run_dir": str(run_dir)}
+
+
+# --------------------------------------------------------------------------------------------- logging
+def should_log(cfg: Config, step: int) -> bool:
+    """Whether the step about to run (index `step`) gets a metrics.jsonl line: the first, then every train.log_every."""
+    return step == 0 or (step + 1) % cfg.train.log_every == 0
+
+
+class Throughput:
+    """Samples per second and the fraction of wall time spent waiting for data, over a logging window."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.waited, self.samples = time.perf_counter(), 0.0, 0
+
+    def wait_for(self, loader):
+        """Iterate `loader`, timing how long each batch took to arrive."""
+        iterator = iter(loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - t
+            self.samples += self.batch_size
+            yield batch
+
+
+def log_step(run: Run, loss: float, grad_norm: float, meter: Throughput, bar) -> None:
+    """Loss and learning rates every step; gradient norm, samples/s and data wait every train.log_every steps."""
+    progress, scheduler = run.state.progress, run.state.scheduler
+    lrs = scheduler.current_lrs()
+    bar.update(1, epoch=f"{progress.epoch + 1}/{run.cfg.train.epochs}", loss=float(loss), lr=f"{lrs[0]:.3g}")
+    scalars = {"train/loss": loss, "train/lr": lrs[0], **{f"train/lr/group{g}": lr for g, lr in enumerate(lrs)},
+               "train/bad_steps": progress.bad_steps_total}
+    if should_log(run.cfg, progress.step - 1):
+        elapsed = time.perf_counter() - meter.start
+        scalars["train/grad_norm"] = grad_norm
+        scalars["train/samples_per_s"] = meter.samples / elapsed
+        scalars["train/data_wait_fraction"] = meter.waited / elapsed
+        run.log.jsonl({"step": progress.step, "epoch": progress.epoch, "split": "train", **scalars})
+        meter.reset()
+    run.log.scalars(progress.step, scalars)
+
+
+def log_examples(run: Run) -> None:
+    """A few validation spectrograms in TensorBoard at step 0 (rank 0 only)."""
+    if not run.env.is_main:
+        return
+    examples = next(iter(run.val_loader), None)
+    if examples is not None and examples["x"].dim() == 4:
+        run.log.images("val/spectrogram_examples", 0, examples["x"][:8].float())

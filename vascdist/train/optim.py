@@ -1,5 +1,8 @@
 """Optimisers (SGD, Adam, AdamW, AdaBound) and learning-rate schedules with explicit training-loop hooks.
 
+`OPTIMIZERS` and `SCHEDULES` are the one lists of valid optim.name and sched.name values; the config check
+asks them (this module imports torch only inside the builders).
+
 `build_optimizer(cfg.optim, model)` puts weights in a decayed group and biases / norm parameters in an
 undecayed one. `build_scheduler(cfg.sched, optimizer, steps_per_epoch, epochs)` returns an `LRSchedule`
 whose three hooks the loop calls at fixed places, so no schedule is stepped at the wrong granularity:
@@ -13,99 +16,14 @@ whose three hooks the loop calls at fixed places, so no schedule is stepped at t
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-from torch import nn
-from torch.optim import Optimizer, lr_scheduler
-
-from vascdist.config import OptimConfig, SchedConfig
+from vascdist.config.schema import OptimConfig, SchedConfig
 from vascdist.errors import ConfigError, VascdistError
 
-
-# --------------------------------------------------------------------------------------------- AdaBound
-class AdaBound(Optimizer):
-    """AdaBound (Luo et al., ICLR 2019, "Adaptive Gradient Methods with Dynamic Bound of Learning Rate").
-
-    Adam whose per-element step size lr * sqrt(1 - beta2^t) / (1 - beta1^t) / (sqrt(v_t) + eps) is clipped
-    to [final_lr * (1 - 1/(gamma*t + 1)), final_lr * (1 + 1/(gamma*t))], so it starts Adam-like and turns
-    into SGD with learning rate final_lr. As in the reference implementation (github.com/Luolc/AdaBound),
-    weight decay is an L2 term added to the gradient, and final_lr is scaled by lr / base_lr so that a
-    learning-rate schedule moves the bounds too. base_lr (the lr a group was created with) is kept in the
-    param group, so it is saved and restored with the optimiser's state_dict.
-    """
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 final_lr: float = 0.1, gamma: float = 1e-3, eps: float = 1e-8, weight_decay: float = 0.0,
-                 amsbound: bool = False):
-        if not lr > 0:
-            raise ValueError(f"AdaBound: lr must be > 0, got {lr}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"AdaBound: betas must be in [0, 1), got {betas}")
-        if not final_lr > 0:
-            raise ValueError(f"AdaBound: final_lr must be > 0, got {final_lr}")
-        if not 0.0 < gamma < 1.0:
-            raise ValueError(f"AdaBound: gamma must be in (0, 1), got {gamma}")
-        if not eps >= 0 or not weight_decay >= 0:
-            raise ValueError(f"AdaBound: eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
-        defaults = dict(lr=lr, betas=tuple(betas), final_lr=final_lr, gamma=gamma, eps=eps,
-                        weight_decay=weight_decay, amsbound=amsbound)
-        super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group and remember its starting lr as base_lr (the denominator of the final_lr scaling)."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        group.setdefault("base_lr", group["lr"])
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One AdaBound update of every parameter that has a gradient; returns closure() if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            # A schedule that lowers lr lowers the bounds' target in proportion.
-            final_lr = group["final_lr"] * group["lr"] / group["base_lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdaBound does not support sparse gradients")
-                self._update(p, group, beta1, beta2, final_lr)
-        return loss
-
-    def _update(self, p: torch.Tensor, group: dict, beta1: float, beta2: float, final_lr: float) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["amsbound"]:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        t = state["step"]
-
-        grad = p.grad
-        if group["weight_decay"] != 0:
-            grad = grad.add(p, alpha=group["weight_decay"])  # L2, as in the paper's reference code
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if group["amsbound"]:
-            torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
-            denom = state["max_exp_avg_sq"].sqrt().add_(group["eps"])
-        else:
-            denom = exp_avg_sq.sqrt().add_(group["eps"])
-
-        step_size = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-        lower = final_lr * (1 - 1 / (group["gamma"] * t + 1))
-        upper = final_lr * (1 + 1 / (group["gamma"] * t))
-        # Per-element learning rate, clipped into [lower, upper], times the first moment.
-        update = torch.full_like(denom, step_size).div_(denom).clamp_(lower, upper).mul_(exp_avg)
-        p.sub_(update)
+if TYPE_CHECKING:  # torch is imported by the builders, so the config check (the registries) stays light
+    from torch import nn
+    from torch.optim import Optimizer
 
 
 # --------------------------------------------------------------------------------------------- optimisers
@@ -128,27 +46,55 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
+def _sgd(cfg: OptimConfig, groups: list) -> Optimizer:
+    import torch
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def _adam(cfg: OptimConfig, groups: list) -> Optimizer:
+    import torch
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
+
+
+def _adamw(cfg: OptimConfig, groups: list) -> Optimizer:
+    import torch
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
+
+
+def _adabound(cfg: OptimConfig, groups: list) -> Optimizer:
+    from vascdist.train.adabound import AdaBound
+    return AdaBound(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), final_lr=cfg.final_lr, gamma=cfg.gamma)
+
+
+# The one list of valid optim.name values.
+OPTIMIZERS: dict[str, Callable[[OptimConfig, list], Optimizer]] = {
+    "sgd": _sgd, "adam": _adam, "adamw": _adamw, "adabound": _adabound}
+
+
+def check_optim_config(cfg: OptimConfig, key: str = "optim") -> None:
+    """The optimiser checks that need no model: the name, a finite lr, and the options only one optimiser takes."""
+    if cfg.name not in OPTIMIZERS:
+        raise ConfigError(f"config key '{key}.name' must be one of {', '.join(OPTIMIZERS)}; got '{cfg.name}'")
+    if not math.isfinite(cfg.lr):
+        raise ConfigError(f"config key '{key}.lr' must be finite, got {cfg.lr}")
+    if not cfg.lr > 0:
+        raise ConfigError(f"config key '{key}.lr' must be > 0, got {cfg.lr}")
+    if cfg.name == "sgd" and cfg.nesterov and cfg.momentum == 0:
+        raise ConfigError(f"config key '{key}.nesterov' needs optim.momentum > 0")
+    if cfg.name == "adabound":
+        if not (math.isfinite(cfg.final_lr) and cfg.final_lr > 0):
+            raise ConfigError(f"config key '{key}.final_lr' must be > 0, got {cfg.final_lr}")
+        if not 0 < cfg.gamma < 1:
+            raise ConfigError(f"config key '{key}.gamma' must be in (0, 1), got {cfg.gamma}")
+
+
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> Optimizer:
     """The optimiser named by `cfg.name` over `model`'s trainable parameters (see `param_groups`)."""
+    check_optim_config(cfg)
     groups = param_groups(model, cfg.weight_decay)
     for group in groups:
         group["peak_lr"] = cfg.lr  # saved with the optimiser; schedules rebuilt on resume read it (`peak_lrs`)
-    betas = (cfg.betas[0], cfg.betas[1])
-    if cfg.name == "sgd":
-        if cfg.nesterov and cfg.momentum == 0:
-            raise ConfigError("config key 'optim.nesterov' needs optim.momentum > 0")
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas)
-    if cfg.name == "adabound":
-        if not cfg.final_lr > 0:
-            raise ConfigError(f"config key 'optim.final_lr' must be > 0, got {cfg.final_lr}")
-        if not 0 < cfg.gamma < 1:
-            raise ConfigError(f"config key 'optim.gamma' must be in (0, 1), got {cfg.gamma}")
-        return AdaBound(groups, lr=cfg.lr, betas=betas, final_lr=cfg.final_lr, gamma=cfg.gamma)
-    raise ConfigError(f"config key 'optim.name' must be one of sgd, adam, adamw, adabound; got '{cfg.name}'")
+    return OPTIMIZERS[cfg.name](cfg, groups)
 
 
 # --------------------------------------------------------------------------------------------- schedules
@@ -229,7 +175,8 @@ class LRSchedule:
             group["lr"] = lr
 
 
-def _cosine(cfg: SchedConfig, optimizer: Optimizer, total_steps: int) -> lr_scheduler.LambdaLR:
+def _cosine(cfg: SchedConfig, optimizer: Optimizer, total_steps: int):
+    from torch.optim import lr_scheduler
     if cfg.warmup_steps >= total_steps:
         raise ConfigError(f"config key 'sched.warmup_steps' ({cfg.warmup_steps}) must be below the run's "
                           f"{total_steps} optimiser steps")
@@ -243,39 +190,54 @@ def _cosine(cfg: SchedConfig, optimizer: Optimizer, total_steps: int) -> lr_sche
     return lr_scheduler.LambdaLR(optimizer, factors)
 
 
+def _step(cfg: SchedConfig, optimizer: Optimizer, total_steps: int):
+    from torch.optim import lr_scheduler
+    if cfg.step_fraction > 0:  # decay every step_fraction of the run, counted in optimiser steps (see LRSchedule)
+        return lr_scheduler.StepLR(optimizer, step_size=max(1, round(cfg.step_fraction * total_steps)), gamma=cfg.gamma)
+    return lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+
+
+def _exponential(cfg: SchedConfig, optimizer: Optimizer, total_steps: int):
+    from torch.optim import lr_scheduler
+    return lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
+
+
+def _onecycle(cfg: SchedConfig, optimizer: Optimizer, total_steps: int):
+    from torch.optim import lr_scheduler
+    return lr_scheduler.OneCycleLR(optimizer, max_lr=peak_lrs(optimizer), total_steps=total_steps, cycle_momentum=False)
+
+
+def _plateau(cfg: SchedConfig, optimizer: Optimizer, total_steps: int):
+    from torch.optim import lr_scheduler
+    return lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.gamma, patience=cfg.patience)
+
+
+# The one list of valid sched.name values ('none': a constant lr).
+SCHEDULES: dict[str, Callable | None] = {"none": None, "step": _step, "exponential": _exponential, "cosine": _cosine,
+                                         "onecycle": _onecycle, "plateau": _plateau}
+
+
+def check_sched_config(cfg: SchedConfig, key: str = "sched") -> None:
+    """The schedule checks that need no data (the run's length is checked by `build_scheduler`)."""
+    if cfg.name not in SCHEDULES:
+        raise ConfigError(f"config key '{key}.name' must be one of {', '.join(SCHEDULES)}; got '{cfg.name}'")
+    if cfg.name == "plateau" and not cfg.gamma < 1:
+        raise ConfigError(f"config key '{key}.gamma' must be below 1 for sched.name=plateau, got {cfg.gamma}")
+
+
 def build_scheduler(cfg: SchedConfig, optimizer: Optimizer, steps_per_epoch: int, epochs: int) -> LRSchedule:
     """The schedule named by `cfg.name` for a run of `epochs` epochs of `steps_per_epoch` optimiser steps.
 
     'onecycle' uses torch's defaults (30% warm-up from peak/25, cosine annealing to peak/25e4) with the
     configured momentum / betas left fixed (cycle_momentum=False), so it behaves the same for every optimiser.
     """
+    check_sched_config(cfg)
     if steps_per_epoch < 1 or epochs < 1:
         raise VascdistError(f"an lr schedule needs at least one step and one epoch, got {steps_per_epoch} steps "
                             f"per epoch and {epochs} epochs (is data.batch_size larger than the training set?)")
-    total_steps = steps_per_epoch * epochs
-    if cfg.name == "none":
-        scheduler = None
-    elif cfg.name == "step" and cfg.step_fraction > 0:
-        every = max(1, round(cfg.step_fraction * total_steps))
-        return LRSchedule(cfg.name, optimizer, lr_scheduler.StepLR(optimizer, step_size=every, gamma=cfg.gamma),
-                          per_step=True)
-    elif cfg.name == "step":
-        scheduler = lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    elif cfg.name == "exponential":
-        scheduler = lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
-    elif cfg.name == "cosine":
-        scheduler = _cosine(cfg, optimizer, total_steps)
-    elif cfg.name == "onecycle":
-        scheduler = lr_scheduler.OneCycleLR(optimizer, max_lr=peak_lrs(optimizer), total_steps=total_steps,
-                                            cycle_momentum=False)
-    elif cfg.name == "plateau":
-        if not cfg.gamma < 1:
-            raise ConfigError(f"config key 'sched.gamma' must be below 1 for sched.name=plateau, got {cfg.gamma}")
-        scheduler = lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.gamma, patience=cfg.patience)
-    else:
-        raise ConfigError(f"config key 'sched.name' must be one of none, step, exponential, cosine, onecycle, "
-                          f"plateau; got '{cfg.name}'")
-    return LRSchedule(cfg.name, optimizer, scheduler)
+    build = SCHEDULES[cfg.name]
+    scheduler = build(cfg, optimizer, steps_per_epoch * epochs) if build else None
+    return LRSchedule(cfg.name, optimizer, scheduler, per_step=cfg.name == "step" and cfg.step_fraction > 0)
 
 
 def run_epochs(epochs: int, min_steps: int, steps_per_epoch: int) -> int:

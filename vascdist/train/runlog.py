@@ -118,15 +118,6 @@ class RunLogger:
         self._jsonl.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
         self._jsonl.flush()
 
-    def metrics(self, step: int, split: str, values: dict[str, Any]) -> None:
-        """Both at once: scalars tagged '<split>/<name>' for the numeric values, and one jsonl record."""
-        if not self.active:
-            return
-        numeric = {k: v for k, v in values.items() if isinstance(v, (int, float, np.number))
-                   or (isinstance(v, torch.Tensor) and v.numel() == 1)}
-        self.scalars(step, {f"{split}/{k}": v for k, v in numeric.items()})
-        self.jsonl({"step": step, "split": split, **values})
-
     def image(self, tag: str, step: int, hwc_uint8: Any) -> None:
         """One (H, W, C) uint8 image, C in 1, 3, 4 (an (H, W) array is taken as grey)."""
         if not self.active:
@@ -186,12 +177,6 @@ class RunLogger:
             file_writer.add_summary(summary, step)
         self.scalars(step, metrics)
 
-    def flush(self) -> None:
-        """Push buffered TensorBoard events to disk (metrics.jsonl is flushed on every line)."""
-        if self.active:
-            self._writer.flush()
-            self._jsonl.flush()
-
     def close(self) -> None:
         """Flush and close both files; later calls on this logger do nothing. Safe to call twice."""
         if not self.active:
@@ -199,9 +184,3 @@ class RunLogger:
         self._writer.close()
         self._jsonl.close()
         self._writer, self._jsonl = None, None
-
-    def __enter__(self) -> RunLogger:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
