@@ -93,6 +93,25 @@ def test_index_checksum_survives_a_round_trip(shards_dir):
     assert seal_index(json.loads(json.dumps(index)))["index_sha256"] == index["index_sha256"]
 
 
+@pytest.mark.parametrize("version, lacks", [
+    (1, "level-normalised spectrograms, per-recording quality, excluded recordings; per-chunk checksums"),
+    (2, "lacks: per-chunk checksums (x_sum, chunk_crc32), file sizes and a sealed index.json)"),
+])
+def test_an_older_set_is_refused_with_one_line_saying_what_it_lacks(shards_dir, tmp_path, version, lacks):
+    root = _copy(shards_dir, tmp_path)
+    index = _index(root)
+    index["schema_version"] = version
+    _write_index(root, index)
+    for check in (shardlib.verify, shardlib.load_index):
+        with pytest.raises(DataError) as refused:
+            check(root)
+        text = str(refused.value)
+        assert text.startswith(f"{root / 'index.json'}: shards of schema {version}, older than the schema "
+                               f"{shardlib.SCHEMA_VERSION}") and lacks in text and "preprocess --out NEW_DIR" in text
+    result = run_cli("train", *_train_overrides(root, tmp_path), "--quiet")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"vascdist train: error: {text}"]
+
+
 # --------------------------------------------------------------------------------------------- chunks
 def _flip(root, field, sample=70, split="val"):
     """Flip one byte of `field` at `sample` of the first shard of `split`, found through HDF5's chunk index."""
