@@ -121,7 +121,6 @@ class WindowReader:
         self.sample_bytes = math.prod(self.sample_shape) * 2  # float16
         self.scratch = bytearray(self.sample_bytes)  # where the rows another rank reads land
         self.ints: dict[str, np.ndarray] = {}
-        self.x_scratch: np.ndarray | None = None  # where _check_x gathers a chunk's rows of one batch
         self.pool: list[tuple[np.ndarray, list[memoryview]]] = []
         self.free_references = 0
 
@@ -137,8 +136,6 @@ class WindowReader:
             x, views = self.batch_buffer(b - a)
             xs.append(x)
             places += views
-        rows_bytes = [_row_bytes(x) for x in xs]  # views of the batches for the checks of x
-        batch_of = np.searchsorted(np.asarray(cuts), np.arange(len(rows)), side="right") - 1  # place -> batch
         n = self.sample_bytes
         if not self.ints or len(self.ints["y"]) < bounds[-1]:
             self.ints = {k: np.empty(int(bounds[-1]), np.int64) for k in _STAGED}  # reused across windows
@@ -165,41 +162,25 @@ class WindowReader:
                     span = memoryview(self.ints[k][bounds[i]:bounds[i + 1]]).cast("B")
                     _preadv_all(fd, [span], self.layout.offset(chunk.file, k, chunk.start), len(span))
                     self.layout.check(chunk.file, k, chunk.start, span)
-                # x now, while the rows just read are still in the CPU cache: a sum over them there costs
-                # a sixth of one over the finished batches (BENCHMARKS.md, "Per-chunk verification").
-                self._check_x(chunk, here[mine], self.ints["x_sum"][bounds[i] + mine], mine, rows_bytes, batch_of, cuts)
         except OSError as exc:
             raise DataError(f"{self.root / chunk.file}: cannot read samples {chunk.start}-{chunk.stop} ({exc}); "
                             f"check the shard set with `vascdist shards verify {self.root}`") from None
         finally:
             for fd in fds.values():
                 os.close(fd)
+        for x, a, b in zip(xs, cuts[:-1], cuts[1:]):  # one vectorised pass per batch (integrity.sample_sums)
+            bad = np.flatnonzero(sample_sums(x.numpy()) != self.ints["x_sum"][rows[a:b]])
+            if len(bad):
+                row = int(rows[a + bad[0]])
+                i = int(np.searchsorted(bounds, row, side="right")) - 1
+                raise DataError(f"{self.root / chunks[i].file}: sample {chunks[i].start + row - int(bounds[i])} of x "
+                                f"(chunk of samples {chunks[i].start}-{chunks[i].stop}) does not match its checksum "
+                                f"(corrupted); check the shard set with `vascdist shards verify {self.root}`")
         if self.pin_memory:
             # A copy into torch's caching host allocator, as DataLoader's pin_memory does: that allocator keeps a
             # block until the asynchronous copy to the GPU has finished; the pool below cannot know when it has.
             xs = [x.pin_memory() for x in xs]
         return xs, {k: self.ints[k][rows] for k in INT_FIELDS}
-
-    def _check_x(self, chunk: Chunk, placed: np.ndarray, want: np.ndarray, within: np.ndarray,
-                 rows_bytes: list[np.ndarray], batch_of: np.ndarray, cuts: list[int]) -> None:
-        """The rows of `chunk` just read (at places `placed` among the window's rows; `within`: their rows in
-        the chunk) against their stored sums `want`: gathered per batch into a scratch buffer that stays in
-        cache, then summed in one vectorised pass (integrity.sample_sums)."""
-        got = np.empty(len(placed), np.int64)
-        batches = batch_of[placed]
-        order = np.argsort(batches, kind="stable")
-        if self.x_scratch is None or len(self.x_scratch) < len(placed):
-            self.x_scratch = np.empty((max(len(placed), self.batch_rows), self.sample_bytes), np.uint8)
-        for group in np.split(order, np.flatnonzero(np.diff(batches[order])) + 1):
-            b = int(batches[group[0]])
-            gathered = np.take(rows_bytes[b], placed[group] - cuts[b], axis=0, out=self.x_scratch[:len(group)],
-                               mode="clip")  # "clip": indices are in range; "raise" would buffer `out`
-            got[group] = sample_sums(gathered)
-        bad = np.flatnonzero(got != want)
-        if len(bad):
-            raise DataError(f"{self.root / chunk.file}: sample {chunk.start + int(within[bad[0]])} of x (chunk of "
-                            f"samples {chunk.start}-{chunk.stop}) does not match its checksum (corrupted); check "
-                            f"the shard set with `vascdist shards verify {self.root}`")
 
     def batch_buffer(self, n: int) -> tuple[torch.Tensor, list[memoryview]]:
         """An uninitialised float16 (n, *sample_shape) tensor for one batch (piece), and a writable view of each row.
@@ -225,11 +206,6 @@ class WindowReader:
 
     def close(self) -> None:
         self.pool.clear()
-
-
-def _row_bytes(x: torch.Tensor) -> np.ndarray:
-    """A batch tensor as an (n, sample bytes) uint8 array (a view)."""
-    return x.numpy().reshape(len(x), -1).view(np.uint8)
 
 
 def _references(entry: tuple) -> int:
