@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -70,6 +72,7 @@ def _add_preprocess(sub) -> None:
         source = Path(a.beats or a.manifest)
         if not source.is_file():  # said before torch and h5py are imported (seconds)
             raise VascdistError(f"{source}: {'beats CSV' if a.beats else 'manifest'} not found")
+        signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: the half-built set is removed, the old one kept
         if a.beats:
             from vascdist.data.beats import preprocess_beats
             index = preprocess_beats(a.beats, a.out, cfg.preprocess, overwrite=a.overwrite)
@@ -333,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -348,9 +355,15 @@ def main(argv: list[str] | None = None) -> int:
     except VascdistError as exc:
         print(f"vascdist {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"vascdist {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        by = f" by {exc}" if str(exc).startswith("SIG") else ""
+        print(f"vascdist {args.command}: interrupted{by}; nothing half-written was kept", file=sys.stderr)
+        return 143 if by == " by SIGTERM" else 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`vascdist shards info DIR | head`): not an error of ours. Point stdout
+        # at /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command whose pipe closed
     return int(result or 0)
 
 

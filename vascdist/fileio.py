@@ -6,9 +6,11 @@ are named ``.<final name>.<pid>.<random>.tmp``, so no glob for the final names e
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -50,6 +52,24 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is the file system being full (or a quota exceeded)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(path: str | Path, needed: int | None = None) -> str:
+    """One line for a full disk: the path, the space needed (when known) and the space free."""
+    where = Path(path)
+    probe = next((p for p in (where, *where.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    need = f"needs {_megabytes(needed)}, " if needed is not None else ""
+    return f"{path}: no space left on device ({need}{_megabytes(free)} free); free some space or write elsewhere"
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from vascdist.config import Config, PreprocessConfig, config_from_dict, from_dict
 from vascdist.data.loader import ShardStream, StreamingLoader
-from vascdist.data.shards import load_index
+from vascdist.data.integrity import check_shard_set
 from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv
 from vascdist.errors import VascdistError
@@ -60,7 +60,7 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
     checkpoint = find_checkpoint(run_or_ckpt)
     model, state, cfg = load_model(checkpoint)
     shards_dir = Path(shards or cfg.data.shards)
-    index = load_index(shards_dir)
+    index = check_shard_set(shards_dir)  # as training checks at start; the reader verifies every chunk it reads
     check_compatible(state["data"], index, shards_dir, checkpoint)
     stream = ShardStream(shards_dir, split, cfg.data.batch_size, train=False)
     arrays = predict_arrays(model, StreamingLoader(stream), DistEnv())

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from vascdist.config import PreprocessConfig
-from vascdist.data.shards import ShardSetWriter, prepare_output_dir
+from vascdist.data.outdir import building_shard_set
+from vascdist.data.shards import SCHEMA_VERSION, ShardSetWriter
 from vascdist.errors import DataError
 
 SAMPLE_SHAPE = (1, 40, 100)  # the default 1 x n_mels x n_frames
@@ -49,14 +50,13 @@ def make_shards(out_dir: str | Path, samples: int, seed: int = 0, shard_size: in
         raise DataError(f"make-shards: --samples must be >= 10, got {samples}")
     out = Path(out_dir)
     check_disk(out, samples)
-    out = prepare_output_dir(out, "spectrogram", overwrite)
-    cfg = PreprocessConfig(shard_size=shard_size, chunk_size=chunk_size)
-    writer = ShardSetWriter(out, "spectrogram", SAMPLE_SHAPE, cfg.classes, dataclasses.asdict(cfg), shard_size,
-                            chunk_size, manifest_sha256="bench-random", norm_axis=1)
-    rng = np.random.default_rng(seed)
-    recordings: list[dict] = []
-    first_rec = first_patient = 0  # ids where the current split starts; every split has its own patients
-    try:
+    with building_shard_set(out_dir, "spectrogram", SCHEMA_VERSION, overwrite, full_check=False) as out:
+        cfg = PreprocessConfig(shard_size=shard_size, chunk_size=chunk_size)
+        writer = ShardSetWriter(out, "spectrogram", SAMPLE_SHAPE, cfg.classes, dataclasses.asdict(cfg), shard_size,
+                                chunk_size, manifest_sha256="bench-random", norm_axis=1)
+        rng = np.random.default_rng(seed)
+        recordings: list[dict] = []
+        first_rec = first_patient = 0  # ids where the current split starts; every split has its own patients
         for split, n in split_sizes(samples).items():
             for lo in range(0, n, block):
                 local = np.arange(lo, min(lo + block, n))  # sample index within the split
@@ -75,9 +75,6 @@ def make_shards(out_dir: str | Path, samples: int, seed: int = 0, shard_size: in
             first_patient += -(-n_rec // RECORDINGS_PER_PATIENT)
         patients = [f"bench{p:06d}" for p in range(first_patient)]
         return writer.finish(patients, recordings)
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def add_parser(sub) -> None:

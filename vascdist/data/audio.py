@@ -114,6 +114,28 @@ def _finish(x: np.ndarray, cfg: AudioConfig) -> np.ndarray:
     return bandpass(x, cfg.sample_rate, cfg).astype(np.float32)
 
 
+def check_wav_length(path: Path) -> None:
+    """A RIFF/WAVE file whose data chunk claims more bytes than the file holds is a truncated copy: libsndfile
+    reads what is there without a word, so say it. Other formats are left to libsndfile."""
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return
+        size = path.stat().st_size
+        while True:  # walk the chunks to 'data'
+            header = fh.read(8)
+            if len(header) < 8:
+                return  # no data chunk: libsndfile will say what is wrong
+            chunk, length = header[:4], int.from_bytes(header[4:], "little")
+            if chunk == b"data":
+                held = size - fh.tell()
+                if length > held and length != 0xFFFFFFFF:  # 0xFFFFFFFF: a stream writer's "unknown length"
+                    raise DataError(f"{path}: truncated WAV file: its header promises {length} bytes of audio, "
+                                    f"the file holds {held} ({held / length:.0%}); copy it again from the source")
+                return
+            fh.seek(length + (length & 1), 1)  # chunks are padded to an even length
+
+
 def load_audio_stats(path: str | Path, cfg: AudioConfig) -> tuple[np.ndarray, AudioStats]:
     """Read any file soundfile reads, block by block -> (float32 mono at cfg.sample_rate, band-passed; the raw
     samples' AudioStats). Memory holds one block at the file's rate plus the result at cfg.sample_rate.
@@ -125,6 +147,7 @@ def load_audio_stats(path: str | Path, cfg: AudioConfig) -> tuple[np.ndarray, Au
         raise DataError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
+    check_wav_length(path)
     try:
         with sf.SoundFile(str(path)) as fh:
             rate = fh.samplerate

@@ -15,7 +15,8 @@ import numpy as np
 
 from vascdist.config import PreprocessConfig
 from vascdist.data.manifest import file_sha256
-from vascdist.data.shards import ShardSetWriter, prepare_output_dir
+from vascdist.data.outdir import building_shard_set
+from vascdist.data.shards import SCHEMA_VERSION, ShardSetWriter
 from vascdist.errors import DataError
 
 BEAT_CLASSES = ["N", "S", "V", "F", "Q"]
@@ -63,25 +64,21 @@ def read_beats_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def preprocess_beats(csv_path: str | Path, out_dir: str | Path, cfg: PreprocessConfig, overwrite: bool = False) -> dict:
     """Write shards of beats with a stratified split per beat (seeded by cfg.split.seed)."""
     beats, labels = read_beats_csv(csv_path)
-    out = prepare_output_dir(out_dir, "beats", overwrite)
-    rng = np.random.default_rng([cfg.split.seed, 1])
-    split_of = np.empty(len(labels), dtype=object)
-    for label in np.unique(labels):
-        rows = np.flatnonzero(labels == label)[rng.permutation(int((labels == label).sum()))]
-        n_test = int(round(cfg.split.test_fraction * len(rows)))
-        n_val = int(round(cfg.split.val_fraction * len(rows)))
-        split_of[rows[:n_test]] = "test"
-        split_of[rows[n_test:n_test + n_val]] = "val"
-        split_of[rows[n_test + n_val:]] = "train"
-    writer = ShardSetWriter(out, "beats", (1, beats.shape[1]), BEAT_CLASSES, dataclasses.asdict(cfg),
-                            cfg.shard_size, cfg.chunk_size, file_sha256(csv_path), norm_axis=-1)
-    try:
+    with building_shard_set(out_dir, "beats", SCHEMA_VERSION, overwrite) as out:
+        rng = np.random.default_rng([cfg.split.seed, 1])
+        split_of = np.empty(len(labels), dtype=object)
+        for label in np.unique(labels):
+            rows = np.flatnonzero(labels == label)[rng.permutation(int((labels == label).sum()))]
+            n_test = int(round(cfg.split.test_fraction * len(rows)))
+            n_val = int(round(cfg.split.val_fraction * len(rows)))
+            split_of[rows[:n_test]] = "test"
+            split_of[rows[n_test:n_test + n_val]] = "val"
+            split_of[rows[n_test + n_val:]] = "train"
+        writer = ShardSetWriter(out, "beats", (1, beats.shape[1]), BEAT_CLASSES, dataclasses.asdict(cfg),
+                                cfg.shard_size, cfg.chunk_size, file_sha256(csv_path), norm_axis=-1)
         for split in ("train", "val", "test"):
             rows = np.flatnonzero(split_of == split)
             writer.add(split, {"x": beats[rows, None, :].astype(np.float16), "y": labels[rows],
                                "patient": rows.astype(np.int64), "recording": rows.astype(np.int64),
                                "cycle": np.zeros(len(rows), np.int64)})
         return writer.finish([], [])
-    except BaseException:
-        writer.abort()
-        raise

@@ -101,7 +101,7 @@ class ShardStream:
             self.batches_per_epoch = -(-(hi - lo) // self.local_batch)
         self.epoch, self.start_batch = 0, 0
         self.layout = ChunkLayout(self.root, int(self.index["preprocess"]["chunk_size"]), self.sample_shape,
-                                  {e["file"]: e["samples"] for e in self.index["shards"]})
+                                  {e["file"]: e["samples"] for e in self.index["shards"]}, len(self.index["classes"]))
 
     # ---------------------------------------------------------------- positions this rank owns
     def _eval_range(self) -> tuple[int, int]:

@@ -37,6 +37,18 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def read_text(path: Path) -> str:
+    """A CSV file as text: UTF-8, with or without the byte-order mark spreadsheet programs write; anything else
+    is a DataError naming the line of the first byte that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}; Latin-1 or another legacy "
+                        "encoding?); save the file as UTF-8") from None
+
+
 def label_index(label: str, classes: list[str], where: str) -> int:
     """Map a label string to its class index (case-insensitive); an unknown label names the row."""
     lookup = {name.lower(): i for i, name in enumerate(classes)}
@@ -52,13 +64,12 @@ def read_manifest(path: str | Path, classes: list[str], allow_mixed_patient_labe
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: manifest not found")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(columns) or 'none'})")
-        rows = list(reader)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    columns = reader.fieldnames or []
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(columns) or 'none'})")
+    rows = list(reader)
     if not rows:
         raise DataError(f"{path}: manifest has no rows")
 

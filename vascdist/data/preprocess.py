@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
+import io
 import multiprocessing
+import os
+import shutil
+import signal
+import sys
+from contextlib import closing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -16,12 +23,15 @@ from vascdist.data.audio import AudioStats, load_audio_stats
 from vascdist.data.quality import normalise_level, quality_record
 from vascdist.data.cycles import segment
 from vascdist.data.manifest import Recording, file_sha256, read_manifest
-from vascdist.data.shards import ShardSetWriter, prepare_output_dir
+from vascdist.data.outdir import building_shard_set
+from vascdist.data.shards import SCHEMA_VERSION, ShardSetWriter
 from vascdist.data.spectrogram import LogMel, cycle_windows
 from vascdist.data.splits import assign_splits
 from vascdist.errors import DataError
+from vascdist.fileio import atomic_write_text
 from vascdist.progress import ProgressReporter
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _logmel: LogMel | None = None  # one per worker process, built on first use
 
 
@@ -72,8 +82,37 @@ def _process(job: tuple[Recording, PreprocessConfig]) -> tuple[Recording, np.nda
         return rec, None, None, {}, message
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
+    """Per worker: one torch thread; die with the parent; leave Ctrl-C and SIGTERM to the parent."""
     torch.set_num_threads(1)  # parallelism comes from processes; threads would oversubscribe the cores
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool; a traceback per worker is noise
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited through fork
+    if sys.platform.startswith("linux"):
+        # SIGKILL when the parent dies, even by kill -9: a worker would otherwise block for ever on the full
+        # result pipe nobody reads.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _results(jobs: list, workers: int):
+    """(recording, spectrograms, cycles, quality, error) per job in manifest order, from `workers` processes or this one."""
+    threads = torch.get_num_threads()
+    pool = None
+    try:
+        if workers > 1:
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                       initializer=_init_worker, initargs=(os.getpid(),))
+            yield from pool.map(_process, jobs, chunksize=1)
+        else:
+            # One thread here too: the per-recording ops are small, and on busy cores torch's spinning OpenMP
+            # threads made this path 10x slower (BENCHMARKS.md, "Preprocessing").
+            torch.set_num_threads(1)
+            yield from map(_process, jobs)
+    finally:
+        torch.set_num_threads(threads)
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 def preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessConfig, workers: int = 1,
@@ -83,63 +122,69 @@ def preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessConfig,
 
     Progress is a bar in a terminal, else a plain line every `progress_interval_s` seconds (vascdist.progress).
 
-    Output is all-or-nothing: on an error every shard written by this run is removed again.
+    Output is all-or-nothing: the set is built beside out_dir and replaces it only when complete and verified
+    (vascdist.data.outdir). With `skip_bad`, the splits are drawn over the patients that kept a recording, so
+    skipped patients count in no split; the spectrograms wait in a spill directory until then. An excluded
+    recording is counted in its patient's split, or, for a patient left with none, in the split the draw over
+    all recordings gave it (where it would have been).
     """
     recordings = read_manifest(manifest, cfg.classes, cfg.allow_mixed_patient_labels)
-    splits = assign_splits(recordings, cfg.split)
-    out = prepare_output_dir(out_dir, "spectrogram", overwrite)
+    splits = assign_splits(recordings, cfg.split)  # also refuses inconsistent fixed splits before any work
     spec = cfg.spectrogram
-    writer = ShardSetWriter(out, "spectrogram", (1, spec.n_mels, spec.n_frames), cfg.classes,
-                            dataclasses.asdict(cfg), cfg.shard_size, cfg.chunk_size, file_sha256(manifest), norm_axis=1)
-    patients = sorted({r.patient_id for r in recordings})
-    patient_index = {p: i for i, p in enumerate(patients)}
-    kept: list[dict] = []
-    skipped: list[tuple[Recording, str]] = []
-    excluded: list[dict] = []  # the same recordings, with split and label, for index.json's counts
-    jobs = [(rec, cfg) for rec in recordings]
-    threads = torch.get_num_threads()
-    try:
-        if workers > 1:
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker)
-            results = pool.map(_process, jobs, chunksize=1)
-        else:
-            # One thread here too: the per-recording ops are small, and on busy cores torch's spinning OpenMP
-            # threads made this path 10x slower (BENCHMARKS.md, "Preprocessing").
-            torch.set_num_threads(1)
-            pool, results = None, map(_process, jobs)
-        try:
-            bar = ProgressReporter("preprocess", len(jobs), unit="recording", enabled=progress,
-                                   interval_s=progress_interval_s)
+    with building_shard_set(out_dir, "spectrogram", SCHEMA_VERSION, overwrite) as out:
+        writer = ShardSetWriter(out, "spectrogram", (1, spec.n_mels, spec.n_frames), cfg.classes,
+                                dataclasses.asdict(cfg), cfg.shard_size, cfg.chunk_size, file_sha256(manifest),
+                                norm_axis=1)
+        spill = out / ".spill"
+        kept: list[tuple[Recording, np.ndarray, dict]] = []  # (recording, its cycle numbers, its quality record)
+        skipped: list[tuple[Recording, str]] = []
+        patients = {p: i for i, p in enumerate(sorted({r.patient_id for r in recordings}))}
+        jobs = [(rec, cfg) for rec in recordings]
+        bar = ProgressReporter("preprocess", len(jobs), unit="recording", enabled=progress,
+                               interval_s=progress_interval_s)
+        with closing(_results(jobs, workers)) as results:  # closed at once on an error: the pool stops now
             for rec, x, cycles, quality, error in results:
                 bar.update(1)
                 if error:
                     if not skip_bad:
                         raise DataError(f"{error} (manifest row {rec.row}; --skip-bad goes on past bad recordings)")
                     skipped.append((rec, error))
-                    excluded.append({"id": rec.recording_id, "patient": rec.patient_id, "path": str(rec.path),
-                                     "label": rec.label, "split": splits[rec.patient_id], "reason": error})
-                    continue
-                n = len(x)
-                writer.add(splits[rec.patient_id], {
-                    "x": x, "y": np.full(n, rec.label, np.int64),
-                    "patient": np.full(n, patient_index[rec.patient_id], np.int64),
-                    "recording": np.full(n, len(kept), np.int64), "cycle": cycles.astype(np.int64)})
-                kept.append({"id": rec.recording_id, "patient": rec.patient_id, "path": str(rec.path),
-                             "label": rec.label, "split": splits[rec.patient_id], "cycles": n,
-                             "site": rec.site, "quality": quality})
-            bar.close()
-        finally:
-            torch.set_num_threads(threads)
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+                elif skip_bad:
+                    spill.mkdir(exist_ok=True)
+                    np.save(spill / f"{len(kept)}.npy", x)
+                else:
+                    _add(writer, rec, x, cycles, splits[rec.patient_id], patients[rec.patient_id], len(kept))
+                if not error:
+                    kept.append((rec, cycles, quality))
+        bar.close()
         if skipped:
-            with open(out / "skipped.csv", "w", newline="") as fh:
-                w = csv.writer(fh)
-                w.writerow(["path", "manifest_row", "reason"])
-                w.writerows([str(r.path), r.row, reason] for r, reason in skipped)
+            text = io.StringIO(newline="")
+            w = csv.writer(text)
+            w.writerow(["path", "manifest_row", "reason"])
+            w.writerows([str(r.path), r.row, reason] for r, reason in skipped)
+            atomic_write_text(out / "skipped.csv", text.getvalue())
         if not kept:
-            raise DataError(f"{manifest}: no usable recordings (see {out / 'skipped.csv'})")
-        return writer.finish(patients, kept, excluded)
-    except BaseException:
-        writer.abort()
-        raise
+            raise DataError(f"{manifest}: no usable recordings ({len(skipped)} skipped, reasons in the first: "
+                            f"{skipped[0][1] if skipped else 'none'})")
+        first_draw = splits
+        if skip_bad:
+            used = [rec for rec, _, _ in kept]
+            splits = assign_splits(used, cfg.split)
+            patients = {p: i for i, p in enumerate(sorted({r.patient_id for r in used}))}
+            for i, (rec, cycles, _) in enumerate(kept):
+                _add(writer, rec, np.load(spill / f"{i}.npy"), cycles, splits[rec.patient_id], patients[rec.patient_id], i)
+            shutil.rmtree(spill)
+        excluded = [{"id": rec.recording_id, "patient": rec.patient_id, "path": str(rec.path), "label": rec.label,
+                     "split": splits.get(rec.patient_id, first_draw[rec.patient_id]), "reason": error}
+                    for rec, error in skipped]  # for index.json's counts per split and label
+        return writer.finish(list(patients), [
+            {"id": rec.recording_id, "patient": rec.patient_id, "path": str(rec.path), "label": rec.label,
+             "split": splits[rec.patient_id], "cycles": len(cycles), "site": rec.site, "quality": quality}
+            for rec, cycles, quality in kept], excluded)
+
+
+def _add(writer: ShardSetWriter, rec: Recording, x: np.ndarray, cycles: np.ndarray, split: str, patient: int,
+         recording: int) -> None:
+    n = len(x)
+    writer.add(split, {"x": x, "y": np.full(n, rec.label, np.int64), "patient": np.full(n, patient, np.int64),
+                       "recording": np.full(n, recording, np.int64), "cycle": cycles.astype(np.int64)})

@@ -5,6 +5,10 @@ chunk, one iovec per sample: the read and the shuffle are the same copy, done by
 released, so reader threads run in parallel. h5py is used for the layout only (where each chunk lies in the
 file); reading through it costs more than the copy for chunks this small and holds the GIL while it reads.
 That needs the layout vascdist's shard writer produces: uncompressed chunks of `chunk_size` samples.
+
+Everything read is verified against the shard's checksums (vascdist.data.integrity): each chunk of the
+integer fields and of x_sum against chunk_crc32, each sample of x this rank reads against its x_sum, each
+label against the class count. A mismatch is a DataError naming the shard and the samples.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 import os
 import sys
 import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +25,11 @@ import h5py
 import numpy as np
 import torch
 
+from vascdist.data.integrity import CRC_FIELDS, check_labels, sample_sums
 from vascdist.errors import DataError
 
 INT_FIELDS = ("y", "patient", "recording", "cycle")
+_STAGED = (*INT_FIELDS, "x_sum")  # read whole per chunk; x_sum holds x's per-sample checksums
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _MAX_GAP = 2  # rows: copying 2 x 8 KB (~1.2 us) costs about what one more preadv call does
 
@@ -38,12 +45,14 @@ class ChunkLayout:
     """Where each chunk of each field lies in the shard files: read from HDF5 once per file, then shared by
     every reader thread (a lookup through h5py costs ~50 us, a sixth of reading the chunk)."""
 
-    def __init__(self, root: Path, chunk_size: int, sample_shape: tuple[int, ...], samples: dict[str, int]):
+    def __init__(self, root: Path, chunk_size: int, sample_shape: tuple[int, ...], samples: dict[str, int],
+                 num_classes: int | None = None):
         """`sample_shape` and `samples` (file -> sample count) are what index.json promises; each file is checked
-        against them when it is first read."""
+        against them when it is first read. Labels are checked against `num_classes` when given."""
         self.root, self.chunk_size = root, chunk_size
-        self.sample_shape, self.samples = tuple(sample_shape), samples
+        self.sample_shape, self.samples, self.num_classes = tuple(sample_shape), samples, num_classes
         self._files: dict[str, dict[str, dict[int, int]]] = {}  # file -> field -> chunk start -> byte offset
+        self._crcs: dict[str, np.ndarray] = {}  # file -> its chunk_crc32 table (chunks, len(CRC_FIELDS))
         self._lock = threading.Lock()
 
     def offset(self, file: str, name: str, start: int) -> int:
@@ -57,12 +66,25 @@ class ChunkLayout:
             raise DataError(f"{self.root / file}: field '{name}' has no stored chunk at sample {start}")
         return layout[name][start]
 
+    def check(self, file: str, name: str, start: int, data: memoryview) -> None:
+        """Refuse chunk `start` of field `name` (one of _STAGED) unless its bytes match the stored crc32."""
+        want = self._crcs[file][start // self.chunk_size, CRC_FIELDS.index(name)]
+        if zlib.crc32(data) != want:
+            stop = min(start + self.chunk_size, self.samples[file])
+            raise DataError(f"{self.root / file}: field '{name}' of samples {start}-{stop} does not match its "
+                            f"checksum (corrupted); check the shard set with `vascdist shards verify {self.root}`")
+        if name == "y" and self.num_classes is not None:
+            check_labels(np.frombuffer(data, np.int64), self.num_classes, self.root / file, start)
+
     def _read(self, file: str) -> dict[str, dict[int, int]]:
         path = self.root / file
         try:
             with h5py.File(path, "r") as f:
                 layout = {}
-                for name in ("x", *INT_FIELDS):
+                if "chunk_crc32" not in f:
+                    raise DataError(f"{path}: no chunk checksums; write the shards with `vascdist preprocess`")
+                self._crcs[file] = f["chunk_crc32"][...]
+                for name in ("x", *_STAGED):
                     if name not in f:
                         raise DataError(f"{path}: no field '{name}'; write the shards with `vascdist preprocess`")
                     ds = f[name]
@@ -116,7 +138,7 @@ class WindowReader:
             places += views
         n = self.sample_bytes
         if not self.ints or len(self.ints["y"]) < bounds[-1]:
-            self.ints = {k: np.empty(int(bounds[-1]), np.int64) for k in INT_FIELDS}  # reused across windows
+            self.ints = {k: np.empty(int(bounds[-1]), np.int64) for k in _STAGED}  # reused across windows
         # Files are opened per window (microseconds): one kept open per shard and thread would run into the
         # open-files limit on large shard sets.
         fds: dict[str, int] = {}
@@ -136,20 +158,29 @@ class WindowReader:
                 for a, b in zip(mine[np.r_[0, breaks + 1]], mine[np.r_[breaks, len(mine) - 1]] + 1):
                     run = [places[j] if j >= 0 else self.scratch for j in here[a:b].tolist()]
                     _preadv_all(fd, run, offset + int(a) * n, int(b - a) * n)
-                for k in INT_FIELDS:
+                for k in _STAGED:
                     span = memoryview(self.ints[k][bounds[i]:bounds[i + 1]]).cast("B")
                     _preadv_all(fd, [span], self.layout.offset(chunk.file, k, chunk.start), len(span))
+                    self.layout.check(chunk.file, k, chunk.start, span)
         except OSError as exc:
             raise DataError(f"{self.root / chunk.file}: cannot read samples {chunk.start}-{chunk.stop} ({exc}); "
                             f"check the shard set with `vascdist shards verify {self.root}`") from None
         finally:
             for fd in fds.values():
                 os.close(fd)
+        for x, a, b in zip(xs, cuts[:-1], cuts[1:]):  # one vectorised pass per batch (integrity.sample_sums)
+            bad = np.flatnonzero(sample_sums(x.numpy()) != self.ints["x_sum"][rows[a:b]])
+            if len(bad):
+                row = int(rows[a + bad[0]])
+                i = int(np.searchsorted(bounds, row, side="right")) - 1
+                raise DataError(f"{self.root / chunks[i].file}: sample {chunks[i].start + row - int(bounds[i])} of x "
+                                f"(chunk of samples {chunks[i].start}-{chunks[i].stop}) does not match its checksum "
+                                f"(corrupted); check the shard set with `vascdist shards verify {self.root}`")
         if self.pin_memory:
             # A copy into torch's caching host allocator, as DataLoader's pin_memory does: that allocator keeps a
             # block until the asynchronous copy to the GPU has finished; the pool below cannot know when it has.
             xs = [x.pin_memory() for x in xs]
-        return xs, {k: v[rows] for k, v in self.ints.items()}
+        return xs, {k: self.ints[k][rows] for k in INT_FIELDS}
 
     def batch_buffer(self, n: int) -> tuple[torch.Tensor, list[memoryview]]:
         """An uninitialised float16 (n, *sample_shape) tensor for one batch (piece), and a writable view of each row.

@@ -2,19 +2,21 @@
 
 Layout of a shards directory:
   shard-00000.h5 ...  datasets x [N, *sample_shape] float16 (chunked along N), y, patient, recording, cycle
-                      (int64; patient/recording index into index.json's tables); attrs: schema_version,
-                      kind, split, preprocess (JSON), package_version, manifest_sha256, checksum
-  index.json          shards (file, split, samples, sha256 of the file, checksum of the data), per-split and
-                      per-label counts, the train-split normalisation, class names, patient/recording tables
-                      (each recording with its site and quality record), the excluded recordings with their
-                      reasons (per split and label in `splits`), and the train recordings' quality range.
+                      (int64; patient/recording index into index.json's tables), x_sum [N] (per-sample
+                      checksum) and chunk_crc32 [chunks, 5] (vascdist.data.integrity); attrs: schema_version,
+                      kind, split, classes, preprocess (JSON), package_version, manifest_sha256, checksum
+  index.json          shards (file, split, samples, bytes, sha256 of the file, checksum of the data), per-split
+                      and per-label counts, the train-split normalisation, class names, patient/recording
+                      tables (each recording with its site and quality record), the excluded recordings with
+                      their reasons (per split and label in `splits`), the train recordings' quality range,
+                      and index_sha256 over all of that.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -22,13 +24,16 @@ import h5py
 import numpy as np
 
 import vascdist
-from vascdist.data.manifest import file_sha256
+from vascdist.data.integrity import INDEX, check_shard_set, chunk_crcs, sample_sums, seal_index
 from vascdist.data.quality import quality_range
 from vascdist.errors import DataError
-from vascdist.fileio import atomic_write_text, fsync_dir, temp_path
+from vascdist.fileio import atomic_write, atomic_write_text, disk_full, disk_full_message
 
-SCHEMA_VERSION = 2  # 2: level-normalised spectrograms, per-recording quality, excluded recordings
-INDEX = "index.json"
+SCHEMA_VERSION = 3
+SCHEMA_CHANGES = {  # what each version added; load_index names what an older set lacks
+    2: "level-normalised spectrograms, per-recording quality, excluded recordings",
+    3: "per-chunk checksums (x_sum, chunk_crc32), file sizes and a sealed index.json",
+}
 FIELDS = ("x", "y", "patient", "recording", "cycle")
 
 
@@ -41,25 +46,37 @@ def data_checksum(arrays: dict[str, np.ndarray]) -> str:
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict, chunk_size: int) -> dict:
-    """Write one shard under a temporary name, fsync, rename. Returns its index entry."""
-    tmp = temp_path(path)  # h5py writes to a path, so fileio.atomic_write's file object cannot serve here
+    """Write one shard atomically (temp file, fsync, rename). Returns its index entry.
+
+    The HDF5 file is built in memory and written with one plain write: HDF5 failing to write its own file
+    (a full disk) left a file it then crashed closing (a segmentation fault); a failed plain write is an
+    OSError like any other, and the temp file goes.
+    """
     checksum = data_checksum(arrays)
     n = len(arrays["y"])
-    with h5py.File(tmp, "w") as f:
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
         for name in FIELDS:
             data = arrays[name]
             chunks = (min(chunk_size, n),) + data.shape[1:] if n else None
             f.create_dataset(name, data=data, chunks=chunks)
+        sums = sample_sums(arrays["x"])
+        f.create_dataset("x_sum", data=sums, chunks=(min(chunk_size, n),) if n else None)
+        f.create_dataset("chunk_crc32", data=chunk_crcs({**arrays, "x_sum": sums}, chunk_size))
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["checksum"] = checksum
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    image = buffer.getbuffer()
+    try:
+        atomic_write(path, lambda fh: fh.write(image))
+    except OSError as exc:
+        if disk_full(exc):
+            raise DataError(disk_full_message(path, len(image))) from None
+        raise
     labels = Counter(int(v) for v in arrays["y"])
-    return {"file": path.name, "split": attrs["split"], "samples": n, "sha256": file_sha256(path),
-            "checksum": checksum, "labels": {str(k): v for k, v in sorted(labels.items())}}
+    return {"file": path.name, "split": attrs["split"], "samples": n, "bytes": len(image),
+            "sha256": hashlib.sha256(image).hexdigest(), "checksum": checksum,
+            "labels": {str(k): v for k, v in sorted(labels.items())}}
 
 
 class ShardSetWriter:
@@ -142,7 +159,13 @@ class ShardSetWriter:
                  "excluded": list(excluded),
                  "quality_range": quality_range([r["quality"] for r in recordings
                                                  if r["split"] == "train" and "quality" in r])}
-        atomic_write_text(self.out_dir / INDEX, json.dumps(index, indent=1))
+        text = json.dumps(seal_index(index), indent=1)
+        try:
+            atomic_write_text(self.out_dir / INDEX, text)
+        except OSError as exc:
+            if disk_full(exc):
+                raise DataError(disk_full_message(self.out_dir / INDEX, len(text))) from None
+            raise
         return index
 
     def abort(self) -> None:
@@ -150,30 +173,6 @@ class ShardSetWriter:
             path.unlink(missing_ok=True)
         for tmp in self.out_dir.glob(".shard-*.h5*.tmp"):
             tmp.unlink(missing_ok=True)
-
-
-def prepare_output_dir(out_dir: str | Path, kind: str, overwrite: bool) -> Path:
-    """Make `out_dir` ready for a new shard set without ever mixing schemas or silently replacing a finished set.
-
-    Leftovers of an interrupted run (shards but no index.json) are removed: such shards were never complete.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    index_path = out / INDEX
-    if index_path.exists():
-        try:
-            old = json.loads(index_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{index_path}: unreadable index ({exc}); remove the directory or choose another --out") from None
-        if old.get("schema_version") != SCHEMA_VERSION or old.get("kind") != kind:
-            raise DataError(f"{out}: holds shards of another schema (schema {old.get('schema_version')}, kind "
-                            f"{old.get('kind')}; this is schema {SCHEMA_VERSION}, kind {kind}); choose another --out")
-        if not overwrite:
-            raise DataError(f"{out}: already holds a finished shard set; pass --overwrite to replace it or choose another --out")
-        index_path.unlink()
-    for stale in list(out.glob("shard-*.h5")) + list(out.glob(".shard-*.h5*.tmp")) + [out / "skipped.csv"]:
-        stale.unlink(missing_ok=True)
-    return out
 
 
 def load_index(shards_dir: str | Path) -> dict:
@@ -185,67 +184,39 @@ def load_index(shards_dir: str | Path) -> dict:
         index = json.loads(path.read_text())
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
-    if index.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(f"{path}: shards of schema {index.get('schema_version')}, this vascdist reads schema "
-                        f"{SCHEMA_VERSION}; re-run `vascdist preprocess`")
+    version = index.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise DataError(f"{path}: {schema_mismatch(version, index.get('package_version'))}")
     return index
+
+
+def schema_mismatch(version, package_version=None) -> str:
+    """Why a set of schema `version` cannot be read, and what to do: one line for every older or newer set."""
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        return (f"shards of schema {version} (written by vascdist {package_version or 'unknown'}), newer than the "
+                f"schema {SCHEMA_VERSION} this vascdist {vascdist.__version__} reads; upgrade vascdist")
+    lacks = "; ".join(text for v, text in SCHEMA_CHANGES.items() if not isinstance(version, int) or v > version)
+    return (f"shards of schema {version}, older than the schema {SCHEMA_VERSION} this vascdist reads (it lacks: "
+            f"{lacks}); rebuild them with `vascdist preprocess --out NEW_DIR` (a set of another schema is "
+            f"never overwritten in place)")
 
 
 def verify_files(shards_dir: str | Path) -> dict:
-    """The cheap half of `verify` that training runs at start: every listed shard present, with its sha256."""
-    root = Path(shards_dir)
-    index = load_index(root)
-    for entry in index["shards"]:
-        path = root / entry["file"]
-        if not path.is_file():
-            raise DataError(f"{path}: shard listed in {INDEX} is missing")
-        if file_sha256(path) != entry["sha256"]:
-            raise DataError(f"{path}: file checksum does not match {INDEX} (corrupted or modified); "
-                            f"re-run `vascdist preprocess` or restore the file")
-    return index
+    """The start-up check of training and evaluation: index.json, file sizes and headers (integrity's quick check)."""
+    return check_shard_set(shards_dir)
 
 
 def read_shard(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     try:
         with h5py.File(path, "r") as f:
-            return {k: f[k][...] for k in FIELDS}, dict(f.attrs)
+            return {k: f[k][...] for k in (*FIELDS, "x_sum", "chunk_crc32") if k in f}, dict(f.attrs)
     except (OSError, KeyError) as exc:
         raise DataError(f"{path}: unreadable shard ({exc})") from None
 
 
 def verify(shards_dir: str | Path) -> dict:
-    """Check schema, file and data checksums, counts against index.json and patient leakage across splits."""
-    root = Path(shards_dir)
-    index = load_index(root)
-    patient_split: dict[int, str] = {}
-    totals = Counter()
-    for entry in index["shards"]:
-        path = root / entry["file"]
-        if not path.is_file():
-            raise DataError(f"{path}: shard listed in {INDEX} is missing")
-        if file_sha256(path) != entry["sha256"]:
-            raise DataError(f"{path}: file checksum does not match {INDEX} (corrupted or modified)")
-        arrays, attrs = read_shard(path)
-        if attrs.get("schema_version") != SCHEMA_VERSION or attrs.get("split") != entry["split"]:
-            raise DataError(f"{path}: schema/split attributes do not match {INDEX}")
-        if data_checksum(arrays) != attrs.get("checksum"):
-            raise DataError(f"{path}: data checksum does not match the shard's own checksum (corrupted)")
-        if len(arrays["y"]) != entry["samples"] or list(arrays["x"].shape[1:]) != index["sample_shape"]:
-            raise DataError(f"{path}: holds {len(arrays['y'])} samples of shape {list(arrays['x'].shape[1:])}, "
-                            f"{INDEX} says {entry['samples']} of {index['sample_shape']}")
-        for p in np.unique(arrays["patient"]):
-            previous = patient_split.setdefault(int(p), entry["split"])
-            if previous != entry["split"]:
-                name = index["patients"][int(p)]
-                raise DataError(f"{path}: patient '{name}' appears in split '{entry['split']}' and in '{previous}' (leakage)")
-        totals[entry["split"]] += len(arrays["y"])
-    for split, counts in index["splits"].items():
-        if counts["samples"] != totals[split]:
-            raise DataError(f"{root}: split '{split}' has {totals[split]} samples in shards, {INDEX} says {counts['samples']}")
-    extra = sorted({p.name for p in root.glob("shard-*.h5")} - {e["file"] for e in index["shards"]})
-    if extra:
-        raise DataError(f"{root / extra[0]}: shard not listed in {INDEX}")
-    return index
+    """`shards verify`: the quick check plus every file's sha256, every data checksum and patient leakage."""
+    return check_shard_set(shards_dir, full=True)
 
 
 def excluded_counts(index: dict, split: str) -> dict:

@@ -12,14 +12,28 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from vascdist.errors import VascdistError
+from vascdist.fileio import disk_full, disk_full_message
+
+
+def _quiet_disk_full_in_tensorboard(args) -> None:
+    """threading.excepthook: TensorBoard's writer thread re-raises a write error, which would print a traceback;
+    the error reaches RunLogger on its next call anyway (as one line), so that traceback is dropped."""
+    if disk_full(args.exc_value) and type(args.thread).__name__ == "_AsyncWriterThread":
+        return
+    _previous_excepthook(args)
+
+
+_previous_excepthook = threading.excepthook
 
 
 # --------------------------------------------------------------------------------------------- conversions
@@ -89,9 +103,33 @@ class RunLogger:
             return
         from torch.utils.tensorboard import SummaryWriter  # here: ranks that do not log never import tensorboard
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if threading.excepthook is not _quiet_disk_full_in_tensorboard:
+            threading.excepthook = _quiet_disk_full_in_tensorboard
+        self._tb, self._jsonl_path = self.run_dir / "tb", self.run_dir / "metrics.jsonl"
+        with self._writing(self._tb):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=str(self._tb), purge_step=purge_step)
+        with self._writing(self._jsonl_path):
+            self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
+
+    @contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """An OSError while writing `path` (a full disk above all) -> one-line VascdistError naming it. The
+        logger then closes what it can and goes inactive: a later close() in a `finally` stays quiet."""
+        try:
+            yield
+        except OSError as exc:
+            writer, jsonl = self._writer, self._jsonl
+            self._writer, self._jsonl = None, None
+            for f in (writer, jsonl):
+                try:
+                    if f is not None:
+                        f.close()
+                except Exception:  # the same full disk again; the first error is the one reported
+                    pass
+            if disk_full(exc):
+                raise VascdistError(disk_full_message(path)) from None
+            raise VascdistError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
     @property
     def active(self) -> bool:
@@ -108,15 +146,17 @@ class RunLogger:
             except (TypeError, ValueError):
                 raise VascdistError(f"RunLogger.scalars: value of '{tag}' is a {type(value).__name__}, "
                                     "not a number") from None
-            self._writer.add_scalar(tag, number, step)
+            with self._writing(self._tb):
+                self._writer.add_scalar(tag, number, step)
 
     def jsonl(self, record: dict[str, Any]) -> None:
         """Append `record` (with a 'time' in unix seconds unless it has one) as one line of metrics.jsonl."""
         if not self.active:
             return
         record = {**record, "time": record.get("time", round(time.time(), 3))}
-        self._jsonl.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
-        self._jsonl.flush()
+        with self._writing(self._jsonl_path):
+            self._jsonl.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
+            self._jsonl.flush()
 
     def image(self, tag: str, step: int, hwc_uint8: Any) -> None:
         """One (H, W, C) uint8 image, C in 1, 3, 4 (an (H, W) array is taken as grey)."""
@@ -128,7 +168,8 @@ class RunLogger:
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] not in (1, 3, 4):
             raise VascdistError(f"RunLogger.image '{tag}': expected (H, W, C) uint8 with C in 1, 3, 4, got "
                                 f"{img.dtype} {img.shape}")
-        self._writer.add_image(tag, img, step, dataformats="HWC")
+        with self._writing(self._tb):
+            self._writer.add_image(tag, img, step, dataformats="HWC")
 
     def images(self, tag: str, step: int, batch: Any) -> None:
         """A grid (8 per row) of an (N, C, H, W) float batch, each image min-max scaled to its own range.
@@ -144,7 +185,8 @@ class RunLogger:
         x = normalise_per_image(x)  # (N, C, H, W) in [0, 1]
         if x.shape[1] not in (1, 3):
             x = x.reshape(-1, 1, *x.shape[2:])  # (N * C, 1, H, W)
-        self._writer.add_images(tag, x, step, dataformats="NCHW")
+        with self._writing(self._tb):
+            self._writer.add_images(tag, x, step, dataformats="NCHW")
 
     def pr_curve(self, tag: str, step: int, labels: Any, pos_scores: Any, num_thresholds: int = 127) -> None:
         """Precision-recall curve of binary `labels` (0/1) against positive-class probabilities in [0, 1]."""
@@ -159,7 +201,8 @@ class RunLogger:
         if not (np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()):
             raise VascdistError(f"RunLogger.pr_curve '{tag}': scores must be probabilities in [0, 1] "
                                 "(apply softmax/sigmoid first)")
-        self._writer.add_pr_curve(tag, y.astype(np.int64), p, step, num_thresholds=num_thresholds)
+        with self._writing(self._tb):
+            self._writer.add_pr_curve(tag, y.astype(np.int64), p, step, num_thresholds=num_thresholds)
 
     def hparams(self, hparam_dict: dict, metric_dict: dict[str, float], step: int = 0) -> None:
         """Record the (nested) config and final metrics for TensorBoard's HParams tab, in this run's event file.
@@ -173,14 +216,18 @@ class RunLogger:
         metrics = {k: float(v) for k, v in metric_dict.items()}
         # SummaryWriter.add_hparams would write into a new sub-run named by the time; keep it in this run.
         file_writer = self._writer._get_file_writer()
-        for summary in hparams_summaries(flatten_hparams(hparam_dict), metrics):
-            file_writer.add_summary(summary, step)
+        with self._writing(self._tb):
+            for summary in hparams_summaries(flatten_hparams(hparam_dict), metrics):
+                file_writer.add_summary(summary, step)
         self.scalars(step, metrics)
 
     def close(self) -> None:
-        """Flush and close both files; later calls on this logger do nothing. Safe to call twice."""
+        """Flush and close both files; later calls on this logger do nothing. Safe to call twice, and quiet
+        after a write error was raised (one line) by an earlier call."""
         if not self.active:
             return
-        self._writer.close()
-        self._jsonl.close()
+        with self._writing(self._tb):
+            self._writer.close()
+        with self._writing(self._jsonl_path):
+            self._jsonl.close()
         self._writer, self._jsonl = None, None
