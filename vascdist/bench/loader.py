@@ -41,7 +41,7 @@ def stream_rate(shards_dir: Path, batch: int, workers: int, max_samples: int, no
     normalise=False: the float16 batches the loader hands to the device (on a GPU host, training normalises
     there); True: plus the normalisation to float32 on this CPU, as CPU training does it.
     """
-    loader = StreamingLoader(ShardStream(shards_dir, "train", batch, seed=0, train=True), num_workers=workers)
+    loader = StreamingLoader(ShardStream(shards_dir, "train", batch, seed=0, train=True), threads=workers)
     inputs = InputTransform(loader.stream.index) if normalise else None
     for i, _ in enumerate(loader):  # epoch 0: warm-up
         if max_samples and (i + 1) * batch >= max_samples:
@@ -147,7 +147,7 @@ def memory_rate(x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[int, floa
 
 def load_in_memory(shards_dir: Path, max_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `max_samples` train samples, normalised float32, as one tensor."""
-    loader = StreamingLoader(ShardStream(shards_dir, "train", 256, seed=0, train=False), num_workers=0)
+    loader = StreamingLoader(ShardStream(shards_dir, "train", 256, seed=0, train=False), threads=0)
     inputs = InputTransform(loader.stream.index)
     xs, ys, n = [], [], 0
     for b in loader:

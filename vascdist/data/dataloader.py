@@ -39,6 +39,8 @@ from vascdist.data.reader import INT_FIELDS, WindowReader
 from vascdist.errors import ConfigError, VascdistError
 
 _FLAGS: dict[int, np.ndarray] = {}  # dataset token -> its buffers' in-use flags (workers x buffers), per process
+_SENT: set[tuple[int, int, int]] = set()  # in a worker: the buffers (token, worker, buffer) whose storage went out
+_MAPPED: dict[tuple[int, int, int], memoryview] = {}  # in the main process: those buffers, mapped
 
 
 class Batch(dict):
@@ -54,7 +56,9 @@ class Batch(dict):
         return Batch(self, self.index, self.slot, self.storage)
 
     def __reduce__(self):
-        """Pickled (into the DataLoader's result queue) as the one shared storage and the views into it."""
+        """Pickled (into the DataLoader's result queue) as views into a shared buffer: the buffer's storage goes
+        with the first batch that uses it (a file descriptor, passed through a socket with a handshake, ~1 ms),
+        later batches name it only (the main process keeps it mapped: _rebuild)."""
         if self.storage is None:
             return Batch, (dict(self), self.index)
         base, views, others = self.storage.data_ptr(), {}, {}
@@ -63,7 +67,10 @@ class Batch(dict):
                 views[k] = (v.dtype, v.storage_offset(), tuple(v.shape), v.stride())
             else:
                 others[k] = v
-        whole = torch.empty(0, dtype=torch.uint8).set_(self.storage)
+        whole = None
+        if self.slot not in _SENT:
+            _SENT.add(self.slot)
+            whole = torch.empty(0, dtype=torch.uint8).set_(self.storage)
         return _rebuild, (whole, views, others, list(self), self.index, self.slot)
 
     def pin_memory(self) -> Batch:
@@ -73,8 +80,14 @@ class Batch(dict):
         return pinned
 
 
-def _rebuild(whole: torch.Tensor, views: dict, others: dict, keys: list, index: int, slot) -> Batch:
-    storage = whole.untyped_storage()
+def _rebuild(whole: torch.Tensor | None, views: dict, others: dict, keys: list, index: int, slot) -> Batch:
+    """A batch received from a worker, in the main process: views into the worker's buffer, mapped here once.
+
+    Each batch gets a storage of its own over that memory (torch.frombuffer), so that WorkerLoader can tell,
+    from a weak reference to it, when nothing uses the batch any more while the mapping itself stays."""
+    if whole is not None:
+        _MAPPED[slot] = memoryview(whole.numpy())
+    storage = torch.frombuffer(_MAPPED[slot], dtype=torch.uint8).untyped_storage()
     fields = {k: torch.empty(0, dtype=d).set_(storage, offset, shape, stride) for k, (d, offset, shape, stride) in views.items()}
     return Batch({k: fields[k] if k in fields else others[k] for k in keys}, index, slot, storage)
 
@@ -260,6 +273,8 @@ class WorkerLoader:
             self._running = None
         self.loader = None  # a persistent DataLoader iterator shuts its workers down when dropped
         _FLAGS.pop(self.dataset.token, None)
+        for slot in [s for s in _MAPPED if s[0] == self.dataset.token]:
+            del _MAPPED[slot]
 
     def _release_dropped(self) -> None:
         """Free the shared buffers of batches nothing in this process uses any more."""
@@ -325,3 +340,14 @@ class _Epoch:
     def close(self) -> None:
         self.stopped = not self.finished
         self.batches = None  # a non-persistent DataLoader iterator shuts its workers down when dropped
+
+
+def build_loader(data, stream: ShardStream, pin_memory: bool = False) -> StreamingLoader | WorkerLoader:
+    """The loader `data` (the config's DataConfig) asks for over `stream`: reader threads or a DataLoader.
+
+    Evaluation splits, read once per evaluation, get at most one thread or worker."""
+    if data.loader == "dataloader":
+        workers = data.workers if stream.train else min(data.workers, 1)
+        return WorkerLoader(stream, workers, data.worker_prefetch_factor, data.persistent_workers, pin_memory)
+    threads = data.reader_threads if stream.train else min(data.reader_threads, 1)
+    return StreamingLoader(stream, threads, data.windows_ahead, pin_memory)
