@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from vascdist.config import Config, config_from_dict, load_config, to_dict
@@ -42,3 +44,26 @@ def test_unknown_key_in_yaml_file(tmp_path):
 def test_shipped_configs_load():
     for name in ("quickstart", "resnet50"):
         load_config(name)
+
+
+@pytest.mark.parametrize("old, new", [("data.num_workers", "data.reader_threads"),
+                                      ("data.prefetch_factor", "data.windows_ahead")])
+def test_a_renamed_key_names_its_new_name(tmp_path, old, new):
+    message = f"config key '{old}' was renamed to '{new}'; use '{new}'"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [f"{old}=1"])
+    section, name = old.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{section}:\n  {name}: 1\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+    saved = to_dict(Config())  # a run directory's or checkpoint's config written before the rename: moved
+    del saved[section][new.split(".")[1]]
+    saved[section][name] = 3
+    assert config_from_dict(saved) == load_config(None, [f"{new}=3"])
+
+
+def test_loader_choice_is_checked():
+    assert Config().data.loader == "threads"
+    with pytest.raises(ConfigError, match="config key 'data.loader' must be 'threads' or 'dataloader'"):
+        load_config(None, ["data.loader=processes"])

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from vascdist.config import Config, batch_sizes, to_dict
+from vascdist.data.dataloader import WorkerLoader, build_loader
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.data.shards import load_index, verify_files
 from vascdist.data.transform import InputTransform
@@ -55,16 +56,16 @@ def data_info(index: dict) -> dict:
     return {**info, "quality_range": index.get("quality_range", {})}  # predict warns outside it
 
 
-def build_loaders(cfg: Config, env: DistEnv) -> tuple[StreamingLoader, StreamingLoader, StreamingLoader]:
-    """Train / val / test loaders for this rank."""
+def build_loaders(cfg: Config, env: DistEnv) -> tuple[StreamingLoader | WorkerLoader, ...]:
+    """Train / val / test loaders for this rank (data.loader: reader threads or a torch DataLoader)."""
     aug = (cfg.data.freq_mask, cfg.data.time_mask) if cfg.data.spec_augment else None
     pin = env.device.type == "cuda"
 
-    def make(split: str, train: bool) -> StreamingLoader:
+    def make(split: str, train: bool) -> StreamingLoader | WorkerLoader:
         stream = ShardStream(cfg.data.shards, split, cfg.data.batch_size, env.rank, env.world_size, cfg.train.seed,
-                             train=train, shuffle_chunks=cfg.data.shuffle_chunks, spec_augment=aug)
-        return StreamingLoader(stream, cfg.data.num_workers if train else min(cfg.data.num_workers, 1),
-                               cfg.data.prefetch_factor, pin)
+                             train=train, shuffle_chunks=cfg.data.shuffle_chunks, spec_augment=aug,
+                             transform=cfg.data.transform)
+        return build_loader(cfg.data, stream, pin)
     return make("train", True), make("val", False), make("test", False)
 
 
