@@ -67,3 +67,18 @@ def test_loader_choice_is_checked():
     assert Config().data.loader == "threads"
     with pytest.raises(ConfigError, match="config key 'data.loader' must be 'threads' or 'dataloader'"):
         load_config(None, ["data.loader=processes"])
+
+
+def test_a_run_saved_before_the_rename_resumes():
+    from vascdist.config.drift import check_resume
+    saved = to_dict(Config())  # a run directory's config.yaml written before the rename and before data.loader
+    data = saved["data"]
+    data["num_workers"] = data.pop("reader_threads")
+    data["prefetch_factor"] = data.pop("windows_ahead")
+    for key in ("loader", "workers", "worker_prefetch_factor", "persistent_workers", "transform"):
+        del data[key]
+    assert check_resume(Config(), saved) == {}
+    assert check_resume(load_config(None, ["data.reader_threads=4", "data.loader=dataloader"]), saved) == {
+        "data.loader": ("threads", "dataloader"), "data.reader_threads": (2, 4)}
+    with pytest.raises(ConfigError, match="data.transform"):  # not a resume-safe change
+        check_resume(load_config(None, ["data.transform=json:dumps"]), saved)

@@ -117,7 +117,7 @@ def bare_loop(cfg, device: torch.device, steps: int) -> dict:
 # ------------------------------------------------------------------------------------------- 3. breakdown
 def breakdown(cfg, device: torch.device, steps: int, log_dir: Path) -> dict:
     """Median ms per step of each phase of the vascdist loop body (a timed copy of loop.py's step)."""
-    from vascdist.train.loop import build_loaders
+    from vascdist.data.build import build_loaders
     env = DistEnv(device=device)
     loader, _, _ = build_loaders(cfg, env)
     inputs = InputTransform(loader.stream.index, device, cfg.train.channels_last)

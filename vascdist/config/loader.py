@@ -17,7 +17,6 @@ from typing import Any
 import yaml
 
 from vascdist.config.schema import Config
-from vascdist.data.hooks import load_callable
 from vascdist.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
@@ -169,8 +168,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree = _merge(tree, parse_overrides(overrides or []))
     cfg = from_dict(Config, apply_renames(tree, strict=True))
     cfg.check()
-    if cfg.data.transform:  # imported now, so that a typo fails before any data is made or read
-        load_callable(cfg.data.transform, "data.transform")
     return cfg
 
 

@@ -341,13 +341,3 @@ class _Epoch:
         self.stopped = not self.finished
         self.batches = None  # a non-persistent DataLoader iterator shuts its workers down when dropped
 
-
-def build_loader(data, stream: ShardStream, pin_memory: bool = False) -> StreamingLoader | WorkerLoader:
-    """The loader `data` (the config's DataConfig) asks for over `stream`: reader threads or a DataLoader.
-
-    Evaluation splits, read once per evaluation, get at most one thread or worker."""
-    if data.loader == "dataloader":
-        workers = data.workers if stream.train else min(data.workers, 1)
-        return WorkerLoader(stream, workers, data.worker_prefetch_factor, data.persistent_workers, pin_memory)
-    threads = data.reader_threads if stream.train else min(data.reader_threads, 1)
-    return StreamingLoader(stream, threads, data.windows_ahead, pin_memory)

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from vascdist.config import Config, batch_sizes, to_dict
-from vascdist.data.dataloader import WorkerLoader, build_loader
-from vascdist.data.loader import ShardStream, StreamingLoader
+from vascdist.data.build import build_loaders
 from vascdist.data.shards import load_index, verify_files
 from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv, any_rank, broadcast_object, global_mean
@@ -54,19 +53,6 @@ def data_info(index: dict) -> dict:
     """What inference needs to know about the data a model was trained on (stored in every checkpoint)."""
     info = {k: index[k] for k in ("kind", "classes", "sample_shape", "preprocess", "normalization")}
     return {**info, "quality_range": index.get("quality_range", {})}  # predict warns outside it
-
-
-def build_loaders(cfg: Config, env: DistEnv) -> tuple[StreamingLoader | WorkerLoader, ...]:
-    """Train / val / test loaders for this rank (data.loader: reader threads or a torch DataLoader)."""
-    aug = (cfg.data.freq_mask, cfg.data.time_mask) if cfg.data.spec_augment else None
-    pin = env.device.type == "cuda"
-
-    def make(split: str, train: bool) -> StreamingLoader | WorkerLoader:
-        stream = ShardStream(cfg.data.shards, split, cfg.data.batch_size, env.rank, env.world_size, cfg.train.seed,
-                             train=train, shuffle_chunks=cfg.data.shuffle_chunks, spec_augment=aug,
-                             transform=cfg.data.transform)
-        return build_loader(cfg.data, stream, pin)
-    return make("train", True), make("val", False), make("test", False)
 
 
 def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, quiet: bool = False,
