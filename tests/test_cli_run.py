@@ -20,7 +20,7 @@ from conftest import REPO, run_cli
 
 def _train_args(shards, out_dir, *extra):
     return ("train", f"data.shards={shards}", f"run.out_dir={out_dir}", "run.name=tiny", "model.name=mlp",
-            "model.width=0.25", "data.batch_size=32", "data.num_workers=0", "train.device=cpu", "train.epochs=1",
+            "model.width=0.25", "data.batch_size=32", "data.reader_threads=0", "train.device=cpu", "train.epochs=1",
             "train.max_steps=3", "run.progress_interval_s=0", *extra)
 
 

@@ -30,7 +30,7 @@ CPU = torch.device("cpu")
 
 def overrides(shards_dir, *extra):
     return [f"data.shards={shards_dir}", "model.name=resnet18", "model.width=0.125", "model.stem=imagenet",
-            "data.batch_size=16", "data.num_workers=0", "train.epochs=1", "train.device=cpu", "sched.name=cosine",
+            "data.batch_size=16", "data.reader_threads=0", "train.epochs=1", "train.device=cpu", "sched.name=cosine",
             "sched.warmup_steps=5", "optim.lr=0.05", "train.grad_accum=2", "train.grad_clip=0.5",
             "train.checkpoint_every=3", "train.keep_last=2", *extra]
 

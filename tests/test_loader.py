@@ -15,7 +15,7 @@ B = 32
 
 
 def batches(shards_dir, rank=0, world=1, workers=0, epoch=0, batch=B, **kw):
-    loader = StreamingLoader(ShardStream(shards_dir, "train", batch, rank, world, seed=3, **kw), num_workers=workers)
+    loader = StreamingLoader(ShardStream(shards_dir, "train", batch, rank, world, seed=3, **kw), threads=workers)
     loader.set_epoch(epoch)
     return [b for b in loader], loader
 
@@ -59,7 +59,7 @@ def test_every_world_size_draws_the_same_samples_per_step(shards_dir, world):
 def test_resume_mid_epoch_sees_exactly_the_unseen_batches(shards_dir):
     full, _ = batches(shards_dir, epoch=1)
     stream = ShardStream(shards_dir, "train", B, seed=3)
-    loader = StreamingLoader(stream, num_workers=1)
+    loader = StreamingLoader(stream, threads=1)
     loader.set_epoch(1)
     it = iter(loader)
     seen = [next(it) for _ in range(5)]
@@ -68,7 +68,7 @@ def test_resume_mid_epoch_sees_exactly_the_unseen_batches(shards_dir):
     # resume on two ranks from a one-rank checkpoint: the same global sequence continues
     resumed = []
     for rank in range(2):
-        l2 = StreamingLoader(ShardStream(shards_dir, "train", B, rank, 2, seed=3), num_workers=rank)
+        l2 = StreamingLoader(ShardStream(shards_dir, "train", B, rank, 2, seed=3), threads=rank)
         l2.load_state_dict(state)
         resumed.append(list(l2))
     assert len(resumed[0]) == len(full) - 5
@@ -131,8 +131,8 @@ def test_batch_sizes_that_do_not_divide_windows_still_cover_the_epoch(shards_dir
 
 def test_leaving_an_epoch_early_stops_the_reader_threads(shards_dir):
 
-    loader = StreamingLoader(ShardStream(shards_dir, "train", 8, seed=3, shuffle_chunks=1), num_workers=2,
-                             prefetch_factor=1)
+    loader = StreamingLoader(ShardStream(shards_dir, "train", 8, seed=3, shuffle_chunks=1), threads=2,
+                             windows_ahead=1)
     for i, _ in enumerate(loader):
         if i == 2:
             break
@@ -148,11 +148,11 @@ def test_a_reader_error_reaches_the_consumer(shards_dir, tmp_path):
     victim = stream.chunks[-1].file
     (copy / victim).write_bytes(b"not hdf5")
     with pytest.raises(DataError, match=f"{victim}: cannot read the shard"):
-        list(StreamingLoader(stream, num_workers=2))
+        list(StreamingLoader(stream, threads=2))
 
 
 def test_a_second_iteration_stops_the_first_and_reuses_its_readers(shards_dir):
-    loader = StreamingLoader(ShardStream(shards_dir, "train", B, seed=3), num_workers=2)
+    loader = StreamingLoader(ShardStream(shards_dir, "train", B, seed=3), threads=2)
     first = iter(loader)
     head = [next(first) for _ in range(2)]
     loader.set_epoch(1)
@@ -185,7 +185,7 @@ def test_batch_buffers_are_reused_only_once_dropped(tmp_path):
 
 def test_an_iteration_stopped_by_a_newer_one_says_so_instead_of_ending_the_epoch(shards_dir):
     from vascdist.errors import VascdistError
-    loader = StreamingLoader(ShardStream(shards_dir, "train", B, seed=3), num_workers=1)
+    loader = StreamingLoader(ShardStream(shards_dir, "train", B, seed=3), threads=1)
     first = iter(loader)
     next(first)
     second = iter(loader)

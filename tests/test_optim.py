@@ -149,7 +149,7 @@ def test_frozen_parameters_are_left_out():
 
 
 @pytest.mark.parametrize("cfg,key", [(OptimConfig(name="sgd", momentum=0.0, nesterov=True), "optim.nesterov"),
-                                     (OptimConfig(name="adabound", gamma=0.0), "optim.gamma"),
+                                     (OptimConfig(name="adabound", bound_gamma=0.0), "optim.bound_gamma"),
                                      (OptimConfig(name="adabound", final_lr=0.0), "optim.final_lr")])
 def test_bad_optimizer_settings_are_config_errors(cfg, key):
     with pytest.raises(ConfigError, match=key):

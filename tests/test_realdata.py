@@ -23,7 +23,7 @@ def tiny_run(shards_dir, tmp_path_factory):
     """A small model trained for a few steps: invariance must hold for any weights, trained or not."""
     tmp = tmp_path_factory.mktemp("tiny")
     run_training(None, [f"data.shards={shards_dir}", f"run.out_dir={tmp}", "run.name=tiny", "model.width=0.125",
-                        "data.batch_size=16", "data.num_workers=0", "train.max_steps=12", "train.min_steps=0",
+                        "data.batch_size=16", "data.reader_threads=0", "train.max_steps=12", "train.min_steps=0",
                         "train.device=cpu"], run_dir=str(tmp / "run"), quiet=True)
     return tmp / "run"
 

@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 def train_args(shards_dir, run_dir, *extra):
-    return ["train", "quickstart", f"data.shards={shards_dir}", "data.batch_size=16", "data.num_workers=0",
+    return ["train", "quickstart", f"data.shards={shards_dir}", "data.batch_size=16", "data.reader_threads=0",
             "model.name=resnet18", "model.width=0.125", "model.stem=imagenet", "model.norm=group",
             "optim.lr=0.01", "sched.name=cosine", "sched.warmup_steps=5", "train.epochs=3", f"train.max_steps={STEPS}",
             "train.device=cpu", "train.eval_every=1000", "data.synth_patients=0", "--run-dir", str(run_dir),

@@ -19,7 +19,7 @@ BATCH = 16
 
 def overrides(shards_dir, tmp_path, *extra):
     return [f"data.shards={shards_dir}", f"run.out_dir={tmp_path / 'runs'}", "run.name=t", "model.name=resnet18",
-            "model.width=0.125", "model.stem=imagenet", f"data.batch_size={BATCH}", "data.num_workers=1",
+            "model.width=0.125", "model.stem=imagenet", f"data.batch_size={BATCH}", "data.reader_threads=1",
             "data.spec_augment=true", "train.epochs=2", "train.device=cpu", "sched.name=cosine",
             "sched.warmup_steps=5", "optim.lr=0.05", "train.keep_last=3", *extra]
 
@@ -171,7 +171,7 @@ def test_five_class_beats_train_with_resnext1d(tmp_path):
     np.savetxt(tmp_path / "beats.csv", np.concatenate([beats, labels[:, None]], 1), delimiter=",")
     preprocess_beats(tmp_path / "beats.csv", tmp_path / "shards", PreprocessConfig(chunk_size=32))
     summary = run_training(None, [f"data.shards={tmp_path / 'shards'}", f"run.out_dir={tmp_path / 'runs'}",
-                                  "model.name=resnext1d", "model.width=0.125", "data.batch_size=32", "data.num_workers=0",
+                                  "model.name=resnext1d", "model.width=0.125", "data.batch_size=32", "data.reader_threads=0",
                                   "train.epochs=6", "optim.name=adam", "optim.lr=3e-3", "sched.name=none",
                                   "loss.name=cross_entropy", "train.early_stop_metric=cycle/macro_f1"], quiet=True)
     test = summary["test"]

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vascdist.bench.common import machine_line, parse_ints, table, write_json
+from vascdist.data.dataloader import WorkerLoader
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.data.shards import load_index
 from vascdist.data.transform import InputTransform
@@ -34,14 +35,18 @@ def train_files(shards_dir: Path) -> tuple[list[Path], int, int]:
 
 
 # ------------------------------------------------------------------------------------------- 1. streaming
-def stream_rate(shards_dir: Path, batch: int, workers: int, max_samples: int, normalise: bool) -> tuple[int, float]:
+def stream_rate(shards_dir: Path, batch: int, workers: int, max_samples: int, normalise: bool,
+                kind: str = "threads") -> tuple[int, float]:
     """(samples, seconds) of the second epoch of the training loader (as every epoch after the first sees it:
     files open, buffers allocated), reader threads started inside.
 
     normalise=False: the float16 batches the loader hands to the device (on a GPU host, training normalises
-    there); True: plus the normalisation to float32 on this CPU, as CPU training does it.
+    there); True: plus the normalisation to float32 on this CPU, as CPU training does it. kind: 'threads'
+    (StreamingLoader, `workers` reader threads) or 'dataloader' (WorkerLoader: a stock torch DataLoader with
+    `workers` persistent worker processes, started in the warm-up epoch).
     """
-    loader = StreamingLoader(ShardStream(shards_dir, "train", batch, seed=0, train=True), num_workers=workers)
+    stream = ShardStream(shards_dir, "train", batch, seed=0, train=True)
+    loader = StreamingLoader(stream, threads=workers) if kind == "threads" else WorkerLoader(stream, workers=workers)
     inputs = InputTransform(loader.stream.index) if normalise else None
     for i, _ in enumerate(loader):  # epoch 0: warm-up
         if max_samples and (i + 1) * batch >= max_samples:
@@ -54,7 +59,9 @@ def stream_rate(shards_dir: Path, batch: int, workers: int, max_samples: int, no
         n += len(b["y"])
         if max_samples and n >= max_samples:
             break
-    return n, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    loader.close()
+    return n, seconds
 
 
 # ------------------------------------------------------------------------------------------- 2. naive
@@ -147,7 +154,7 @@ def memory_rate(x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[int, floa
 
 def load_in_memory(shards_dir: Path, max_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `max_samples` train samples, normalised float32, as one tensor."""
-    loader = StreamingLoader(ShardStream(shards_dir, "train", 256, seed=0, train=False), num_workers=0)
+    loader = StreamingLoader(ShardStream(shards_dir, "train", 256, seed=0, train=False), threads=0)
     inputs = InputTransform(loader.stream.index)
     xs, ys, n = [], [], 0
     for b in loader:
@@ -182,16 +189,20 @@ def bench_loader(shards_dir: Path, batches: list[int], workers: list[int], repea
                 limit = n_train / contiguous_read(paths, buffer)
                 sn, ss = stream_rate(shards_dir, b, w, max_samples, normalise=False)
                 cn, cs = stream_rate(shards_dir, b, w, max_samples, normalise=True)
+                dn, ds = stream_rate(shards_dir, b, w, max_samples, normalise=False, kind="dataloader")
                 nn, ns = naive_rate(shards_dir, b, w, naive_samples)
-                runs.append({"limit": limit, "stream": sn / ss, "cpu": cn / cs, "naive": nn / ns,
+                runs.append({"limit": limit, "stream": sn / ss, "cpu": cn / cs, "dl": dn / ds, "naive": nn / ns,
                              "r_limit": sn / ss / limit, "r_naive": (sn / ss) / (nn / ns),
-                             "c_limit": cn / cs / limit, "c_naive": (cn / cs) / (nn / ns)})
+                             "c_limit": cn / cs / limit, "c_naive": (cn / cs) / (nn / ns),
+                             "d_limit": dn / ds / limit, "d_naive": (dn / ds) / (nn / ns)})
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             rows.append({"loader": "1. vascdist streaming", "batch": b, "workers": w, "samples_s": med["stream"],
                          "mb_s": med["stream"] * per_sample / 1e6, "vs_limit": med["r_limit"], "vs_naive": med["r_naive"],
                          "limit_s": med["limit"]})
             rows.append({"loader": "1b. + normalise on CPU", "batch": b, "workers": w, "samples_s": med["cpu"],
                          "mb_s": med["cpu"] * per_sample / 1e6, "vs_limit": med["c_limit"], "vs_naive": med["c_naive"]})
+            rows.append({"loader": "1c. vascdist DataLoader", "batch": b, "workers": w, "samples_s": med["dl"],
+                         "mb_s": med["dl"] * per_sample / 1e6, "vs_limit": med["d_limit"], "vs_naive": med["d_naive"]})
             rows.append({"loader": "2. naive map-style", "batch": b, "workers": w, "samples_s": med["naive"],
                          "mb_s": med["naive"] * per_sample / 1e6})
     warm = statistics.median(r["limit_s"] for r in rows if "limit_s" in r)
@@ -212,7 +223,7 @@ def format_loader(result: dict) -> str:
              f"{result['train_samples']:,} train samples, {result['bytes'] / 1e6:.0f} MB on disk ({per:.0f} B/sample; "
              f"MB/s = samples/s x that); medians of {result['repeats']} repeats; cold read after {result['eviction']}"]
     for r in result["rows"]:
-        if r["loader"].startswith("1") and r["batch"] == 256 and r["workers"] == 2:
+        if r["loader"][:2] in ("1.", "1c") and r["batch"] == 256 and r["workers"] == 2:
             ok = r["vs_limit"] >= 0.5 and r["vs_naive"] >= 20
             lines.append(f"target at batch 256, 2 workers: >= 0.5 of the limit and >= 20x naive -> {r['loader']}: "
                          f"{r['vs_limit']:.2f} and {r['vs_naive']:.1f}x: {'MET' if ok else 'NOT MET'}")
@@ -220,12 +231,12 @@ def format_loader(result: dict) -> str:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("loader", help="streaming loader vs naive loader vs contiguous read vs in-memory tensor")
+    p = sub.add_parser("loader", help="streaming loader (threads, DataLoader) vs naive loader vs contiguous read vs in-memory tensor")
     p.add_argument("--shards", required=True, help="shards directory (`vascdist bench make-shards` writes one)")
     p.add_argument("--batch-sizes", default="64,256,1024", help="comma-separated (default: %(default)s)")
     p.add_argument("--workers", default="0,1,2",
                    help="comma-separated worker counts: reader threads of the streaming loader, DataLoader processes "
-                        "of the naive one (default: %(default)s)")
+                        "of vascdist's DataLoader path and of the naive one (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per cell; the table shows medians (default: %(default)s)")
     p.add_argument("--max-samples", type=float, default=0, help="stop the streaming epoch after this many (0: whole)")
     p.add_argument("--naive-samples", type=float, default=20000, help="samples the naive loader reads per repeat")

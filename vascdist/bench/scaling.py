@@ -38,7 +38,7 @@ def ensure_shards(root: Path, samples: int) -> tuple[Path, float | None]:
 
 def epoch(shards: Path, batch: int, workers: int) -> dict:
     """One training epoch of the streaming loader, with the process tree's memory sampled throughout."""
-    loader = StreamingLoader(ShardStream(shards, "train", batch, seed=0), num_workers=workers)
+    loader = StreamingLoader(ShardStream(shards, "train", batch, seed=0), threads=workers)
     base = psutil.Process().memory_info().rss
     half = len(loader) * loader.stream.local_batch // 2
     with TreeMemory() as mem:

@@ -48,7 +48,8 @@ def parse_variant(text: str) -> dict:
 
 def overrides(a: argparse.Namespace, shards: Path, name: str, stem: str, variant: dict, out_dir: Path) -> list[str]:
     return [f"data.shards={shards}", "data.synth_patients=0", f"data.batch_size={a.batch}",
-            f"data.num_workers={a.workers}", f"model.name={name}", f"model.stem={stem}", f"model.width={a.width}",
+            f"data.loader={a.loader}", f"data.reader_threads={a.workers}", f"data.workers={a.workers}",
+            f"model.name={name}", f"model.stem={stem}", f"model.width={a.width}",
             f"train.max_steps={a.steps}", "train.epochs=1", f"train.device={a.device}",
             f"train.precision={variant['precision']}", f"train.channels_last={str(variant['channels_last']).lower()}",
             f"train.compile={str(variant['compile']).lower()}", f"run.out_dir={out_dir}", "run.name=bench"]
@@ -191,7 +192,7 @@ def bench_train(a: argparse.Namespace) -> dict:
                              "bare_tflops": row["bare_s"] * flops / 1e12})
                 print(f"  done {name}:{stem} {vtext}", flush=True)
     return {"rows": rows, "peak_tflops": peak / 1e12, "peak_dtype": str(peak_dtype), "device": str(device),
-            "workers": a.workers, "steps": a.steps, "repeats": a.repeats}
+            "loader": a.loader, "workers": a.workers, "steps": a.steps, "repeats": a.repeats}
 
 
 def format_train(result: dict) -> str:
@@ -206,7 +207,8 @@ def format_train(result: dict) -> str:
     cols += [("gflop_per_sample", "GFLOP/sample (3x fwd)"), ("tflops", "TFLOP/s"), ("bare_tflops", "bare TFLOP/s")]
     lines = [table(rows, cols), "",
              f"device {result['device']}; matmul reference {result['peak_tflops']:.3g} TFLOP/s ({result['peak_dtype']}); "
-             f"loader workers {result['workers']}; real loop: median 10-step window after step 10 of {result['steps']} steps; "
+             f"loader {result.get('loader', 'threads')} x {result['workers']}; "
+             f"real loop: median 10-step window after step 10 of {result['steps']} steps; "
              "breakdown columns: medians per step of loop.train_step / log_step; memory: process tree, sampled; "
              f"medians of {result['repeats']} repeats (1/2: median of same-repeat ratios)"]
     for r in rows:
@@ -224,7 +226,9 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=41, help="steps of the real loop (its 10-step windows after step 10 count)")
     p.add_argument("--repeats", type=int, default=1, help="repeat real loop, bare loop and breakdown; medians")
     p.add_argument("--bare-steps", type=int, default=10)
-    p.add_argument("--workers", type=int, default=1, help="data.num_workers")
+    p.add_argument("--loader", default="threads", choices=["threads", "dataloader"], help="data.loader")
+    p.add_argument("--workers", type=int, default=1,
+                   help="data.reader_threads (--loader threads) or data.workers (--loader dataloader)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--variants", default="fp32", help="comma list of fp32|bf16[+cl][+compile], e.g. on a GPU "
                                                        "fp32,bf16,bf16+cl,bf16+cl+compile")

@@ -54,6 +54,9 @@ def check_config(cfg: Config) -> None:
     if level not in LEVELS or not metric:
         raise ConfigError(f"config key 'train.early_stop_metric' must look like <level>/<metric> with level one of "
                           f"{', '.join(LEVELS)} (e.g. recording/balanced_accuracy), got '{cfg.train.early_stop_metric}'")
+    if cfg.data.transform:  # imported now, so that a typo fails before any data is made or read
+        from vascdist.data.hooks import load_callable
+        load_callable(cfg.data.transform, "data.transform")
     max_steps = cfg.train.max_steps
     if cfg.sched.name == "cosine" and max_steps and cfg.sched.warmup_steps >= max_steps:
         raise ConfigError(f"config key 'sched.warmup_steps' ({cfg.sched.warmup_steps}) must be below the run's "

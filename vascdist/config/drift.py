@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from vascdist.config.loader import to_dict
+from vascdist.config.loader import _merge, apply_renames, to_dict
 from vascdist.config.schema import Config
 from vascdist.errors import ConfigError
 from vascdist.fileio import atomic_write_text
@@ -27,7 +27,8 @@ RESUME_SAFE = frozenset({
     "run.out_dir", "run.progress_interval_s",
     "train.epochs", "train.max_steps", "train.early_stop_patience", "train.max_bad_steps", "train.eval_every",
     "train.checkpoint_every", "train.keep_last", "train.device", "train.compile", "train.check_memory",
-    "data.num_workers", "data.prefetch_factor", "data.verify_checksums",
+    "data.loader", "data.reader_threads", "data.windows_ahead", "data.workers", "data.worker_prefetch_factor",
+    "data.persistent_workers", "data.verify_checksums",  # both loaders give the same batches (tests/test_dataloader.py)
     "dist.timeout_s", "dist.bucket_cap_mb", "dist.gradient_as_bucket_view", "dist.static_graph",
     "dist.requeue_signal", "dist.max_requeues",
 })
@@ -70,7 +71,11 @@ def effective_config(run_dir: Path) -> dict | None:
 
 
 def check_resume(cfg: Config, previous: dict) -> dict[str, tuple]:
-    """The safe changes of `cfg` against the `previous` config tree; ConfigError (with the diff) on any other."""
+    """The safe changes of `cfg` against the `previous` config tree; ConfigError (with the diff) on any other.
+
+    A tree saved before a key was renamed (RENAMED_KEYS) or added is read as it ran: renamed keys are moved,
+    keys it lacks have their defaults (a new key's default keeps what the code did before)."""
+    previous = _merge(to_dict(Config()), apply_renames(previous, strict=False))
     changes = config_diff(previous, to_dict(cfg))
     unsafe = {k: v for k, v in changes.items() if k not in RESUME_SAFE}
     if unsafe:

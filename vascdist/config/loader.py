@@ -6,6 +6,7 @@ tree is written into every run directory and checkpoint (``to_dict``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -18,6 +19,14 @@ from vascdist.config.schema import Config
 from vascdist.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+
+# Keys that were renamed: {old dotted key: new dotted key}. In a YAML file or an override the old name is an
+# error naming the new one; in a saved tree (a checkpoint's or run directory's config) it is moved to the new one.
+RENAMED_KEYS: dict[str, str] = {
+    "data.num_workers": "data.reader_threads",  # it meant reader threads; DataLoader processes are data.workers
+    "data.prefetch_factor": "data.windows_ahead",  # it meant shuffle windows; DataLoader's is data.worker_prefetch_factor
+    "optim.gamma": "optim.bound_gamma",  # AdaBound's bound speed, not the lr decay factor sched.gamma
+}
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -48,6 +57,27 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation in (int, float, str) and (not isinstance(value, annotation) or isinstance(value, bool)):
         raise ConfigError(f"config key '{key}' must be {annotation.__name__}, got {value!r}")
     return value
+
+
+def apply_renames(tree: dict, strict: bool) -> dict:
+    """`tree` with RENAMED_KEYS applied: strict (user input): ConfigError naming the new key; else values moved."""
+    tree = copy.deepcopy(tree)
+    for old, new in RENAMED_KEYS.items():
+        *path, name = old.split(".")
+        node = tree
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or name not in node:
+            continue
+        if strict:
+            raise ConfigError(f"config key '{old}' was renamed to '{new}'; use '{new}'")
+        value = node.pop(name)
+        *new_path, new_name = new.split(".")
+        target = tree
+        for part in new_path:
+            target = target.setdefault(part, {})
+        target.setdefault(new_name, value)
+    return tree
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
@@ -132,14 +162,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults < YAML file < dotted overrides, validated."""
     tree = read_yaml(path) if path else {}
     tree = _merge(tree, parse_overrides(overrides or []))
-    cfg = from_dict(Config, tree)
+    cfg = from_dict(Config, apply_renames(tree, strict=True))
     cfg.check()
     return cfg
 
 
 def config_from_dict(tree: dict) -> Config:
-    """Rebuild a Config saved by `to_dict` (from a checkpoint or run directory)."""
-    cfg = from_dict(Config, tree)
+    """Rebuild a Config saved by `to_dict` (from a checkpoint or run directory; renamed keys are moved)."""
+    cfg = from_dict(Config, apply_renames(tree, strict=False))
     cfg.check()
     return cfg
 

@@ -145,16 +145,29 @@ class DataConfig:
     """Seed of that synthetic data set."""
     batch_size: int = 64
     """Global batch size (all ranks together, per optimiser step before accumulation)."""
-    num_workers: int = 2
-    """Loader reader threads per rank (0: read in the training thread); they read and shuffle float16 batches ahead."""
+    loader: str = "threads"
+    """'threads' (reader threads in the training process; the faster for the shipped pipeline, BENCHMARKS.md) or
+    'dataloader' (a stock torch DataLoader with worker processes: for CPU-heavy Python in data.transform)."""
+    reader_threads: int = 2
+    """data.loader=threads: reader threads per rank (0: read in the training thread)."""
+    windows_ahead: int = 2
+    """data.loader=threads: shuffle windows each reader thread prepares ahead (8 KB x chunk_size x shuffle_chunks
+    each: 32 MB by default)."""
+    workers: int = 2
+    """data.loader=dataloader: DataLoader worker processes per rank (0: read in the training process)."""
+    worker_prefetch_factor: int = 2
+    """data.loader=dataloader: batches each worker prepares ahead (DataLoader's prefetch_factor)."""
+    persistent_workers: bool = True
+    """data.loader=dataloader: keep the worker processes from epoch to epoch (DataLoader's persistent_workers)."""
     verify_checksums: bool = True
     """Check the shard set before training (rank 0): index.json's checksum, every shard's size and header against
     it (about 1 ms per shard, whatever its size). Every chunk's checksums are verified as it is read either way;
     `vascdist shards verify` hashes every byte."""
     shuffle_chunks: int = 16
     """Chunks mixed together by the shuffle window (bigger: better shuffle, more memory)."""
-    prefetch_factor: int = 2
-    """Windows each reader thread prepares ahead (8 KB x chunk_size x shuffle_chunks each: 32 MB by default)."""
+    transform: str = ""
+    """Dotted path ('package.module:function') of a callable (batch, generator) -> batch applied to every training
+    batch in the loader (worker process or reader thread), e.g. audio-domain augmentation; '' for none. README."""
     spec_augment: bool = False
     """Apply SpecAugment (time and frequency masking) to training batches."""
     freq_mask: int = 6
@@ -164,9 +177,13 @@ class DataConfig:
 
     def check(self, key: str) -> None:
         _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
-        _require(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
+        _require(self.loader in ("threads", "dataloader"), f"{key}.loader",
+                 f"must be 'threads' or 'dataloader', got '{self.loader}'")
+        _require(self.reader_threads >= 0, f"{key}.reader_threads", "must be >= 0")
+        _require(self.windows_ahead >= 1, f"{key}.windows_ahead", "must be >= 1")
+        _require(self.workers >= 0, f"{key}.workers", "must be >= 0")
+        _require(self.worker_prefetch_factor >= 1, f"{key}.worker_prefetch_factor", "must be >= 1")
         _require(self.shuffle_chunks >= 1, f"{key}.shuffle_chunks", "must be >= 1")
-        _require(self.prefetch_factor >= 1, f"{key}.prefetch_factor", "must be >= 1")
 
 
 @dataclass
@@ -225,7 +242,7 @@ class OptimConfig:
     """Adam-family betas."""
     final_lr: float = 0.1
     """AdaBound: the SGD learning rate the bounds converge to."""
-    gamma: float = 1e-3
+    bound_gamma: float = 1e-3
     """AdaBound: convergence speed of the bounds."""
 
     def check(self, key: str) -> None:

@@ -14,9 +14,11 @@ at batch boundaries, straight into float16 batches exactly as stored (vascdist.d
 and SpecAugment run on the training device (vascdist.data.transform): that halves the bytes the host
 touches and copies to the GPU, and there they cost nothing next to the model.
 
-Threads rather than DataLoader worker processes: the per-sample work is the kernel's copy from the page
-cache, with the GIL released, so threads run in parallel; and a process would have to hand each window
-over through fresh shared memory, which cost more than reading it (BENCHMARKS.md, "Loader").
+Threads by default (data.loader=threads): the per-sample work is the kernel's copy from the page cache, with
+the GIL released, so threads run in parallel, and no batch has to cross a process boundary. The same stream
+also runs under a stock torch DataLoader with worker processes (vascdist.data.dataloader, data.loader=
+dataloader), for CPU-heavy Python transforms that threads could not run in parallel under the GIL; both give
+the same batches (BENCHMARKS.md, "Loader", measures them side by side).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vascdist.data.hooks import load_callable
 from vascdist.data.reader import Chunk, ChunkLayout, WindowReader
 from vascdist.config.batch import batch_sizes, eval_batch_per_rank
 from vascdist.data.shards import load_index
@@ -71,7 +74,10 @@ class ShardStream:
     """One split of a shard set as this rank reads it: the epoch's windows, cut into this rank's batch pieces."""
 
     def __init__(self, shards_dir: str | Path, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, train: bool = True, shuffle_chunks: int = 16, spec_augment: tuple[int, int] | None = None):
+                 seed: int = 0, train: bool = True, shuffle_chunks: int = 16, spec_augment: tuple[int, int] | None = None,
+                 transform: str = ""):
+        """`transform`: dotted path of a callable (batch dict, torch.Generator) -> batch dict applied to every
+        training batch (config key data.transform); ignored when `train` is false."""
         self.root = Path(shards_dir)
         self.index = load_index(self.root)
         if split not in self.index["splits"]:
@@ -99,6 +105,8 @@ class ShardStream:
             self.local_batch = eval_batch_per_rank(batch_size, world_size)
             lo, hi = self._eval_range()
             self.batches_per_epoch = -(-(hi - lo) // self.local_batch)
+        self.transform = transform if train else ""
+        self._transform_fn = load_callable(transform, "data.transform") if self.transform else None
         self.epoch, self.start_batch = 0, 0
         self.layout = ChunkLayout(self.root, int(self.index["preprocess"]["chunk_size"]), self.sample_shape,
                                   {e["file"]: e["samples"] for e in self.index["shards"]}, len(self.index["classes"]))
@@ -122,6 +130,25 @@ class ShardStream:
         if self.train:
             return (positions // self.global_batch) * self.local_batch + positions % self.global_batch - self.rank * self.local_batch
         return positions - self._eval_range()[0]
+
+    def batch_numbers(self, positions: np.ndarray) -> np.ndarray:
+        """The batch of this rank's epoch that each owned position falls in (the global batch index when training)."""
+        return self._local_index(positions) // self.local_batch
+
+    def finish(self, batch: dict, index: int) -> dict:
+        """Batch number `index` of the epoch after the user's data.transform (training only; else unchanged).
+
+        The transform draws from a generator seeded by (train.seed, epoch, global batch, rank): the same
+        batch gets the same draw whichever loader, thread or worker made it, and after a resume.
+        """
+        if self._transform_fn is None:
+            return batch
+        seed = np.random.default_rng([self.seed, self.epoch, index, self.rank, _TAG + 2]).integers(2**63)
+        out = self._transform_fn(batch, torch.Generator().manual_seed(int(seed)))
+        if not isinstance(out, dict) or not isinstance(out.get("x"), torch.Tensor) or len(out["x"]) != len(batch["x"]):
+            raise VascdistError(f"data.transform '{self.transform}' must return the batch dict with an 'x' of "
+                                f"{len(batch['x'])} samples, got {type(out).__name__}")
+        return out
 
     def _first_position(self) -> int:
         return self.start_batch * self.global_batch if self.train else 0
@@ -186,10 +213,12 @@ class _Stop(Exception):
 class StreamingLoader:
     """Batches for one rank (dicts of tensors; x is float16 as stored), resumable mid-epoch through state_dict()."""
 
-    def __init__(self, stream: ShardStream, num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False):
+    def __init__(self, stream: ShardStream, threads: int = 0, windows_ahead: int = 2, pin_memory: bool = False):
+        """`threads` reader threads (0: read in the consuming thread), each `windows_ahead` windows ahead
+        (config keys data.reader_threads and data.windows_ahead)."""
         self.stream = stream
-        self.num_workers = num_workers
-        self.prefetch_factor = prefetch_factor
+        self.threads = threads
+        self.windows_ahead = windows_ahead
         self.pin_memory = pin_memory
         self.epoch, self.batches = 0, 0  # global batches consumed in `epoch`
         # Kept from epoch to epoch (staging and batch buffers): reader k serves thread k of every epoch.
@@ -198,7 +227,7 @@ class StreamingLoader:
 
     def _reader(self, k: int) -> WindowReader:
         while len(self._readers) <= k:
-            self._readers.append(self.stream.new_reader(self.pin_memory, self.prefetch_factor if self.num_workers else 0))
+            self._readers.append(self.stream.new_reader(self.pin_memory, self.windows_ahead if self.threads else 0))
         return self._readers[k]
 
     def close(self) -> None:
@@ -238,18 +267,18 @@ class StreamingLoader:
         self.epoch, self.batches = state["epoch"], state["batches"]
 
     def _pieces(self):
-        """Every piece of the rest of the epoch, in order: read here, or by `num_workers` threads ahead of use."""
+        """Every piece of the rest of the epoch, in order: read here, or by `threads` reader threads ahead of use."""
         stream = self.stream
         stream.epoch, stream.start_batch = self.epoch, self.batches
         plan = stream.plan()
         work = stream.windows(plan)
-        if self.num_workers == 0:
+        if self.threads == 0:
             reader = self._reader(0)
             for w, positions in work:
                 yield from stream.read_window(reader, plan, w, positions)
             return
-        n = min(self.num_workers, max(1, len(work)))
-        queues = [queue.Queue(maxsize=self.prefetch_factor) for _ in range(n)]
+        n = min(self.threads, max(1, len(work)))
+        queues = [queue.Queue(maxsize=self.windows_ahead) for _ in range(n)]
         stop = threading.Event()
 
         def put(q: queue.Queue, item) -> None:
@@ -306,13 +335,14 @@ class StreamingLoader:
         size, pending, count = self.stream.local_batch, [], 0
         for piece in pieces:
             if not pending and len(piece["y"]) == size:  # most batches: a piece is a whole batch, no copy
+                batch = self.stream.finish(piece, self.batches)
                 self.batches += 1
-                yield piece
+                yield batch
                 continue
             pending.append(piece)
             count += len(piece["y"])
             if count == size:  # pieces never cross a batch boundary, so they add up to exactly one batch
-                batch = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+                batch = self.stream.finish({k: torch.cat([p[k] for p in pending]) for k in pending[0]}, self.batches)
                 pending, count = [], 0
                 self.batches += 1
                 yield batch

@@ -20,6 +20,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -123,6 +124,9 @@ class WindowReader:
         self.ints: dict[str, np.ndarray] = {}
         self.pool: list[tuple[np.ndarray, list[memoryview]]] = []
         self.free_references = 0
+        # Optional: n -> (tensor, row views) or None, tried before the pool (a DataLoader worker reads whole
+        # batches straight into shared memory this way: vascdist.data.dataloader).
+        self.allocate: Callable[[int], tuple[torch.Tensor, list[memoryview]] | None] | None = None
 
     # ---------------------------------------------------------------- reading
     def read(self, chunks: list[Chunk], rows: np.ndarray, cuts: list[int]) -> tuple[list[torch.Tensor], dict[str, np.ndarray]]:
@@ -190,6 +194,10 @@ class WindowReader:
         glibc returns it. The row views are made once per buffer: making thousands per window set off the
         cyclic garbage collector, whose full passes cost more than the reads.
         """
+        if self.allocate is not None:
+            given = self.allocate(n)
+            if given is not None:
+                return given
         for entry in self.pool:
             if _references(entry) == self.free_references:
                 return torch.from_numpy(entry[0][:n]), entry[1][:n]

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from vascdist.config import Config, batch_sizes, to_dict
-from vascdist.data.loader import ShardStream, StreamingLoader
+from vascdist.data.build import build_loaders
+from vascdist.data.dataloader import WorkerLoader
+from vascdist.data.loader import StreamingLoader
 from vascdist.data.shards import load_index, verify_files
 from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv, any_rank, barrier, global_mean, main_print, run_on_main
@@ -46,19 +48,6 @@ def data_info(index: dict) -> dict:
     return {**info, "quality_range": index.get("quality_range", {})}  # predict warns outside it
 
 
-def build_loaders(cfg: Config, env: DistEnv) -> tuple[StreamingLoader, StreamingLoader, StreamingLoader]:
-    """Train / val / test loaders for this rank."""
-    aug = (cfg.data.freq_mask, cfg.data.time_mask) if cfg.data.spec_augment else None
-    pin = env.device.type == "cuda"
-
-    def make(split: str, train: bool) -> StreamingLoader:
-        stream = ShardStream(cfg.data.shards, split, cfg.data.batch_size, env.rank, env.world_size, cfg.train.seed,
-                             train=train, shuffle_chunks=cfg.data.shuffle_chunks, spec_augment=aug)
-        return StreamingLoader(stream, cfg.data.num_workers if train else min(cfg.data.num_workers, 1),
-                               cfg.data.prefetch_factor, pin)
-    return make("train", True), make("val", False), make("test", False)
-
-
 def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv):
     """The engine named by dist.engine: TorchEngine ('ddp', also a single process) or DeepSpeedEngine."""
     if cfg.dist.engine == "deepspeed":
@@ -77,8 +66,8 @@ class Run:
     state: TrainState
     inputs: InputTransform
     loss_fn: nn.Module
-    val_loader: StreamingLoader
-    test_loader: StreamingLoader
+    val_loader: StreamingLoader | WorkerLoader
+    test_loader: StreamingLoader | WorkerLoader
     micro: int
     log: RunLogger | None = None
 

@@ -63,7 +63,7 @@ def _adamw(cfg: OptimConfig, groups: list) -> Optimizer:
 
 def _adabound(cfg: OptimConfig, groups: list) -> Optimizer:
     from vascdist.train.adabound import AdaBound
-    return AdaBound(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), final_lr=cfg.final_lr, gamma=cfg.gamma)
+    return AdaBound(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), final_lr=cfg.final_lr, gamma=cfg.bound_gamma)
 
 
 # The one list of valid optim.name values.
@@ -84,8 +84,8 @@ def check_optim_config(cfg: OptimConfig, key: str = "optim") -> None:
     if cfg.name == "adabound":
         if not (math.isfinite(cfg.final_lr) and cfg.final_lr > 0):
             raise ConfigError(f"config key '{key}.final_lr' must be > 0, got {cfg.final_lr}")
-        if not 0 < cfg.gamma < 1:
-            raise ConfigError(f"config key '{key}.gamma' must be in (0, 1), got {cfg.gamma}")
+        if not 0 < cfg.bound_gamma < 1:
+            raise ConfigError(f"config key '{key}.bound_gamma' must be in (0, 1), got {cfg.bound_gamma}")
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> Optimizer:
