@@ -95,3 +95,42 @@ def test_resume_with_another_architecture_is_one_line(shards_dir, tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("vascdist train: error: ") and "Traceback" not in result.stderr
     assert CheckpointManager(run / "checkpoints", 1).latest_loadable()[1]["progress"]["step"] == 3
+
+
+def test_kill_while_best_pt_is_being_written_loses_nothing(shards_dir, tmp_path):
+    """The issue's reproduction with a real kill: SIGKILL `vascdist train` while checkpoints/.best.pt.*.tmp exists
+    (the step file of the new best step is complete, best.pt not yet replaced), then resume and evaluate."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    # width 1: best.pt is ~45 MB, so its copy lasts long enough to be caught by a tight listdir loop
+    args = [*overrides(shards_dir, "model.width=1", "train.eval_every=2", "train.max_steps=40"), "--run-dir", str(run),
+            "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "vascdist.cli", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    caught, deadline = False, time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        names = os.listdir(checkpoints) if checkpoints.is_dir() else []
+        if any(n.startswith(".best.pt.") and n.endswith(".tmp") for n in names) and any(
+                n.startswith("step-") for n in names):
+            os.kill(proc.pid, signal.SIGKILL)
+            caught = True
+            break
+    proc.wait(timeout=60)
+    assert caught, f"the run ended before a best.pt copy was caught: {proc.stderr.read()[-2000:]}"
+    newest = CheckpointManager(checkpoints, 1).latest_loadable()[1]
+    best_step = newest["progress"]["best_step"]
+    assert best_step == newest["progress"]["step"]  # the kill came while this step's best copy was written
+
+    result = run_cli("evaluate", str(run), "--split", "val")
+    assert result.returncode == 0, result.stderr
+    assert step_of(checkpoints / "best.pt") == best_step and f"best step {best_step}" in result.stdout
+    resumed = run_training(None, overrides(shards_dir, "model.width=1", "train.eval_every=2", "train.max_steps=44"),
+                           resume="auto", run_dir=str(run), quiet=True)
+    assert step_of(checkpoints / "best.pt") == resumed["best_step"] >= best_step
+    assert not [n for n in os.listdir(checkpoints) if n.endswith(".tmp")]

@@ -26,7 +26,7 @@ HISTORY_FILE = "config_history.jsonl"  # one line per resume that changed a safe
 RESUME_SAFE = frozenset({
     "run.out_dir", "run.progress_interval_s",
     "train.epochs", "train.max_steps", "train.early_stop_patience", "train.max_bad_steps", "train.eval_every",
-    "train.checkpoint_every", "train.keep_last", "train.device", "train.compile", "train.check_memory",
+    "train.checkpoint_every", "train.keep_last", "train.log_every", "train.device", "train.compile", "train.check_memory",
     "data.loader", "data.reader_threads", "data.windows_ahead", "data.workers", "data.worker_prefetch_factor",
     "data.persistent_workers", "data.verify_checksums",  # both loaders give the same batches (tests/test_dataloader.py)
     "dist.timeout_s", "dist.bucket_cap_mb", "dist.gradient_as_bucket_view", "dist.static_graph",
