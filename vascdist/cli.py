@@ -123,7 +123,8 @@ def _add_evaluate(sub) -> None:
         result = evaluate_checkpoint(a.run, a.shards, a.split, a.out)
         classes = result["classes"]
         text = format_summary({"test": result["metrics"], "classes": classes, "best_step": result["best_step"],
-                               "run_dir": result["run_dir"]}).replace("test set", f"{a.split} set")
+                               "run_dir": result["run_dir"], "test_intervals": result["intervals"],
+                               "test_counts": result["counts"], "test_record": {"confidence": result["confidence"]}}).replace("test set", f"{a.split} set")
         if a.split == "val":  # no thresholds from elsewhere: each level's is chosen on the validation set itself
             text = text.replace("thresholds chosen on validation", "thresholds chosen on this set")
         print(text)

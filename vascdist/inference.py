@@ -65,6 +65,7 @@ def check_compatible(info: dict, index: dict, shards: Path, checkpoint: Path) ->
 
 def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str = "test", out: str | None = None) -> dict:
     """Metrics of a checkpoint on a split, at the thresholds it chose on validation; writes JSON and a PNG."""
+    from vascdist.train.assess import assess_split
     from vascdist.train.evaluate import predict_arrays, split_metrics
     from vascdist.train.metrics import save_confusion_png
     checkpoint = find_checkpoint(run_or_ckpt)
@@ -76,13 +77,15 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
     arrays = predict_arrays(model, StreamingLoader(stream), DistEnv())
     thresholds = state["progress"].get("val_thresholds") if split != "val" else None
     metrics = split_metrics(arrays, index["classes"], index["kind"] == "beats", thresholds)
+    assessed = assess_split(arrays, index["classes"], index["kind"] == "beats", metrics, cfg.eval)
     out_path = Path(out) if out else checkpoint.parent.parent / f"eval-{split}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_path, metrics)
+    atomic_write_json(out_path, assessed["record"])
     level = "cycle" if index["kind"] == "beats" else "recording"
     save_confusion_png(np.array(metrics[f"{level}/confusion"]), index["classes"], out_path.with_suffix(".png"),
                        title=f"{split}, per {level}")
-    return {"metrics": metrics, "classes": index["classes"], "json": str(out_path), "png": str(out_path.with_suffix(".png")),
+    return {"metrics": metrics, "intervals": assessed["intervals"], "counts": assessed["counts"],
+            "confidence": cfg.eval.confidence, "classes": index["classes"], "json": str(out_path), "png": str(out_path.with_suffix(".png")),
             "best_step": state["progress"].get("best_step", -1), "run_dir": str(checkpoint.parent.parent),
             "checkpoint": str(checkpoint)}
 

@@ -319,6 +319,20 @@ class DistConfig:
 
 
 @dataclass
+class EvalConfig:
+    bootstrap_resamples: int = 1000
+    """Patient resamples of the bootstrap behind every metric's confidence interval (0: no intervals)."""
+    bootstrap_seed: int = 0
+    """Seed of those resamples (the same seed and predictions always give the same intervals)."""
+    confidence: float = 0.95
+    """Coverage of the percentile intervals."""
+
+    def check(self, key: str) -> None:
+        _require(self.bootstrap_resamples >= 0, f"{key}.bootstrap_resamples", "must be >= 0")
+        _require(0 < self.confidence < 1, f"{key}.confidence", f"must be in (0, 1), got {self.confidence}")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     """Run name: runs/<name>/<time>/."""
@@ -337,6 +351,7 @@ class Config:
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self, key: str = "") -> None:
         batch_sizes(self.data.batch_size, 1, self.train.grad_accum)  # the world size is checked again at launch

@@ -23,6 +23,7 @@ from vascdist.errors import VascdistError
 from vascdist.models import build_model
 from vascdist.train.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
 from vascdist.train.engines import build_engine, prepare_module
+from vascdist.train.assess import log_split
 from vascdist.train.evaluate import predict_arrays, split_metrics
 from vascdist.train.precision import autocast_context
 from vascdist.train.runlog import RunLogger
@@ -136,12 +137,11 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
         else:
             progress.evals_without_improvement += 1
         scheduler.after_eval(value)
-        log.scalars(progress.step, {f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)})
         level = "cycle" if per_beat else "recording"
         log.image("val/confusion", progress.step, render_confusion_matrix(np.array(metrics[f"{level}/confusion"]), classes))
         if len(classes) == 2 and np.isfinite(arrays["probs"]).all():
             log.pr_curve("val/pr_cycle", progress.step, arrays["y"], arrays["probs"][:, 1])
-        log.jsonl({"step": progress.step, "epoch": progress.epoch, "split": "val", **metrics})
+        log_split(log, progress.step, "val", arrays, classes, per_beat, metrics, cfg.eval, epoch=progress.epoch)
         progress.history.append({"step": progress.step, "metric": value})
         save(is_best=improved)
         return metrics
@@ -242,10 +242,11 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
         engine.module.load_state_dict(checkpoints.load(best)["engine"]["model"])
     arrays = predict_arrays(engine.module, test_loader, env, cfg.train.precision, cfg.train.channels_last)
     test = split_metrics(arrays, classes, per_beat, progress.val_thresholds)
+    assessed = log_split(log, progress.step, "test", arrays, classes, per_beat, test, cfg.eval)
     summary = {"stopped": False, "step": progress.step, "best_step": progress.best_step,
-               "best_val": progress.best_metric, "test": test, "classes": classes, "run_dir": str(run_dir)}
-    log.scalars(progress.step, {f"test/{k}": v for k, v in test.items() if isinstance(v, float)})
-    log.jsonl({"step": progress.step, "split": "test", **test})
+               "best_val": progress.best_metric, "test": test, "classes": classes, "run_dir": str(run_dir),
+               "test_intervals": assessed["intervals"], "test_counts": assessed["counts"],
+               "test_record": assessed["record"]}
     if env.is_main:
         level = "cycle" if per_beat else "recording"
         save_confusion_png(np.array(test[f"{level}/confusion"]), classes, run_dir / "test_confusion.png",

@@ -1,0 +1,111 @@
+"""What the loop, `vascdist evaluate` and the summary table report about one split, beyond the point metrics:
+the split's size (patients / recordings / cycles per class), a bootstrap interval on every metric
+(vascdist.train.bootstrap), and the table that shows them as `0.85 [0.72-0.96]`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from vascdist.config import EvalConfig
+from vascdist.train.bootstrap import bootstrap_intervals, interval_scalars, with_intervals
+from vascdist.train.metrics import LEVELS, level_predictions
+
+
+def split_counts(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool) -> dict[str, dict[str, int]]:
+    """{'patients' | 'recordings' | 'cycles': {class: count}} of the split the arrays hold (a patient or
+    recording with several labels counts under its largest, as in metrics.aggregate_by_group)."""
+    y = np.asarray(arrays["y"]).astype(np.int64)
+    if per_beat:
+        return {"cycles": dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))}
+    levels = level_predictions(arrays["probs"], y, arrays["recording"], arrays["patient"])
+    names = {"cycle": "cycles", "recording": "recordings", "patient": "patients"}
+    return {names[lv]: dict(zip(classes, np.bincount(levels[lv][1], minlength=len(classes)).tolist()))
+            for lv in ("patient", "recording", "cycle")}
+
+
+def split_intervals(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool, metrics: dict,
+                    cfg: EvalConfig) -> dict[str, tuple[float, float]]:
+    """Bootstrap intervals of `metrics` (a split_metrics result; its thresholds are kept); {} when
+    eval.bootstrap_resamples is 0 or the split is empty."""
+    if cfg.bootstrap_resamples == 0 or len(arrays["y"]) == 0:
+        return {}
+    levels = ("cycle",) if per_beat else LEVELS
+    thresholds = {lv: metrics[f"{lv}/threshold"] for lv in levels} if len(classes) == 2 else None
+    if per_beat:  # beats carry no patients: each beat is its own unit of resampling
+        ids = np.arange(len(arrays["y"]))
+        recording, patient = ids, ids
+    else:
+        recording, patient = arrays["recording"], arrays["patient"]
+    return bootstrap_intervals(arrays["probs"], arrays["y"], recording, patient, classes, thresholds,
+                               cfg.bootstrap_resamples, cfg.bootstrap_seed, cfg.confidence, levels)
+
+
+def assess_split(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool, metrics: dict,
+                 cfg: EvalConfig) -> dict:
+    """{'intervals': {key: (lo, hi)}, 'counts': split_counts, 'record': metrics with {value, lo, hi}}."""
+    intervals = split_intervals(arrays, classes, per_beat, metrics, cfg)
+    counts = split_counts(arrays, classes, per_beat)
+    return {"intervals": intervals, "counts": counts,
+            "record": {**with_intervals(metrics, intervals), "counts": counts, "confidence": cfg.confidence}}
+
+
+def log_split(log, step: int, split: str, arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool,
+              metrics: dict, cfg: EvalConfig, **fields) -> dict:
+    """Assess a split and log it: TensorBoard scalars '<split>/<key>' (value) and '<split>/<key>/lo|hi', and one
+    metrics.jsonl record with {value, lo, hi} per metric. Returns assess_split's result."""
+    assessed = assess_split(arrays, classes, per_beat, metrics, cfg)
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    scalars.update(interval_scalars(metrics, assessed["intervals"]))
+    log.scalars(step, {f"{split}/{k}": v for k, v in scalars.items()})
+    log.jsonl({"step": step, **fields, "split": split, **assessed["record"]})
+    return assessed
+
+
+# --------------------------------------------------------------------------------------------- the table
+def format_value(value, interval: tuple[float, float] | None = None) -> str:
+    """'0.85 [0.72-0.96]', '0.85' without an interval, 'n/a' for NaN / None, integers as they are."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    if interval is None or any(math.isnan(b) for b in interval):
+        return f"{value:.2f}"
+    return f"{value:.2f} [{interval[0]:.2f}-{interval[1]:.2f}]"
+
+
+def table_rows(classes: list[str]) -> list[str]:
+    """The metrics the summary table shows, one row each."""
+    if len(classes) == 2:
+        return ["balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "auroc", "auprc", "ece",
+                "brier", "n"]
+    per_class = [f"{m}/{c}" for c in classes for m in ("sensitivity", "ppv")]
+    return ["balanced_accuracy", "accuracy", "macro_f1", "macro_auroc", "macro_auprc", "ece", "brier", *per_class, "n"]
+
+
+def describe_counts(counts: dict[str, dict[str, int]]) -> str:
+    """'12 patients (7 normal / 5 stenosis), 35 recordings (20 / 15), 1234 cycles (700 / 534)'."""
+    parts = []
+    for i, (unit, per_class) in enumerate(counts.items()):
+        split = " / ".join(f"{n} {c}" if i == 0 else str(n) for c, n in per_class.items())
+        parts.append(f"{sum(per_class.values())} {unit} ({split})")
+    return ", ".join(parts)
+
+
+def format_table(metrics: dict, classes: list[str], intervals: dict | None = None, counts: dict | None = None,
+                 confidence: float = 0.95) -> str:
+    """Metrics as rows, levels as columns, each cell `value [lo-hi]`."""
+    intervals = intervals or {}
+    levels = [lv for lv in LEVELS if f"{lv}/accuracy" in metrics]
+    lines = []
+    if counts:
+        lines.append(f"n = {describe_counts(counts)}")
+    if intervals:
+        lines.append(f"[{100 * confidence:.0f} % interval: bootstrap over patients]")
+    width = max(len(r) for r in table_rows(classes)) + 2
+    lines.append(f"{'':<{width}}" + "".join(f"{lv:>20}" for lv in levels))
+    for row in table_rows(classes):
+        cells = [format_value(metrics.get(f"{lv}/{row}"), intervals.get(f"{lv}/{row}")) for lv in levels]
+        lines.append(f"{row:<{width}}" + "".join(f"{c:>20}" for c in cells))
+    return "\n".join(lines)
