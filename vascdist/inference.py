@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,8 @@ def check_compatible(info: dict, index: dict, shards: Path, checkpoint: Path) ->
 
 def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str = "test", out: str | None = None) -> dict:
     """Metrics of a checkpoint on a split, at the thresholds it chose on validation; writes JSON and a PNG."""
-    from vascdist.train.assess import assess_split
+    from vascdist.train.assess import assess_split, test_metrics, validation_metrics
+    from vascdist.train.calibration import with_temperature
     from vascdist.train.evaluate import predict_arrays, split_metrics
     from vascdist.train.metrics import save_confusion_png
     checkpoint = find_checkpoint(run_or_ckpt)
@@ -75,9 +77,14 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
     check_compatible(state["data"], index, shards_dir, checkpoint)
     stream = ShardStream(shards_dir, split, cfg.data.batch_size, train=False)
     arrays = predict_arrays(model, StreamingLoader(stream), DistEnv())
-    thresholds = state["progress"].get("val_thresholds") if split != "val" else None
-    metrics = split_metrics(arrays, index["classes"], index["kind"] == "beats", thresholds)
-    assessed = assess_split(arrays, index["classes"], index["kind"] == "beats", metrics, cfg.eval)
+    per_beat = index["kind"] == "beats"
+    if split == "val":  # thresholds chosen on this split itself, by the run's rule (after its temperature)
+        arrays = with_temperature(arrays, checkpoint_temperature(state))
+        arrays, metrics, _ = validation_metrics(arrays, index["classes"], per_beat, replace(cfg.eval, calibrate="none"))
+    else:
+        arrays, metrics = test_metrics(arrays, index["classes"], per_beat, state["progress"].get("val_thresholds"),
+                                       checkpoint_temperature(state))
+    assessed = assess_split(arrays, index["classes"], per_beat, metrics, cfg.eval)
     out_path = Path(out) if out else checkpoint.parent.parent / f"eval-{split}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_path, assessed["record"])
@@ -88,6 +95,17 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
             "confidence": cfg.eval.confidence, "classes": index["classes"], "json": str(out_path), "png": str(out_path.with_suffix(".png")),
             "best_step": state["progress"].get("best_step", -1), "run_dir": str(checkpoint.parent.parent),
             "checkpoint": str(checkpoint)}
+
+
+def checkpoint_temperature(state: dict) -> float:
+    """The softmax temperature fitted on validation (eval.calibrate=temperature); 1.0 for none or older runs."""
+    return float(state["progress"].get("temperature", 1.0))
+
+
+def calibrated(probs: np.ndarray, state: dict) -> np.ndarray:
+    """Probabilities after the checkpoint's temperature scaling (unchanged when it has none)."""
+    from vascdist.train.calibration import apply_temperature
+    return apply_temperature(probs, checkpoint_temperature(state)).astype(np.float32)
 
 
 @torch.no_grad()
@@ -112,7 +130,7 @@ def predict_files(checkpoint: str, files: list[str]) -> list[dict]:
         except VascdistError as exc:
             raise VascdistError(f"{file}: {exc}") from None
         x = inputs(torch.from_numpy(spec.astype(np.float16)))  # float16 as stored in shards, then as in training
-        probs = torch.softmax(model(x).float(), dim=1).numpy()
+        probs = calibrated(torch.softmax(model(x).float(), dim=1).numpy(), state)
         mean_probs = probs.mean(axis=0)
         if len(classes) == 2:
             threshold = float(thresholds.get("recording", 0.5))

@@ -326,10 +326,23 @@ class EvalConfig:
     """Seed of those resamples (the same seed and predictions always give the same intervals)."""
     confidence: float = 0.95
     """Coverage of the percentile intervals."""
+    threshold: str = "youden"
+    """Rule choosing each level's binary threshold on validation: 'youden', 'sensitivity:0.90' (the highest
+    threshold reaching that sensitivity), 'specificity:0.90' or 'fixed:0.5'."""
+    min_patients_per_class: int = 3
+    """Fewer validation patients than this in some class: the rule is not trusted, 0.5 is used (with a warning)."""
+    calibrate: str = "none"
+    """'none' or 'temperature': one softmax temperature fitted on validation only, saved in the checkpoint and
+    applied by test evaluation, `vascdist evaluate` and `vascdist predict`."""
 
     def check(self, key: str) -> None:
+        from vascdist.train.thresholds import ThresholdRule
         _require(self.bootstrap_resamples >= 0, f"{key}.bootstrap_resamples", "must be >= 0")
         _require(0 < self.confidence < 1, f"{key}.confidence", f"must be in (0, 1), got {self.confidence}")
+        ThresholdRule.parse(self.threshold, f"{key}.threshold")
+        _require(self.min_patients_per_class >= 0, f"{key}.min_patients_per_class", "must be >= 0")
+        _require(self.calibrate in ("none", "temperature"), f"{key}.calibrate",
+                 f"must be none or temperature, got '{self.calibrate}'")
 
 
 @dataclass

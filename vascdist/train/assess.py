@@ -10,6 +10,7 @@ import numpy as np
 
 from vascdist.config import EvalConfig
 from vascdist.train.bootstrap import bootstrap_intervals, interval_scalars, with_intervals
+from vascdist.train.calibration import calibrate_split, calibration_slope_intercept, render_reliability, save_png
 from vascdist.train.metrics import LEVELS, level_predictions
 
 
@@ -42,23 +43,88 @@ def split_intervals(arrays: dict[str, np.ndarray], classes: list[str], per_beat:
                                cfg.bootstrap_resamples, cfg.bootstrap_seed, cfg.confidence, levels)
 
 
+def validation_metrics(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool,
+                       cfg: EvalConfig) -> tuple[dict[str, np.ndarray], dict, float]:
+    """Validation: (arrays after eval.calibrate, their metrics with thresholds by eval.threshold, temperature)."""
+    from vascdist.train.evaluate import split_metrics
+    from vascdist.train.thresholds import ThresholdRule
+    arrays, temperature = calibrate_split(arrays, cfg.calibrate)
+    metrics = split_metrics(arrays, classes, per_beat, rule=ThresholdRule.parse(cfg.threshold),
+                            min_patients=cfg.min_patients_per_class)
+    if cfg.calibrate != "none":
+        metrics["temperature"] = temperature
+    return arrays, metrics, temperature
+
+
+def test_metrics(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool, thresholds: dict | None,
+                 temperature: float) -> tuple[dict[str, np.ndarray], dict]:
+    """Test (or any split after validation): (arrays at the validation temperature, metrics at its thresholds)."""
+    from vascdist.train.calibration import with_temperature
+    from vascdist.train.evaluate import split_metrics
+    arrays = with_temperature(arrays, temperature)
+    metrics = split_metrics(arrays, classes, per_beat, thresholds)
+    if temperature != 1.0:
+        metrics["temperature"] = temperature
+    return arrays, metrics
+
+
+def level_arrays(arrays: dict[str, np.ndarray], per_beat: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{level: (probs, labels)} of the split (cycles only for beats)."""
+    if per_beat:
+        return {"cycle": (np.asarray(arrays["probs"]), np.asarray(arrays["y"]))}
+    return level_predictions(arrays["probs"], arrays["y"], arrays["recording"], arrays["patient"])
+
+
+def calibration_metrics(levels: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """'<level>/calibration_slope' and '<level>/calibration_intercept' (binary only; see calibration.py)."""
+    out = {}
+    for level, (probs, labels) in levels.items():
+        if probs.shape[1] == 2:
+            slope, intercept = calibration_slope_intercept(probs[:, 1], labels)
+            out.update({f"{level}/calibration_slope": slope, f"{level}/calibration_intercept": intercept})
+    return out
+
+
 def assess_split(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool, metrics: dict,
                  cfg: EvalConfig) -> dict:
-    """{'intervals': {key: (lo, hi)}, 'counts': split_counts, 'record': metrics with {value, lo, hi}}."""
+    """{'intervals': {key: (lo, hi)}, 'counts': split_counts, 'calibration': calibration_metrics, 'levels':
+    level_arrays, 'record': metrics with {value, lo, hi} plus counts and calibration (the JSON form)}."""
     intervals = split_intervals(arrays, classes, per_beat, metrics, cfg)
     counts = split_counts(arrays, classes, per_beat)
-    return {"intervals": intervals, "counts": counts,
-            "record": {**with_intervals(metrics, intervals), "counts": counts, "confidence": cfg.confidence}}
+    levels = level_arrays(arrays, per_beat)
+    calibration = calibration_metrics(levels)
+    record = {**with_intervals(metrics, intervals), **calibration, "counts": counts, "confidence": cfg.confidence}
+    return {"intervals": intervals, "counts": counts, "calibration": calibration, "levels": levels, "record": record}
+
+
+def reliability_image(assessed: dict, metrics: dict, title: str) -> np.ndarray:
+    """The reliability diagram of an assessed split, each panel noting ECE, Brier, slope and intercept."""
+    notes = {}
+    for level in assessed["levels"]:
+        parts = [f"ECE {metrics.get(f'{level}/ece', float('nan')):.3f}",
+                 f"Brier {metrics.get(f'{level}/brier', float('nan')):.3f}"]
+        if f"{level}/calibration_slope" in assessed["calibration"]:
+            parts.append(f"slope {assessed['calibration'][f'{level}/calibration_slope']:.2f}")
+            parts.append(f"int. {assessed['calibration'][f'{level}/calibration_intercept']:.2f}")
+        notes[level] = "\n".join(["  ".join(parts[:2]), "  ".join(parts[2:])])
+    return render_reliability(assessed["levels"], title, notes)
 
 
 def log_split(log, step: int, split: str, arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool,
-              metrics: dict, cfg: EvalConfig, **fields) -> dict:
-    """Assess a split and log it: TensorBoard scalars '<split>/<key>' (value) and '<split>/<key>/lo|hi', and one
-    metrics.jsonl record with {value, lo, hi} per metric. Returns assess_split's result."""
+              metrics: dict, cfg: EvalConfig, png=None, **fields) -> dict:
+    """Assess a split and log it: TensorBoard scalars '<split>/<key>' (value) and '<split>/<key>/lo|hi', the
+    calibration scalars, the image '<split>/reliability' (also written to `png` if given), and one metrics.jsonl
+    record with {value, lo, hi} per metric. Returns assess_split's result."""
     assessed = assess_split(arrays, classes, per_beat, metrics, cfg)
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
     scalars.update(interval_scalars(metrics, assessed["intervals"]))
+    scalars.update(assessed["calibration"])
     log.scalars(step, {f"{split}/{k}": v for k, v in scalars.items()})
+    if log.active or png is not None:
+        image = reliability_image(assessed, metrics, f"{split}: reliability (step {step})")
+        log.image(f"{split}/reliability", step, image)
+        if png is not None:
+            save_png(image, png)
     log.jsonl({"step": step, **fields, "split": split, **assessed["record"]})
     return assessed
 
@@ -105,7 +171,16 @@ def format_table(metrics: dict, classes: list[str], intervals: dict | None = Non
         lines.append(f"[{100 * confidence:.0f} % interval: bootstrap over patients]")
     width = max(len(r) for r in table_rows(classes)) + 2
     lines.append(f"{'':<{width}}" + "".join(f"{lv:>20}" for lv in levels))
-    for row in table_rows(classes):
+    rows = table_rows(classes)
+    if any(f"{lv}/calibration_slope" in metrics for lv in levels):
+        rows = rows[:-1] + ["calibration_slope", "calibration_intercept", rows[-1]]
+    if any(f"{lv}/threshold" in metrics for lv in levels):
+        rows = rows + ["threshold"]
+    for row in rows:
         cells = [format_value(metrics.get(f"{lv}/{row}"), intervals.get(f"{lv}/{row}")) for lv in levels]
         lines.append(f"{row:<{width}}" + "".join(f"{c:>20}" for c in cells))
+    if "threshold_rule" in metrics:
+        lines.append(f"threshold rule: {metrics['threshold_rule']}")
+    if "temperature" in metrics:
+        lines.append(f"temperature scaling: T = {metrics['temperature']:.3f} (fitted on validation)")
     return "\n".join(lines)

@@ -23,8 +23,8 @@ from vascdist.errors import VascdistError
 from vascdist.models import build_model
 from vascdist.train.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
 from vascdist.train.engines import build_engine, prepare_module
-from vascdist.train.assess import log_split
-from vascdist.train.evaluate import predict_arrays, split_metrics
+from vascdist.train.assess import log_split, test_metrics, validation_metrics
+from vascdist.train.evaluate import predict_arrays
 from vascdist.train.precision import autocast_context
 from vascdist.train.runlog import RunLogger
 from vascdist.train.losses import build_loss
@@ -47,6 +47,7 @@ class Progress:
     bad_steps_in_a_row: int = 0
     bad_steps_total: int = 0
     val_thresholds: dict | None = None
+    temperature: float = 1.0
     history: list = field(default_factory=list)
 
 
@@ -125,7 +126,7 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
 
     def evaluate() -> dict:
         arrays = predict_arrays(engine.module, val_loader, env, cfg.train.precision, cfg.train.channels_last)
-        metrics = split_metrics(arrays, classes, per_beat)
+        arrays, metrics, temperature = validation_metrics(arrays, classes, per_beat, cfg.eval)
         value = float(metrics.get(cfg.train.early_stop_metric, math.nan))
         if cfg.train.early_stop_metric not in metrics:
             raise VascdistError(f"train.early_stop_metric '{cfg.train.early_stop_metric}' is not a metric here; "
@@ -134,6 +135,7 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
         if improved:
             progress.best_metric, progress.best_step, progress.evals_without_improvement = value, progress.step, 0
             progress.val_thresholds = None if len(classes) != 2 else thresholds_from(metrics)
+            progress.temperature = temperature
         else:
             progress.evals_without_improvement += 1
         scheduler.after_eval(value)
@@ -241,8 +243,9 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     if best.exists():
         engine.module.load_state_dict(checkpoints.load(best)["engine"]["model"])
     arrays = predict_arrays(engine.module, test_loader, env, cfg.train.precision, cfg.train.channels_last)
-    test = split_metrics(arrays, classes, per_beat, progress.val_thresholds)
-    assessed = log_split(log, progress.step, "test", arrays, classes, per_beat, test, cfg.eval)
+    arrays, test = test_metrics(arrays, classes, per_beat, progress.val_thresholds, progress.temperature)
+    assessed = log_split(log, progress.step, "test", arrays, classes, per_beat, test, cfg.eval,
+                         png=run_dir / "test_reliability.png" if env.is_main else None)
     summary = {"stopped": False, "step": progress.step, "best_step": progress.best_step,
                "best_val": progress.best_metric, "test": test, "classes": classes, "run_dir": str(run_dir),
                "test_intervals": assessed["intervals"], "test_counts": assessed["counts"],

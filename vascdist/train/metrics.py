@@ -278,11 +278,13 @@ def level_predictions(probs: np.ndarray, labels: np.ndarray, recording_ids: np.n
 
 
 def evaluate_levels(probs: np.ndarray, labels: np.ndarray, recording_ids: np.ndarray, patient_ids: np.ndarray,
-                    class_names: list[str], threshold: dict[str, float] | None = None) -> dict[str, float | list]:
+                    class_names: list[str], threshold: dict[str, float] | None = None,
+                    choose=youden_threshold) -> dict[str, float | list]:
     """Metrics at cycle, recording and patient level in one flat dict ('<level>/<metric>').
 
-    Binary with ``threshold=None`` (validation): each level's threshold is chosen by youden_threshold on
-    that level's own predictions and reported as '<level>/threshold'. With ``threshold`` a dict
+    Binary with ``threshold=None`` (validation): each level's threshold is chosen by ``choose(scores, labels)``
+    (default youden_threshold; see vascdist.train.thresholds for the others) on that level's own predictions
+    and reported as '<level>/threshold'. With ``threshold`` a dict
     {level: value} (taken from validation, see thresholds_from) the values are applied unchanged (test).
     Multi-class predicts the argmax; passing a threshold there is an error.
     """
@@ -295,7 +297,7 @@ def evaluate_levels(probs: np.ndarray, labels: np.ndarray, recording_ids: np.nda
     for level, (level_probs, level_labels) in level_predictions(probs, labels, recording_ids, patient_ids).items():
         level_threshold = None
         if binary:
-            level_threshold = (youden_threshold(level_probs[:, 1], level_labels) if threshold is None
+            level_threshold = (choose(level_probs[:, 1], level_labels) if threshold is None
                                else float(threshold[level]))
         for key, value in classification_metrics(level_probs, level_labels, class_names, level_threshold).items():
             out[f"{level}/{key}"] = value
@@ -307,7 +309,10 @@ def thresholds_from(results: dict[str, float | list]) -> dict[str, float]:
     missing = [level for level in LEVELS if f"{level}/threshold" not in results]
     if missing:
         raise VascdistError(f"thresholds_from: no '<level>/threshold' for {missing} (multi-class results?)")
-    return {level: float(results[f"{level}/threshold"]) for level in LEVELS}
+    chosen: dict = {level: float(results[f"{level}/threshold"]) for level in LEVELS}
+    if "threshold_rule" in results:  # how they were chosen, for the test table
+        chosen["rule"] = results["threshold_rule"]
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------- pictures
