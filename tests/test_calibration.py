@@ -127,5 +127,5 @@ def test_training_with_temperature_and_a_sensitivity_target(shards_dir, tmp_path
     assert f"temperature scaling: T = {temperature:.3f}" in result.stdout
     saved = json.loads((run / "test_metrics.json").read_text())
     assert saved["temperature"] == pytest.approx(temperature) and "recording/calibration_slope" in saved
-    assert (run / "test_reliability.png").exists()
+    assert (run / "test_reliability.png").exists() and (run / "test_predictions.npz").exists()
     assert not torch.is_tensor(temperature)

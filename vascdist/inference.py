@@ -75,7 +75,9 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
     shards_dir = Path(shards or cfg.data.shards)
     index = load_index(shards_dir)
     check_compatible(state["data"], index, shards_dir, checkpoint)
-    stream = ShardStream(shards_dir, split, cfg.data.batch_size, train=False)
+    # A cross-validation fold's run evaluates its own patients (data.split_file) unless other shards are given.
+    stream = ShardStream(shards_dir, split, cfg.data.batch_size, train=False,
+                         split_file="" if shards else cfg.data.split_file)
     arrays = predict_arrays(model, StreamingLoader(stream), DistEnv())
     per_beat = index["kind"] == "beats"
     if split == "val":  # thresholds chosen on this split itself, by the run's rule (after its temperature)

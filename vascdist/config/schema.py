@@ -124,6 +124,9 @@ class PreprocessConfig:
 class DataConfig:
     shards: str = "data/quickstart/shards"
     """Directory of shards written by `vascdist preprocess` (holds index.json)."""
+    split_file: str = ""
+    """JSON of patient ids per split (train / val / test) replacing the shards' own split, without rewriting them;
+    `vascdist cv` writes one per fold (vascdist/data/folds.py). Empty: the split the shards were written with."""
     synth_patients: int = 0
     """If > 0 and `shards` does not exist, `vascdist train` synthesises this many patients and preprocesses them."""
     synth_seed: int = 0

@@ -5,6 +5,7 @@ the split's size (patients / recordings / cycles per class), a bootstrap interva
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -41,6 +42,13 @@ def split_intervals(arrays: dict[str, np.ndarray], classes: list[str], per_beat:
         recording, patient = arrays["recording"], arrays["patient"]
     return bootstrap_intervals(arrays["probs"], arrays["y"], recording, patient, classes, thresholds,
                                cfg.bootstrap_resamples, cfg.bootstrap_seed, cfg.confidence, levels)
+
+
+def save_predictions(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """The split's predictions as an .npz (written atomically)."""
+    from vascdist.fileio import atomic_write
+    keep = {k: np.asarray(arrays[k]) for k in ("probs", "y", "recording", "patient") if k in arrays}
+    atomic_write(path, lambda fh: np.savez(fh, **keep))
 
 
 def validation_metrics(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool,
@@ -111,20 +119,23 @@ def reliability_image(assessed: dict, metrics: dict, title: str) -> np.ndarray:
 
 
 def log_split(log, step: int, split: str, arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool,
-              metrics: dict, cfg: EvalConfig, png=None, **fields) -> dict:
+              metrics: dict, cfg: EvalConfig, save_dir=None, **fields) -> dict:
     """Assess a split and log it: TensorBoard scalars '<split>/<key>' (value) and '<split>/<key>/lo|hi', the
-    calibration scalars, the image '<split>/reliability' (also written to `png` if given), and one metrics.jsonl
-    record with {value, lo, hi} per metric. Returns assess_split's result."""
+    calibration scalars, the image '<split>/reliability', and one metrics.jsonl record with {value, lo, hi} per
+    metric. With `save_dir` (the main rank's run directory) also <split>_reliability.png and the predictions,
+    <split>_predictions.npz (probs, y, recording, patient; what `vascdist cv` pools and the report plots).
+    Returns assess_split's result."""
     assessed = assess_split(arrays, classes, per_beat, metrics, cfg)
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
     scalars.update(interval_scalars(metrics, assessed["intervals"]))
     scalars.update(assessed["calibration"])
     log.scalars(step, {f"{split}/{k}": v for k, v in scalars.items()})
-    if log.active or png is not None:
+    if log.active or save_dir is not None:
         image = reliability_image(assessed, metrics, f"{split}: reliability (step {step})")
         log.image(f"{split}/reliability", step, image)
-        if png is not None:
-            save_png(image, png)
+        if save_dir is not None:
+            save_png(image, Path(save_dir) / f"{split}_reliability.png")
+            save_predictions(Path(save_dir) / f"{split}_predictions.npz", arrays)
     log.jsonl({"step": step, **fields, "split": split, **assessed["record"]})
     return assessed
 

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from vascdist.config import Config, batch_sizes, to_dict
 from vascdist.data.loader import ShardStream, StreamingLoader
-from vascdist.data.shards import load_index, verify_files
+from vascdist.data.folds import split_index
+from vascdist.data.shards import verify_files
 from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv, any_rank, broadcast_object, global_mean
 from vascdist.errors import VascdistError
@@ -63,7 +64,8 @@ def build_loaders(cfg: Config, env: DistEnv) -> tuple[StreamingLoader, Streaming
 
     def make(split: str, train: bool) -> StreamingLoader:
         stream = ShardStream(cfg.data.shards, split, cfg.data.batch_size, env.rank, env.world_size, cfg.train.seed,
-                             train=train, shuffle_chunks=cfg.data.shuffle_chunks, spec_augment=aug)
+                             train=train, shuffle_chunks=cfg.data.shuffle_chunks, spec_augment=aug,
+                             split_file=cfg.data.split_file)
         return StreamingLoader(stream, cfg.data.num_workers if train else min(cfg.data.num_workers, 1),
                                cfg.data.prefetch_factor, pin)
     return make("train", True), make("val", False), make("test", False)
@@ -87,7 +89,7 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     problem = broadcast_object(problem, env)  # every rank stops with the same message instead of hanging
     if problem:
         raise VascdistError(problem)
-    index = load_index(cfg.data.shards)
+    index = split_index(cfg.data.shards, cfg.data.split_file)  # with a split file: the fold's normalisation
     classes, per_beat = index["classes"], index["kind"] == "beats"
     train_loader, val_loader, test_loader = build_loaders(cfg, env)
     inputs = InputTransform(index, env.device, cfg.train.channels_last)
@@ -245,7 +247,7 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     arrays = predict_arrays(engine.module, test_loader, env, cfg.train.precision, cfg.train.channels_last)
     arrays, test = test_metrics(arrays, classes, per_beat, progress.val_thresholds, progress.temperature)
     assessed = log_split(log, progress.step, "test", arrays, classes, per_beat, test, cfg.eval,
-                         png=run_dir / "test_reliability.png" if env.is_main else None)
+                         save_dir=run_dir if env.is_main else None)
     summary = {"stopped": False, "step": progress.step, "best_step": progress.best_step,
                "best_val": progress.best_metric, "test": test, "classes": classes, "run_dir": str(run_dir),
                "test_intervals": assessed["intervals"], "test_counts": assessed["counts"],
