@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_passthrough(sub, "bench", "benchmarks (loader, train, make-shards, scaling, preprocess, checkpoint, dist); "
                      "see BENCHMARKS.md", "vascdist.bench")
     _add_passthrough(sub, "submit", "submit training to SLURM through submitit (launch/submit.py)", "launch.submit")
+    _add_passthrough(sub, "report", "one self-contained HTML report of a run or CV directory", "vascdist.report")
     _add_passthrough(sub, "cv", "patient-level k-fold cross-validation, locally or as a SLURM job array", "vascdist.cv")
     return parser
 

@@ -88,6 +88,8 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
         if env.is_main and not summary["stopped"]:
             atomic_write_json(path / "test_metrics.json", summary["test_record"])
             print(format_summary(summary), flush=True)
+            from vascdist.report import write_report
+            print(f"report: {write_report(path)}", flush=True)
         return summary
     finally:
         if own_env:
