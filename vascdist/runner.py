@@ -3,8 +3,6 @@ resolve the config, make sure the data exist, pick the run directory, train, rep
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from pathlib import Path
@@ -54,20 +52,13 @@ def pick_run_dir(cfg: Config, resume: str | None, run_dir: str | None) -> Path:
 
 
 def format_summary(summary: dict) -> str:
-    """The table a user sees at the end of training: test metrics per level."""
-    test = summary["test"]
-    levels = [lv for lv in ("cycle", "recording", "patient") if f"{lv}/accuracy" in test]
-    names = ["balanced_accuracy", "sensitivity", "specificity", "auroc", "f1", "n"] if len(summary["classes"]) == 2 \
-        else ["balanced_accuracy", "accuracy", "macro_f1", "macro_auroc", "n"]
-    names.append("excluded")  # recordings (patients) of the split left out of the data, with no prediction
-    fmt = lambda v: "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (
-        f"{v:>5d}" if isinstance(v, int) else f"{v:5.3f}")
+    """The table a user sees at the end of training: test metrics per level, with intervals and the split's n."""
+    from vascdist.train.assess import format_table
     lines = [f"test set ({', '.join(summary['classes'])}), thresholds chosen on validation; best step {summary['best_step']}",
-             f"{'level':<10}" + "".join(f"{n:>19}" for n in names)]
-    for lv in levels:
-        lines.append(f"{lv:<10}" + "".join(f"{fmt(test.get(f'{lv}/{n}')):>19}" for n in names))
-    lines.append(f"run directory: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']}/tb)"
-                 if summary.get("show_run_dir", True) else f"tensorboard --logdir {summary['run_dir']}/tb")
+             format_table(summary["test"], summary["classes"], summary.get("test_intervals"), summary.get("test_counts"),
+                          summary.get("test_record", {}).get("confidence", 0.95)),
+             f"run directory: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']}/tb)"
+             if summary.get("show_run_dir", True) else f"tensorboard --logdir {summary['run_dir']}/tb"]
     return "\n".join(lines)
 
 
@@ -143,10 +134,15 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
             if os.environ.get("VASCDIST_REQUEUE") == "scontrol":  # set by slurm/train.sbatch
                 print(requeue_slurm_job(cfg.dist.max_requeues), flush=True)
         if env.is_main and not summary["stopped"]:
-            from vascdist.data.shards import excluded_counts, load_index
-            summary["test"].update(excluded_counts(load_index(cfg.data.shards), "test"))
-            atomic_write_json(path / "test_metrics.json", summary["test"])
+            from vascdist.data.folds import split_index
+            from vascdist.data.shards import excluded_counts
+            excluded = excluded_counts(split_index(cfg.data.shards, cfg.data.split_file), "test")
+            summary["test"].update(excluded)
+            summary["test_record"].update(excluded)
+            atomic_write_json(path / "test_metrics.json", summary["test_record"])
             print(format_summary({**summary, "show_run_dir": False}), flush=True)  # printed once, at the start
+            from vascdist.report import write_report
+            print(f"report: {write_report(path)}", flush=True)
         return summary
     finally:
         if own_env:

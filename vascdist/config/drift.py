@@ -30,6 +30,7 @@ RESUME_SAFE = frozenset({
     "data.num_workers", "data.prefetch_factor", "data.verify_checksums",
     "dist.timeout_s", "dist.bucket_cap_mb", "dist.gradient_as_bucket_view", "dist.static_graph",
     "dist.requeue_signal", "dist.max_requeues",
+    "eval.bootstrap_resamples", "eval.bootstrap_seed", "eval.confidence",  # intervals only; not what is chosen
 })
 
 

@@ -14,14 +14,16 @@ import torch
 
 from vascdist.config import Config, batch_sizes, to_dict
 from vascdist.data.loader import ShardStream, StreamingLoader
-from vascdist.data.shards import load_index, verify_files
+from vascdist.data.folds import split_index
+from vascdist.data.shards import verify_files
 from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv, any_rank, broadcast_object, global_mean
 from vascdist.errors import VascdistError
 from vascdist.models import build_model
 from vascdist.train.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
 from vascdist.train.engines import build_engine, prepare_module
-from vascdist.train.evaluate import improves, predict_arrays, split_metrics, validation_loss
+from vascdist.train.assess import log_split, test_metrics, validation_metrics
+from vascdist.train.evaluate import improves, predict_arrays, validation_loss
 from vascdist.train.precision import autocast_context
 from vascdist.progress import ProgressReporter
 from vascdist.train.runlog import RunLogger
@@ -46,6 +48,7 @@ class Progress:
     bad_steps_in_a_row: int = 0
     bad_steps_total: int = 0
     val_thresholds: dict | None = None
+    temperature: float = 1.0
     history: list = field(default_factory=list)
 
 
@@ -62,7 +65,8 @@ def build_loaders(cfg: Config, env: DistEnv) -> tuple[StreamingLoader, Streaming
 
     def make(split: str, train: bool) -> StreamingLoader:
         stream = ShardStream(cfg.data.shards, split, cfg.data.batch_size, env.rank, env.world_size, cfg.train.seed,
-                             train=train, shuffle_chunks=cfg.data.shuffle_chunks, spec_augment=aug)
+                             train=train, shuffle_chunks=cfg.data.shuffle_chunks, spec_augment=aug,
+                             split_file=cfg.data.split_file)
         return StreamingLoader(stream, cfg.data.num_workers if train else min(cfg.data.num_workers, 1),
                                cfg.data.prefetch_factor, pin)
     return make("train", True), make("val", False), make("test", False)
@@ -86,7 +90,7 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     problem = broadcast_object(problem, env)  # every rank stops with the same message instead of hanging
     if problem:
         raise VascdistError(problem)
-    index = load_index(cfg.data.shards)
+    index = split_index(cfg.data.shards, cfg.data.split_file)  # with a split file: the fold's normalisation
     classes, per_beat = index["classes"], index["kind"] == "beats"
     train_loader, val_loader, test_loader = build_loaders(cfg, env)
     inputs = InputTransform(index, env.device, cfg.train.channels_last)
@@ -127,8 +131,9 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
 
     def evaluate() -> dict:
         arrays = predict_arrays(engine.module, val_loader, env, cfg.train.precision, cfg.train.channels_last)
-        metrics = split_metrics(arrays, classes, per_beat)
-        metrics["loss"] = loss = validation_loss(arrays)
+        loss = validation_loss(arrays)  # the model's own, before eval.calibrate: comparable with train/loss
+        arrays, metrics, temperature = validation_metrics(arrays, classes, per_beat, cfg.eval)
+        metrics["loss"] = loss
         value = float(metrics.get(cfg.train.early_stop_metric, math.nan))
         if cfg.train.early_stop_metric not in metrics:
             raise VascdistError(f"train.early_stop_metric '{cfg.train.early_stop_metric}' is not a metric here; "
@@ -138,15 +143,15 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
             progress.best_metric, progress.best_step, progress.evals_without_improvement = value, progress.step, 0
             progress.best_loss = loss
             progress.val_thresholds = None if len(classes) != 2 else thresholds_from(metrics)
+            progress.temperature = temperature
         else:
             progress.evals_without_improvement += 1
         scheduler.after_eval(value)
-        log.scalars(progress.step, {f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)})
         level = "cycle" if per_beat else "recording"
         log.image("val/confusion", progress.step, render_confusion_matrix(np.array(metrics[f"{level}/confusion"]), classes))
         if len(classes) == 2 and np.isfinite(arrays["probs"]).all():
             log.pr_curve("val/pr_cycle", progress.step, arrays["y"], arrays["probs"][:, 1])
-        log.jsonl({"step": progress.step, "epoch": progress.epoch, "split": "val", **metrics})
+        log_split(log, progress.step, "val", arrays, classes, per_beat, metrics, cfg.eval, epoch=progress.epoch)
         progress.history.append({"step": progress.step, "metric": value})
         save(is_best=improved)
         return metrics
@@ -246,11 +251,13 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     if best.exists():
         engine.module.load_state_dict(checkpoints.load(best)["engine"]["model"])
     arrays = predict_arrays(engine.module, test_loader, env, cfg.train.precision, cfg.train.channels_last)
-    test = split_metrics(arrays, classes, per_beat, progress.val_thresholds)
+    arrays, test = test_metrics(arrays, classes, per_beat, progress.val_thresholds, progress.temperature)
+    assessed = log_split(log, progress.step, "test", arrays, classes, per_beat, test, cfg.eval,
+                         save_dir=run_dir if env.is_main else None)
     summary = {"stopped": False, "step": progress.step, "best_step": progress.best_step,
-               "best_val": progress.best_metric, "test": test, "classes": classes, "run_dir": str(run_dir)}
-    log.scalars(progress.step, {f"test/{k}": v for k, v in test.items() if isinstance(v, float)})
-    log.jsonl({"step": progress.step, "split": "test", **test})
+               "best_val": progress.best_metric, "test": test, "classes": classes, "run_dir": str(run_dir),
+               "test_intervals": assessed["intervals"], "test_counts": assessed["counts"],
+               "test_record": assessed["record"]}
     if env.is_main:
         level = "cycle" if per_beat else "recording"
         save_confusion_png(np.array(test[f"{level}/confusion"]), classes, run_dir / "test_confusion.png",
