@@ -29,7 +29,7 @@ def line_chart(series: list[tuple[np.ndarray, np.ndarray, str]], title: str, xla
     """Lines (x, y, label) on one pair of axes, with a legend; unit_square fixes both axes to [0, 1] and draws
     the diagonal. `points` are marked with a ring and their label (an operating point)."""
     font = ImageFont.load_default(size=13)
-    w, h, left, top, right, bottom = 460, 340, 58, 34, 16, 46
+    w, h, left, top, right, bottom = 460, 350, 58, 44, 16, 46
     image = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(image)
     xs = np.concatenate([np.asarray(s[0], float) for s in series]) if series else np.zeros(1)
@@ -50,7 +50,7 @@ def line_chart(series: list[tuple[np.ndarray, np.ndarray, str]], title: str, xla
         draw.text((to(xv, y0)[0], top + ph + 4), f"{xv:.3g}", fill="black", font=font, anchor="ma")
         draw.text((left - 4, to(x0, yv)[1]), f"{yv:.3g}", fill="black", font=font, anchor="rm")
     draw.text((left + pw / 2, h - 18), xlabel, fill="black", font=font, anchor="ma")
-    draw.text((4, top - 18), ylabel, fill="black", font=font)
+    draw.text((4, top - 16), ylabel, fill="black", font=font)  # below the title line
     if unit_square:
         draw.line([to(0, 0), to(1, 1)], fill=(190, 190, 190))
     for i, (x, y, label) in enumerate(series):
@@ -64,7 +64,9 @@ def line_chart(series: list[tuple[np.ndarray, np.ndarray, str]], title: str, xla
     for x, y, label in points:
         px, py = to(x, y)
         draw.ellipse([px - 6, py - 6, px + 6, py + 6], outline="black", width=2)
-        draw.text((px + 9, py + 4), label, fill="black", font=font)
+        flip = px + 9 + draw.textlength(label, font=font) > w - 4  # near the right edge: label on the left
+        draw.text((px - 9, py + 4) if flip else (px + 9, py + 4), label, fill="black", font=font,
+                  anchor="ra" if flip else "la")
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -202,8 +204,10 @@ def run_report(run_dir: Path) -> str:
     if "temperature" in record:
         rule.append(f"<p>temperature scaling: T = {record['temperature']:.3f} (fitted on validation)</p>")
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else "(no config.yaml)"
+    from vascdist.train.assess import describe_excluded
+    excluded = f"<p>test: {html.escape(describe_excluded(record))}</p>" if describe_excluded(record) else ""
     sections = [
-        ("data-summary", counts_table(counts)),
+        ("data-summary", counts_table(counts) + excluded),
         ("learning-curves", "".join(curves_html)),
         ("ROC-and-PR-curves", "".join(roc) or "<p>(binary tasks only)</p>"),
         ("reliability-diagram", png_tag(reliability, "reliability") if reliability.is_file() else "<p>(none)</p>"),

@@ -17,6 +17,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy.optimize import minimize, minimize_scalar
+from scipy.special import expit
 
 _EPS = 1e-12
 RELIABILITY_BINS = 10
@@ -79,7 +80,7 @@ def calibration_slope_intercept(pos_probs: np.ndarray, labels: np.ndarray) -> tu
         a, b = (params[0], params[1]) if slope is None else (params[0], slope)
         eta = a + b * x
         loss = float(np.sum(np.logaddexp(0, eta) - y * eta))
-        r = 1 / (1 + np.exp(-eta)) - y
+        r = expit(eta) - y  # 1 / (1 + exp(-eta)) without overflow (the line search tries large steps)
         grad = np.array([r.sum(), (r * x).sum()]) if slope is None else np.array([r.sum()])
         return loss, grad
 
