@@ -26,7 +26,9 @@ setup(
         "tqdm",
         "pillow",
         "psutil",  # vascdist bench samples process-tree memory
+        "scikit-learn",  # point metrics (confusion matrix, AUROC, AP); threadpoolctl comes with it
+        "scipy",  # calibration slope and intercept, temperature scaling
     ],
-    extras_require={"test": ["pytest", "scikit-learn", "psutil"]},
+    extras_require={"test": ["pytest", "psutil"]},
     entry_points={"console_scripts": ["vascdist = vascdist.cli:main"]},
 )

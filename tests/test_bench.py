@@ -91,3 +91,11 @@ def test_ring_all_reduce_arithmetic():
     assert e["t_ar_ms"] == pytest.approx(4.375)
     e = efficiency(fwd_flops=10**9, grad_bytes=10**9, batch=256, n=64, bucket_mb=1e6, mfu=1.0)
     assert e["e_overlap"] == pytest.approx(e["e_serial"])  # one bucket: nothing overlaps the backward
+
+
+def test_bootstrap_bench_times_every_interval(tmp_path, capsys):
+    assert main(["bootstrap", "--cycles", "600", "--patients", "30", "--resamples", "50", "--repeats", "1",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    (row,) = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert row["cycles"] == 600 and row["patients"] == 30 and row["intervals"] == 3 * 11  # 11 metrics x 3 levels
+    assert row["bootstrap_s"] > 0 and "ms / resample" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""vascdist.train.metrics against scikit-learn (the package itself does not depend on it)."""
+"""vascdist.train.metrics against scikit-learn (the aggregation, ECE and thresholds are ours; the test re-derives them)."""
 
 from __future__ import annotations
 

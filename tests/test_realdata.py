@@ -86,7 +86,7 @@ def test_metrics_count_exclusions_and_report_sites(tiny_run, tmp_path):
     out = tmp_path / "eval.json"
     result = run_cli("evaluate", str(tiny_run), "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "excluded" in result.stdout.splitlines()[1]  # a column of the table
+    assert "excluded" in result.stdout.splitlines()[1]  # on the table's n line
     metrics = json.loads(out.read_text())
     assert metrics["recording/excluded"] == 0
     sites = metrics["sites"]  # the synthetic manifest has a site column

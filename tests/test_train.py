@@ -63,6 +63,9 @@ def test_tensorboard_events_read_back(straight_run):
                 "val/patient/auroc", "val/cycle/ece", "test/recording/balanced_accuracy"):
         assert tag in tags["scalars"], tag
     assert {"val/confusion", "val/spectrogram_examples"} <= set(tags["images"])
+    lo = acc.Scalars("test/recording/auroc/lo")[-1].value
+    hi = acc.Scalars("test/recording/auroc/hi")[-1].value
+    assert (lo, hi) == pytest.approx(summary["test_intervals"]["recording/auroc"], rel=1e-6)
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == list(range(1, summary["step"] + 1))  # every step
     lr = [e.value for e in acc.Scalars("train/lr")]
@@ -72,6 +75,8 @@ def test_tensorboard_events_read_back(straight_run):
     assert "val/pr_cycle" in tags["tensors"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["split"] for r in records} == {"train", "val", "test"}
+    test_record = next(r for r in records if r["split"] == "test")
+    assert set(test_record["patient/sensitivity"]) == {"value", "lo", "hi"}
     assert (run / "config.yaml").exists() and (run / "test_confusion.png").exists()
 
 
@@ -81,7 +86,11 @@ def test_evaluate_and_predict_cli(straight_run, synth_dir, tmp_path):
     result = run_cli("evaluate", str(run), "--split", "test", "--out", str(out))
     assert result.returncode == 0, result.stderr
     metrics = json.loads(out.read_text())
-    assert metrics["recording/balanced_accuracy"] == pytest.approx(summary["test"]["recording/balanced_accuracy"])
+    ba = metrics["recording/balanced_accuracy"]  # {value, lo, hi}: the patient-bootstrap interval
+    assert ba["value"] == pytest.approx(summary["test"]["recording/balanced_accuracy"])
+    assert ba["lo"] <= ba["value"] <= ba["hi"]
+    assert metrics["counts"]["patients"] == summary["test_counts"]["patients"]
+    assert f"{ba['value']:.2f} [{ba['lo']:.2f}-{ba['hi']:.2f}]" in result.stdout
     assert out.with_suffix(".png").exists()
     assert f"best step {summary['best_step']}" in result.stdout  # the printed table names the run, not the file
     assert f"run directory: {run}  (tensorboard --logdir {run}/tb)" in result.stdout

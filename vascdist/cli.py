@@ -166,7 +166,8 @@ def _add_evaluate(sub) -> None:
         result = evaluate_checkpoint(a.run, a.shards, a.split, a.out)
         classes = result["classes"]
         text = format_summary({"test": result["metrics"], "classes": classes, "best_step": result["best_step"],
-                               "run_dir": result["run_dir"]}).replace("test set", f"{a.split} set")
+                               "run_dir": result["run_dir"], "test_intervals": result["intervals"],
+                               "test_counts": result["counts"], "test_record": {"confidence": result["confidence"]}}).replace("test set", f"{a.split} set")
         if a.split == "val":  # no thresholds from elsewhere: each level's is chosen on the validation set itself
             text = text.replace("thresholds chosen on validation", "thresholds chosen on this set")
         print(text)
@@ -290,14 +291,18 @@ def _add_inspect(sub) -> None:
 
 
 def decision_rule(result: dict) -> str:
-    """The line that says how predict turned probabilities into verdicts."""
+    """The line that says how predict turned probabilities into verdicts: the threshold, where it came from and
+    by which rule (eval.threshold), and the temperature the probabilities were scaled by (eval.calibrate)."""
     classes = list(result["probabilities"])
+    temperature = float(result.get("temperature", 1.0))
+    scaled = f"; probabilities after temperature scaling, T = {temperature:.3f}" if temperature != 1.0 else ""
     if result["threshold"] is None:
-        return f"verdict: the class of highest mean probability ({', '.join(classes)})"
+        return f"verdict: the class of highest mean probability ({', '.join(classes)}){scaled}"
     where = "chosen on the validation set" if result.get("threshold_source") == "validation" else \
         "the default: this checkpoint holds no validation threshold"
+    rule = f", rule {result['threshold_rule'].removesuffix(' on validation')}" if result.get("threshold_rule") else ""
     return (f"verdict: {classes[1]} when the mean P({classes[1]}) over cycles >= {result['threshold']:.3f} "
-            f"(threshold {where})")
+            f"(threshold {where}{rule}{scaled})")
 
 
 def _add_env(sub) -> None:
@@ -314,7 +319,7 @@ def _add_env(sub) -> None:
 
 
 def _add_passthrough(sub, name: str, help: str, module: str) -> None:
-    """A sub-command whose own parser lives in `module.main(argv)` (bench, submit)."""
+    """A sub-command whose own parser lives in `module.main(argv)` (bench, submit, report, cv)."""
     p = sub.add_parser(name, help=help, add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -330,9 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_synth, _add_manifest, _add_preprocess, _add_shards, _add_train, _add_evaluate, _add_predict,
                 _add_inspect, _add_models, _add_config, _add_env):
         add(sub)
-    _add_passthrough(sub, "bench", "benchmarks (loader, train, make-shards, scaling, preprocess, checkpoint, dist); "
-                     "see BENCHMARKS.md", "vascdist.bench")
+    _add_passthrough(sub, "bench", "benchmarks (loader, train, make-shards, scaling, preprocess, checkpoint, dist, "
+                     "startup, bootstrap); see BENCHMARKS.md", "vascdist.bench")
     _add_passthrough(sub, "submit", "submit training to SLURM through submitit (launch/submit.py)", "launch.submit")
+    _add_passthrough(sub, "report", "one self-contained HTML report of a run or CV directory", "vascdist.report")
+    _add_passthrough(sub, "cv", "patient-level k-fold cross-validation, locally or as a SLURM job array", "vascdist.cv")
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from vascdist.errors import VascdistError
 from vascdist.fileio import atomic_write_json
 from vascdist.models import build_model
 from vascdist.train.checkpoint import load_file
-from vascdist.train.state import RunLayout, find_checkpoint, model_weights
+from vascdist.train.layout import RunLayout
+from vascdist.train.state import find_checkpoint, model_weights
 
 
 def checkpoint_state(checkpoint: Path) -> dict:
@@ -55,32 +57,59 @@ def check_compatible(info: dict, index: dict, shards: Path, checkpoint: Path) ->
 
 def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str = "test", out: str | None = None) -> dict:
     """Metrics of a checkpoint on a split, at the thresholds it chose on validation; writes JSON and a PNG."""
-    from vascdist.train.evaluate import predict_arrays, split_metrics
+    from vascdist.train.assess import assess_split, test_metrics, validation_metrics
+    from vascdist.train.calibration import with_temperature
+    from vascdist.train.evaluate import predict_arrays
     from vascdist.train.metrics import save_confusion_png
     checkpoint = find_checkpoint(run_or_ckpt)
     model, state, cfg = load_model(checkpoint)
     shards_dir = Path(shards or cfg.data.shards)
     index = check_shard_set(shards_dir)  # as training checks at start; the reader verifies every chunk it reads
     check_compatible(state["data"], index, shards_dir, checkpoint)
-    stream = ShardStream(shards_dir, split, cfg.data.batch_size, train=False)
+    # A cross-validation fold's run evaluates its own patients (data.split_file) unless other shards are given.
+    stream_split_file = "" if shards else cfg.data.split_file
+    stream = ShardStream(shards_dir, split, cfg.data.batch_size, train=False, split_file=stream_split_file)
     arrays = predict_arrays(model, StreamingLoader(stream), DistEnv())
-    thresholds = state["progress"].get("val_thresholds") if split != "val" else None
-    metrics = split_metrics(arrays, index["classes"], index["kind"] == "beats", thresholds)
+    per_beat = index["kind"] == "beats"
+    if split == "val":  # thresholds chosen on this split itself, by the run's rule (after its temperature)
+        arrays = with_temperature(arrays, checkpoint_temperature(state))
+        arrays, metrics, _ = validation_metrics(arrays, index["classes"], per_beat, replace(cfg.eval, calibrate="none"))
+    else:
+        arrays, metrics = test_metrics(arrays, index["classes"], per_beat, state["progress"].get("val_thresholds"),
+                                       checkpoint_temperature(state))
+    assessed = assess_split(arrays, index["classes"], per_beat, metrics, cfg.eval)
     if index["kind"] == "spectrogram":
+        from vascdist.data.folds import split_index
         from vascdist.data.shards import excluded_counts
         from vascdist.train.evaluate import site_metrics
-        metrics.update(excluded_counts(index, split))
-        metrics["sites"] = site_metrics(arrays, index, thresholds)
+        from vascdist.train.metrics import thresholds_from
+        excluded = excluded_counts(split_index(shards_dir, stream_split_file), split)
+        used = thresholds_from(metrics) if len(index["classes"]) == 2 else None  # the split's own, on val
+        sites = site_metrics(arrays, index, used)
+        metrics.update(excluded, sites=sites)
+        assessed["record"].update(excluded, sites=sites)
     layout = RunLayout(checkpoint.parent.parent)  # checkpoints/<file> -> the run directory
     out_path = Path(out) if out else layout.eval_json(split)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_path, metrics)
+    atomic_write_json(out_path, assessed["record"])
     level = "cycle" if index["kind"] == "beats" else "recording"
     save_confusion_png(np.array(metrics[f"{level}/confusion"]), index["classes"], out_path.with_suffix(".png"),
                        title=f"{split}, per {level}")
-    return {"metrics": metrics, "classes": index["classes"], "json": str(out_path), "png": str(out_path.with_suffix(".png")),
+    return {"metrics": metrics, "intervals": assessed["intervals"], "counts": assessed["counts"],
+            "confidence": cfg.eval.confidence, "classes": index["classes"], "json": str(out_path), "png": str(out_path.with_suffix(".png")),
             "best_step": state["progress"].get("best_step", -1), "run_dir": str(layout.root),
             "checkpoint": str(checkpoint)}
+
+
+def checkpoint_temperature(state: dict) -> float:
+    """The softmax temperature fitted on validation (eval.calibrate=temperature); 1.0 for none or older runs."""
+    return float(state["progress"].get("temperature", 1.0))
+
+
+def calibrated(probs: np.ndarray, state: dict) -> np.ndarray:
+    """Probabilities after the checkpoint's temperature scaling (unchanged when it has none)."""
+    from vascdist.train.calibration import apply_temperature
+    return apply_temperature(probs, checkpoint_temperature(state)).astype(np.float32)
 
 
 @torch.no_grad()
@@ -115,7 +144,7 @@ def predict_files(checkpoint: str, files: list[str], skipped: list[dict] | None 
             skipped.append({"file": str(file), "reason": str(exc)})
             continue
         x = inputs(torch.from_numpy(spec.astype(np.float16)))  # float16 as stored in shards, then as in training
-        probs = torch.softmax(model(x).float(), dim=1).numpy()
+        probs = calibrated(torch.softmax(model(x).float(), dim=1).numpy(), state)
         mean_probs = probs.mean(axis=0)
         source = "validation" if "recording" in thresholds else "default"
         if len(classes) == 2:
@@ -125,6 +154,8 @@ def predict_files(checkpoint: str, files: list[str], skipped: list[dict] | None 
             threshold, verdict = None, classes[int(mean_probs.argmax())]
         results.append({"file": str(file), "verdict": verdict, "probabilities": dict(zip(classes, mean_probs.tolist())),
                         "threshold": threshold, "threshold_source": source if threshold is not None else None,
+                        "threshold_rule": thresholds.get("rule") if threshold is not None else None,
+                        "temperature": checkpoint_temperature(state),
                         **quality_fields(quality, info), "cycles": [
                             {"cycle": int(c), "probabilities": dict(zip(classes, p.tolist()))} for c, p in zip(cycles, probs)]})
     return results

@@ -3,7 +3,6 @@ resolve the config, make sure the data exist, pick the run directory, train, rep
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -14,9 +13,10 @@ from vascdist.config.drift import check_resume, effective_config, record_changes
 from vascdist.errors import VascdistError
 from vascdist.fileio import atomic_write_json
 from vascdist.preemption import StopSignals, requeue_slurm_job
-if TYPE_CHECKING:  # vascdist.dist and train.state import torch (seconds): loaded once the config has passed its checks
+from vascdist.train.layout import RunLayout, saved_step_of
+
+if TYPE_CHECKING:  # vascdist.dist imports torch (seconds): loaded only once the config has passed its checks
     from vascdist.dist import DistEnv
-    from vascdist.train.state import RunLayout
 
 DEFAULT_CONFIG = "quickstart"
 
@@ -41,7 +41,6 @@ def ensure_data(cfg: Config, quiet: bool) -> None:
 
 def pick_run_dir(cfg: Config, resume: str | None, run_dir: str | None) -> Path:
     """runs/<name>/<time>/; with --resume auto, the newest run of that name that has checkpoints."""
-    from vascdist.train.state import RunLayout
     if run_dir:
         return Path(run_dir)
     newest = RunLayout.newest_with_checkpoints(cfg.run.out_dir, cfg.run.name) if resume == "auto" else None
@@ -49,20 +48,13 @@ def pick_run_dir(cfg: Config, resume: str | None, run_dir: str | None) -> Path:
 
 
 def format_summary(summary: dict) -> str:
-    """The table a user sees at the end of training: test metrics per level."""
-    test = summary["test"]
-    levels = [lv for lv in ("cycle", "recording", "patient") if f"{lv}/accuracy" in test]
-    names = ["balanced_accuracy", "sensitivity", "specificity", "auroc", "f1", "n"] if len(summary["classes"]) == 2 \
-        else ["balanced_accuracy", "accuracy", "macro_f1", "macro_auroc", "n"]
-    names.append("excluded")  # recordings (patients) of the split left out of the data, with no prediction
-    fmt = lambda v: "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (
-        f"{v:>5d}" if isinstance(v, int) else f"{v:5.3f}")
+    """The table a user sees at the end of training: test metrics per level, with intervals and the split's n."""
+    from vascdist.train.assess import format_table
     lines = [f"test set ({', '.join(summary['classes'])}), thresholds chosen on validation; best step {summary['best_step']}",
-             f"{'level':<10}" + "".join(f"{n:>19}" for n in names)]
-    for lv in levels:
-        lines.append(f"{lv:<10}" + "".join(f"{fmt(test.get(f'{lv}/{n}')):>19}" for n in names))
-    lines.append(f"run directory: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']}/tb)"
-                 if summary.get("show_run_dir", True) else f"tensorboard --logdir {summary['run_dir']}/tb")
+             format_table(summary["test"], summary["classes"], summary.get("test_intervals"), summary.get("test_counts"),
+                          summary.get("test_record", {}).get("confidence", 0.95)),
+             f"run directory: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']}/tb)"
+             if summary.get("show_run_dir", True) else f"tensorboard --logdir {summary['run_dir']}/tb"]
     return "\n".join(lines)
 
 
@@ -72,7 +64,7 @@ def prepare_run_dir(cfg: Config, layout: RunLayout, resume: str | None) -> str |
     A resume may only make safe changes (recorded in the config history); a new run writes config.yaml, and the
     original is never rewritten. Runs on global rank 0 (it creates the run directory).
     """
-    from vascdist.train.state import resolve_resume, saved_step_of
+    from vascdist.train.state import resolve_resume
     resume_from = resolve_resume(resume, layout.checkpoints) if resume else None
     origin = resume_from.parent.parent if resume_from else None  # <run>/checkpoints/step-*.pt
     previous = effective_config(origin) if origin else None
@@ -97,7 +89,6 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
     check_config(cfg)
     from vascdist.dist import init_distributed, run_on_main, shutdown
-    from vascdist.train.state import RunLayout
     own_env = env is None
     env = env or init_distributed(cfg.train.device, cfg.dist.timeout_s)
     try:
@@ -125,10 +116,15 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
             if os.environ.get("VASCDIST_REQUEUE") == "scontrol":  # set by slurm/train.sbatch
                 print(requeue_slurm_job(cfg.dist.max_requeues), flush=True)
         if env.is_main and not summary["stopped"]:
+            from vascdist.data.folds import split_index
             from vascdist.data.shards import excluded_counts
-            summary["test"].update(excluded_counts(index, "test"))
-            atomic_write_json(layout.test_metrics, summary["test"])
+            excluded = excluded_counts(split_index(cfg.data.shards, cfg.data.split_file), "test")
+            summary["test"].update(excluded)
+            summary["test_record"].update(excluded)
+            atomic_write_json(layout.test_metrics, summary["test_record"])
             print(format_summary({**summary, "show_run_dir": False}), flush=True)  # printed once, at the start
+            from vascdist.report import write_report
+            print(f"report: {write_report(path)}", flush=True)
         return summary
     finally:
         if own_env:

@@ -119,7 +119,7 @@ def breakdown(cfg, device: torch.device, steps: int, log_dir: Path) -> dict:
     from vascdist.data.shards import load_index
     from vascdist.progress import ProgressReporter
     from vascdist.train import loop
-    from vascdist.train.state import RunLayout
+    from vascdist.train.layout import RunLayout
     env = DistEnv(device=device)
     run = loop.build(cfg, env, load_index(cfg.data.shards), RunLayout(log_dir))
     run.log = RunLogger(log_dir, enabled=True)

@@ -31,6 +31,7 @@ RESUME_SAFE = frozenset({
     "data.persistent_workers", "data.verify_checksums",  # both loaders give the same batches (tests/test_dataloader.py)
     "dist.timeout_s", "dist.bucket_cap_mb", "dist.gradient_as_bucket_view", "dist.static_graph",
     "dist.requeue_signal", "dist.max_requeues",
+    "eval.bootstrap_resamples", "eval.bootstrap_seed", "eval.confidence",  # intervals only; not what is chosen
 })
 
 

@@ -139,6 +139,9 @@ class PreprocessConfig:
 class DataConfig:
     shards: str = "data/quickstart/shards"
     """Directory of shards written by `vascdist preprocess` (holds index.json)."""
+    split_file: str = ""
+    """JSON of patient ids per split (train / val / test) replacing the shards' own split, without rewriting them;
+    `vascdist cv` writes one per fold (vascdist/data/folds.py). Empty: the split the shards were written with."""
     synth_patients: int = 0
     """If > 0 and `shards` does not exist, `vascdist train` synthesises this many patients and preprocesses them."""
     synth_seed: int = 0
@@ -366,6 +369,33 @@ class DistConfig:
 
 
 @dataclass
+class EvalConfig:
+    bootstrap_resamples: int = 1000
+    """Patient resamples of the bootstrap behind every metric's confidence interval (0: no intervals)."""
+    bootstrap_seed: int = 0
+    """Seed of those resamples (the same seed and predictions always give the same intervals)."""
+    confidence: float = 0.95
+    """Coverage of the percentile intervals."""
+    threshold: str = "youden"
+    """Rule choosing each level's binary threshold on validation: 'youden', 'sensitivity:0.90' (the highest
+    threshold reaching that sensitivity), 'specificity:0.90' or 'fixed:0.5'."""
+    min_patients_per_class: int = 3
+    """Fewer validation patients than this in some class: the rule is not trusted, 0.5 is used (with a warning)."""
+    calibrate: str = "none"
+    """'none' or 'temperature': one softmax temperature fitted on validation only, saved in the checkpoint and
+    applied by test evaluation, `vascdist evaluate` and `vascdist predict`."""
+
+    def check(self, key: str) -> None:
+        from vascdist.train.thresholds import ThresholdRule
+        _require(self.bootstrap_resamples >= 0, f"{key}.bootstrap_resamples", "must be >= 0")
+        _require(0 < self.confidence < 1, f"{key}.confidence", f"must be in (0, 1), got {self.confidence}")
+        ThresholdRule.parse(self.threshold, f"{key}.threshold")
+        _require(self.min_patients_per_class >= 0, f"{key}.min_patients_per_class", "must be >= 0")
+        _require(self.calibrate in ("none", "temperature"), f"{key}.calibrate",
+                 f"must be none or temperature, got '{self.calibrate}'")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     """Run name: runs/<name>/<time>/."""
@@ -389,6 +419,7 @@ class Config:
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self, key: str = "") -> None:
         batch_sizes(self.data.batch_size, 1, self.train.grad_accum)  # the world size is checked again at launch

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from vascdist.data.hooks import load_callable
+from vascdist.data.folds import patient_segments, split_index
 from vascdist.data.reader import Chunk, ChunkLayout, WindowReader
 from vascdist.config.batch import batch_sizes, eval_batch_per_rank
-from vascdist.data.shards import load_index
 from vascdist.errors import ConfigError, VascdistError
 
 _TAG = zlib.crc32(b"vascdist-loader")
@@ -75,17 +75,20 @@ class ShardStream:
 
     def __init__(self, shards_dir: str | Path, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, train: bool = True, shuffle_chunks: int = 16, spec_augment: tuple[int, int] | None = None,
-                 transform: str = ""):
+                 transform: str = "", split_file: str = ""):
         """`transform`: dotted path of a callable (batch dict, torch.Generator) -> batch dict applied to every
-        training batch (config key data.transform); ignored when `train` is false."""
+        training batch (config key data.transform); ignored when `train` is false. `split_file` (data.split_file):
+        the split's rows are its patients' in any shard (vascdist.data.folds), and the index carries that file's
+        normalisation."""
         self.root = Path(shards_dir)
-        self.index = load_index(self.root)
+        self.index = split_index(self.root, split_file)
         if split not in self.index["splits"]:
             raise VascdistError(f"{self.root}: no split '{split}'")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside a world of {world_size} process(es)")
         self.split, self.rank, self.world_size, self.seed, self.train = split, rank, world_size, seed, train
-        self.chunks = split_chunks(self.index, split)
+        self.chunks = (patient_segments(self.root, self.index, self.index["split_patients"][split]) if split_file
+                       else split_chunks(self.index, split))
         self.num_samples = sum(c.stop - c.start for c in self.chunks)
         self.shuffle_chunks = shuffle_chunks
         self.sample_shape = tuple(self.index["sample_shape"])

@@ -57,15 +57,19 @@ class ChunkLayout:
         self._lock = threading.Lock()
 
     def offset(self, file: str, name: str, start: int) -> int:
+        """Byte offset of sample `start` of field `name`: inside its HDF5 chunk the rows lie contiguously, so a
+        segment that starts mid-chunk (vascdist.data.folds) is read like a chunk."""
         layout = self._files.get(file)
         if layout is None:
             with self._lock:
                 if file not in self._files:
                     self._files[file] = self._read(file)
                 layout = self._files[file]
-        if start not in layout[name]:
-            raise DataError(f"{self.root / file}: field '{name}' has no stored chunk at sample {start}")
-        return layout[name][start]
+        first = start - start % self.chunk_size
+        if first not in layout[name]:
+            raise DataError(f"{self.root / file}: field '{name}' has no stored chunk at sample {first}")
+        row_bytes = math.prod(self.sample_shape) * 2 if name == "x" else 8  # float16 samples, int64 fields
+        return layout[name][first] + (start - first) * row_bytes
 
     def check(self, file: str, name: str, start: int, data: memoryview) -> None:
         """Refuse chunk `start` of field `name` (one of _STAGED) unless its bytes match the stored crc32."""

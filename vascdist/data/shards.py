@@ -221,9 +221,17 @@ def verify(shards_dir: str | Path) -> dict:
 
 def excluded_counts(index: dict, split: str) -> dict:
     """Metrics-JSON entries for what `split` lost in preprocessing: excluded recordings and the patients left
-    with none, their counts per class, and every reason."""
-    gone = [r for r in index.get("excluded", []) if r["split"] == split]
-    kept_patients = {r["patient"] for r in index["recordings"] if r["split"] == split}
+    with none, their counts per class, and every reason.
+
+    With a split file (data.folds.split_index: 'split_patients') the split is its patient list, so a fold
+    counts the excluded recordings of its own patients; a patient with every recording excluded is in no fold."""
+    if "split_patients" in index:
+        members = set(index["split_patients"][split])
+        gone = [r for r in index.get("excluded", []) if r["patient"] in members]
+        kept_patients = {r["patient"] for r in index["recordings"] if r["patient"] in members}
+    else:
+        gone = [r for r in index.get("excluded", []) if r["split"] == split]
+        kept_patients = {r["patient"] for r in index["recordings"] if r["split"] == split}
     classes = index["classes"]
     return {"recording/excluded": len(gone),
             "patient/excluded": len({r["patient"] for r in gone} - kept_patients),

@@ -11,7 +11,9 @@ from torch import nn
 from vascdist.data.loader import StreamingLoader
 from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv, gather_arrays
+from vascdist.train.assess import split_counts
 from vascdist.train.metrics import evaluate_levels
+from vascdist.train.thresholds import ThresholdRule, resolve
 from vascdist.train.precision import autocast_context
 
 
@@ -56,13 +58,32 @@ def improves(value: float, loss: float, best_value: float, best_loss: float) -> 
 
 
 def split_metrics(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool,
-                  thresholds: dict[str, float] | None = None) -> dict:
-    """Metrics per cycle, recording and patient (per beat only for beat shards)."""
+                  thresholds: dict[str, float] | None = None, rule: ThresholdRule | None = None,
+                  min_patients: int = 0) -> dict:
+    """Metrics per cycle, recording and patient (per beat only for beat shards).
+
+    Binary without `thresholds` (validation): each level's threshold by `rule` (default Youden), or 0.5 when the
+    split has fewer than `min_patients` patients of a class; 'threshold_rule' says which. With `thresholds`
+    (chosen on validation, see metrics.thresholds_from) they are applied unchanged and their rule carried along.
+    """
+    rule = rule or ThresholdRule()
     if per_beat:
         ids = np.arange(len(arrays["y"]))
-        results = evaluate_levels(arrays["probs"], arrays["y"], ids, ids, classes, thresholds)
-        return {k: v for k, v in results.items() if k.startswith("cycle/")}
-    return evaluate_levels(arrays["probs"], arrays["y"], arrays["recording"], arrays["patient"], classes, thresholds)
+        recording, patient = ids, ids
+    else:
+        recording, patient = arrays["recording"], arrays["patient"]
+    note = None
+    if len(classes) == 2 and thresholds is None:
+        counts = split_counts(arrays, classes, per_beat)
+        rule, note = resolve(rule, counts["cycles" if per_beat else "patients"], min_patients)
+    elif thresholds is not None:
+        note = thresholds.get("rule")
+    results = evaluate_levels(arrays["probs"], arrays["y"], recording, patient, classes, thresholds, rule.choose)
+    if per_beat:
+        results = {k: v for k, v in results.items() if k.startswith("cycle/")}
+    if note is not None:
+        results["threshold_rule"] = note
+    return results
 
 
 def site_metrics(arrays: dict[str, np.ndarray], index: dict, thresholds: dict[str, float] | None) -> dict:

@@ -22,20 +22,23 @@ from vascdist.config import Config, batch_sizes, to_dict
 from vascdist.data.build import build_loaders
 from vascdist.data.dataloader import WorkerLoader
 from vascdist.data.loader import StreamingLoader
-from vascdist.data.shards import load_index, verify_files
+from vascdist.data.folds import split_index
+from vascdist.data.shards import verify_files
 from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv, any_rank, barrier, global_mean, main_print, run_on_main
 from vascdist.errors import VascdistError
 from vascdist.models import build_model
 from vascdist.progress import ProgressReporter
 from vascdist.train.engines import TorchEngine, prepare_module
-from vascdist.train.evaluate import improves, predict_arrays, split_metrics, validation_loss
+from vascdist.train.assess import log_split, test_metrics, validation_metrics
+from vascdist.train.evaluate import improves, predict_arrays, validation_loss
 from vascdist.train.losses import build_loss
 from vascdist.train.metrics import render_confusion_matrix, save_confusion_png, thresholds_from
 from vascdist.train.optim import build_optimizer, build_scheduler, run_epochs
 from vascdist.train.precision import autocast_context
 from vascdist.train.runlog import RunLogger
-from vascdist.train.state import RunLayout, TrainState, all_finite
+from vascdist.train.layout import RunLayout
+from vascdist.train.state import TrainState, all_finite
 
 
 class TrainingDiverged(VascdistError):
@@ -73,10 +76,11 @@ class Run:
 
 
 def checked_index(cfg: Config, env: DistEnv) -> dict:
-    """The shards' index, after rank 0 verified the files (its error reaches every rank instead of a hang)."""
+    """The shards' index, after rank 0 verified the files (its error reaches every rank instead of a hang); with
+    data.split_file (a cross-validation fold), the fold's splits and normalisation."""
     if cfg.data.verify_checksums:
         run_on_main(env, lambda: verify_files(cfg.data.shards))
-    return load_index(cfg.data.shards)
+    return split_index(cfg.data.shards, cfg.data.split_file)
 
 
 def build(cfg: Config, env: DistEnv, index: dict, layout: RunLayout) -> Run:
@@ -190,8 +194,9 @@ def validate(run: Run) -> dict:
     validation loss), steps a plateau schedule, logs and saves."""
     cfg, progress, classes = run.cfg, run.state.progress, run.classes
     arrays = predict_arrays(run.state.engine.module, run.val_loader, run.env, cfg.train.precision, cfg.train.channels_last)
-    metrics = split_metrics(arrays, classes, run.per_beat)
-    metrics["loss"] = loss = validation_loss(arrays)
+    loss = validation_loss(arrays)  # the model's own, before eval.calibrate: comparable with train/loss
+    arrays, metrics, temperature = validation_metrics(arrays, classes, run.per_beat, cfg.eval)
+    metrics["loss"] = loss
     if cfg.train.early_stop_metric not in metrics:
         raise VascdistError(f"train.early_stop_metric '{cfg.train.early_stop_metric}' is not a metric here; "
                             f"choose one of: {', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
@@ -201,16 +206,16 @@ def validate(run: Run) -> dict:
         progress.best_metric, progress.best_step, progress.evals_without_improvement = value, progress.step, 0
         progress.best_loss = loss
         progress.val_thresholds = None if len(classes) != 2 else thresholds_from(metrics)
+        progress.temperature = temperature
     else:
         progress.evals_without_improvement += 1
     run.state.scheduler.after_eval(value)
     log = run.log
-    log.scalars(progress.step, {f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)})
     level = "cycle" if run.per_beat else "recording"
     log.image("val/confusion", progress.step, render_confusion_matrix(np.array(metrics[f"{level}/confusion"]), classes))
     if len(classes) == 2 and np.isfinite(arrays["probs"]).all():
         log.pr_curve("val/pr_cycle", progress.step, arrays["y"], arrays["probs"][:, 1])
-    log.jsonl({"step": progress.step, "epoch": progress.epoch, "split": "val", **metrics})
+    log_split(log, progress.step, "val", arrays, classes, run.per_beat, metrics, cfg.eval, epoch=progress.epoch)
     progress.history.append({"step": progress.step, "metric": value})
     save(run, is_best=improved)
     return metrics
@@ -241,17 +246,18 @@ def test(run: Run, run_dir: Path) -> dict:
     barrier(env)  # rank 0's last best.pt is on disk before every rank reads it
     run.state.load_best_weights()
     arrays = predict_arrays(run.state.engine.module, run.test_loader, env, cfg.train.precision, cfg.train.channels_last)
-    test_metrics = split_metrics(arrays, classes, run.per_beat, progress.val_thresholds)
-    run.log.scalars(progress.step, {f"test/{k}": v for k, v in test_metrics.items() if isinstance(v, float)})
-    run.log.jsonl({"step": progress.step, "split": "test", **test_metrics})
+    arrays, test = test_metrics(arrays, classes, run.per_beat, progress.val_thresholds, progress.temperature)
+    assessed = log_split(run.log, progress.step, "test", arrays, classes, run.per_beat, test, cfg.eval,
+                         save_dir=run_dir if env.is_main else None)
     if env.is_main:
         level = "cycle" if run.per_beat else "recording"
-        save_confusion_png(np.array(test_metrics[f"{level}/confusion"]), classes, run.state.layout.test_confusion,
+        save_confusion_png(np.array(test[f"{level}/confusion"]), classes, run.state.layout.test_confusion,
                            title=f"test, per {level}")
-        final = {f"final/{k}": v for k, v in test_metrics.items() if isinstance(v, float) and not math.isnan(v)}
+        final = {f"final/{k}": v for k, v in test.items() if isinstance(v, float) and not math.isnan(v)}
         run.log.hparams(to_dict(cfg), final)
     return {"stopped": False, "step": progress.step, "best_step": progress.best_step, "best_val": progress.best_metric,
-            "test": test_metrics, "classes": classes, "run_dir": str(run_dir)}
+            "test": test, "classes": classes, "run_dir": str(run_dir), "test_intervals": assessed["intervals"],
+            "test_counts": assessed["counts"], "test_record": assessed["record"]}
 
 
 # --------------------------------------------------------------------------------------------- logging

@@ -1,8 +1,9 @@
 """Evaluation metrics in plain numpy, at cycle, recording and patient level.
 
 Everything here takes numpy arrays that the caller has already gathered from all ranks; nothing imports
-torch or torch.distributed. The numbers agree with scikit-learn (tests/test_metrics.py checks them), but
-scikit-learn is not a dependency of the package.
+torch or torch.distributed. The point metrics come from scikit-learn where it has them (confusion_matrix,
+roc_auc_score, average_precision_score); the recording / patient aggregation, ECE and the threshold rule are
+ours. Their 95 % intervals are in vascdist.train.bootstrap.
 
 Conventions (the same everywhere in this module):
 - ``probs`` is [N, C] class probabilities (rows sum to 1), ``labels`` is [N] ints in [0, C).
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from sklearn import metrics as skm
 
 from vascdist.errors import VascdistError
 
@@ -59,51 +61,24 @@ def _nanmean(values: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------- building blocks
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts [C, C] with rows = true class and columns = predicted class."""
-    labels = np.asarray(labels).astype(np.int64)
-    preds = np.asarray(preds).astype(np.int64)
-    flat = labels * num_classes + preds  # one bin per (true, pred) pair
-    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return skm.confusion_matrix(np.asarray(labels).astype(np.int64), np.asarray(preds).astype(np.int64),
+                                labels=np.arange(num_classes))
 
 
 def _auroc(scores: np.ndarray, is_pos: np.ndarray) -> float:
-    """Area under the ROC curve as the Mann-Whitney U statistic with mid-ranks for ties.
-
-    This equals the trapezoidal area under the full ROC curve (scikit-learn's roc_auc_score); a tie
-    between a positive and a negative counts one half. NaN when only one class is present.
-    """
-    n_pos = int(is_pos.sum())
-    n_neg = is_pos.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve (scikit-learn; a tie between a positive and a negative counts one half).
+    NaN when only one class is present."""
+    if is_pos.all() or not is_pos.any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    # Mid-rank (1-based) of each run of equal scores.
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-    ends = np.r_[starts[1:], scores.size]
-    ranks = np.empty(scores.size, dtype=np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    u = ranks[is_pos].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(skm.roc_auc_score(is_pos, scores))
 
 
 def _average_precision(scores: np.ndarray, is_pos: np.ndarray) -> float:
-    """Average precision, AP = sum_n (R_n - R_{n-1}) P_n over distinct thresholds (scikit-learn's definition).
-
-    Tied scores form one threshold (no interpolation). NaN when there is no positive.
-    """
-    n_pos = int(is_pos.sum())
-    if n_pos == 0:
+    """Average precision, AP = sum_n (R_n - R_{n-1}) P_n over distinct thresholds (scikit-learn); tied scores
+    form one threshold. NaN when there is no positive."""
+    if not is_pos.any():
         return float("nan")
-    order = np.argsort(-scores, kind="mergesort")
-    sorted_scores = scores[order]
-    tp = np.cumsum(is_pos[order])
-    # Keep the last index of each run of equal scores: the counts at that threshold.
-    last = np.r_[np.flatnonzero(np.diff(sorted_scores)), scores.size - 1]
-    tp = tp[last].astype(np.float64)
-    predicted = (last + 1).astype(np.float64)
-    precision = tp / predicted
-    recall_step = np.diff(np.r_[0.0, tp]) / n_pos
-    return float(np.sum(recall_step * precision))
+    return float(skm.average_precision_score(is_pos, scores))
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
@@ -120,6 +95,20 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     sum_correct = np.bincount(bins, weights=correct, minlength=n_bins)
     # n_k/N * |acc_k - conf_k| == |sum_correct_k - sum_conf_k| / N; empty bins contribute 0.
     return float(np.abs(sum_correct - sum_conf).sum() / labels.size)
+
+
+def brier_terms(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-item Brier term: (P(class 1) - y)^2 for 2 classes, sum_k (p_k - [y == k])^2 for more."""
+    onehot = np.eye(probs.shape[1])[labels]
+    if probs.shape[1] == 2:
+        return (probs[:, 1] - onehot[:, 1]) ** 2
+    return ((probs - onehot) ** 2).sum(axis=1)
+
+
+def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean Brier term (brier_terms); NaN for no samples."""
+    probs, labels = _check_inputs(probs, labels)
+    return float(brier_terms(probs, labels).mean()) if labels.size else float("nan")
 
 
 def youden_threshold(pos_scores: np.ndarray, labels: np.ndarray) -> float:
@@ -161,6 +150,16 @@ def _per_class_rates(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return recall, precision, f1
 
 
+def _one_vs_rest_negatives(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Specificity TN / (TN + FP) and NPV TN / (TN + FN) of each class against the rest; NaN where undefined."""
+    total = cm.sum()
+    tp, support, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    tn = total - support - predicted + tp
+    specificity = np.array([_div(n, total - s) for n, s in zip(tn, support)])
+    npv = np.array([_div(n, total - p) for n, p in zip(tn, predicted)])
+    return specificity, npv
+
+
 def _binary_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float | list]:
     scores = probs[:, 1]
     preds = (scores >= threshold).astype(np.int64)
@@ -178,6 +177,7 @@ def _binary_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float) -> 
         "auroc": _auroc(scores, is_pos),
         "auprc": _average_precision(scores, is_pos),
         "ece": expected_calibration_error(probs, labels),
+        "brier": brier_score(probs, labels),
         "confusion": cm.tolist(),
         "n": int(labels.size),
         "threshold": float(threshold),
@@ -187,13 +187,15 @@ def _binary_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float) -> 
 def _multiclass_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict[str, float | list]:
     cm = confusion_matrix(labels, probs.argmax(axis=1), probs.shape[1])
     recall, precision, f1 = _per_class_rates(cm)
+    specificity, npv = _one_vs_rest_negatives(cm)
     auroc = np.array([_auroc(probs[:, k], labels == k) for k in range(probs.shape[1])])
     auprc = np.array([_average_precision(probs[:, k], labels == k) for k in range(probs.shape[1])])
     out: dict[str, float | list] = {
         "accuracy": _div(np.trace(cm), labels.size),
         "balanced_accuracy": _nanmean(recall),
     }
-    for name, values in (("sensitivity", recall), ("ppv", precision), ("f1", f1), ("auroc", auroc), ("auprc", auprc)):
+    for name, values in (("sensitivity", recall), ("specificity", specificity), ("ppv", precision), ("npv", npv),
+                         ("f1", f1), ("auroc", auroc), ("auprc", auprc)):
         for class_name, value in zip(class_names, values):
             out[f"{name}/{class_name}"] = float(value)
     out.update({
@@ -201,6 +203,7 @@ def _multiclass_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list
         "macro_auroc": _nanmean(auroc),
         "macro_auprc": _nanmean(auprc),
         "ece": expected_calibration_error(probs, labels),
+        "brier": brier_score(probs, labels),
         "confusion": cm.tolist(),
         "n": int(labels.size),
     })
@@ -211,10 +214,11 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: l
                            threshold: float | None = None) -> dict[str, float | list]:
     """All metrics of one set of predictions (see the module docstring for conventions).
 
-    Binary: accuracy, balanced_accuracy, sensitivity, specificity, ppv, npv, f1, auroc, auprc, ece,
+    Binary: accuracy, balanced_accuracy, sensitivity, specificity, ppv, npv, f1, auroc, auprc, ece, brier,
     confusion, n, threshold (default 0.5). Multi-class: accuracy, balanced_accuracy, per-class
-    'sensitivity/<name>', 'ppv/<name>', 'f1/<name>', 'auroc/<name>' (one-vs-rest), 'auprc/<name>',
-    macro_f1, macro_auroc, macro_auprc, ece, confusion, n; a threshold is an error there.
+    'sensitivity/<name>', 'specificity/<name>', 'ppv/<name>', 'npv/<name>' (one-vs-rest), 'f1/<name>',
+    'auroc/<name>' (one-vs-rest), 'auprc/<name>',
+    macro_f1, macro_auroc, macro_auprc, ece, brier, confusion, n; a threshold is an error there.
     """
     probs, labels = _check_inputs(probs, labels)
     if len(class_names) != probs.shape[1]:
@@ -274,11 +278,13 @@ def level_predictions(probs: np.ndarray, labels: np.ndarray, recording_ids: np.n
 
 
 def evaluate_levels(probs: np.ndarray, labels: np.ndarray, recording_ids: np.ndarray, patient_ids: np.ndarray,
-                    class_names: list[str], threshold: dict[str, float] | None = None) -> dict[str, float | list]:
+                    class_names: list[str], threshold: dict[str, float] | None = None,
+                    choose=youden_threshold) -> dict[str, float | list]:
     """Metrics at cycle, recording and patient level in one flat dict ('<level>/<metric>').
 
-    Binary with ``threshold=None`` (validation): each level's threshold is chosen by youden_threshold on
-    that level's own predictions and reported as '<level>/threshold'. With ``threshold`` a dict
+    Binary with ``threshold=None`` (validation): each level's threshold is chosen by ``choose(scores, labels)``
+    (default youden_threshold; see vascdist.train.thresholds for the others) on that level's own predictions
+    and reported as '<level>/threshold'. With ``threshold`` a dict
     {level: value} (taken from validation, see thresholds_from) the values are applied unchanged (test).
     Multi-class predicts the argmax; passing a threshold there is an error.
     """
@@ -291,7 +297,7 @@ def evaluate_levels(probs: np.ndarray, labels: np.ndarray, recording_ids: np.nda
     for level, (level_probs, level_labels) in level_predictions(probs, labels, recording_ids, patient_ids).items():
         level_threshold = None
         if binary:
-            level_threshold = (youden_threshold(level_probs[:, 1], level_labels) if threshold is None
+            level_threshold = (choose(level_probs[:, 1], level_labels) if threshold is None
                                else float(threshold[level]))
         for key, value in classification_metrics(level_probs, level_labels, class_names, level_threshold).items():
             out[f"{level}/{key}"] = value
@@ -303,7 +309,10 @@ def thresholds_from(results: dict[str, float | list]) -> dict[str, float]:
     missing = [level for level in LEVELS if f"{level}/threshold" not in results]
     if missing:
         raise VascdistError(f"thresholds_from: no '<level>/threshold' for {missing} (multi-class results?)")
-    return {level: float(results[f"{level}/threshold"]) for level in LEVELS}
+    chosen: dict = {level: float(results[f"{level}/threshold"]) for level in LEVELS}
+    if "threshold_rule" in results:  # how they were chosen, for the test table
+        chosen["rule"] = results["threshold_rule"]
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------- pictures

@@ -23,74 +23,34 @@ import math
 import re
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vascdist.config.drift import CONFIG_FILE
 from vascdist.errors import VascdistError
+from vascdist.train.layout import BEST_FILE, RunLayout, step_files
 from vascdist.train.checkpoint import (atomic_copy, atomic_torch_save, capture_rng_state, check_weights_only, load_file,
                                        restore_rng_state, try_load)
 
-STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
-BEST_FILE = "best.pt"
 TEMP_FILE = re.compile(r"^\.(step-\d+\.pt|best\.pt)\.\d+\.[0-9a-f]+\.tmp$")  # fileio.atomic_write's names
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = re.compile(r"^step-(\d+)$")
 
 
 # --------------------------------------------------------------------------------------------- layout
-class RunLayout:
-    """Paths inside one run directory (no I/O on construction)."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.config = self.root / CONFIG_FILE
-        self.metrics = self.root / "metrics.jsonl"
-        self.tensorboard = self.root / "tb"
-        self.test_metrics = self.root / "test_metrics.json"
-        self.test_confusion = self.root / "test_confusion.png"
-        self.checkpoints = self.root / "checkpoints"
-
-    def eval_json(self, split: str) -> Path:
-        """Where `vascdist evaluate` writes its metrics by default."""
-        return self.root / f"eval-{split}.json"
-
-    def has_checkpoints(self) -> bool:
-        return bool(CheckpointManager(self.checkpoints, 1).step_files())
-
-    @staticmethod
-    def new(out_dir: str | Path, name: str) -> "RunLayout":
-        """runs/<name>/<time>/ (not created)."""
-        return RunLayout(Path(out_dir) / name / time.strftime("%Y%m%d-%H%M%S"))
-
-    @staticmethod
-    def newest_with_checkpoints(out_dir: str | Path, name: str) -> "RunLayout | None":
-        """The newest runs/<name>/<time>/ that holds a step file (what `--resume auto` continues)."""
-        parent = Path(out_dir) / name
-        if not parent.is_dir():
-            return None
-        runs = sorted(RunLayout(d) for d in parent.iterdir() if d.is_dir())
-        runs = [r for r in runs if r.has_checkpoints()]
-        return runs[-1] if runs else None
-
-    def __lt__(self, other: "RunLayout") -> bool:
-        return self.root < other.root
-
-    def best_weights(self) -> Path:
-        """The checkpoint file of this run's best model (best.pt, recovered from its step file if it was lost)."""
-        manager = CheckpointManager(self.checkpoints, 1)
-        manager.recover_best()
-        if manager.best_path.is_file():
-            return manager.best_path
-        steps = manager.step_files()
-        if not steps:
-            raise VascdistError(f"{self.root}: no checkpoints (neither {BEST_FILE} nor step-*.pt in {self.checkpoints})")
-        raise VascdistError(f"{self.root}: no {BEST_FILE} (the run stopped before its first evaluation, or it was "
-                            f"deleted); pass a step file explicitly, e.g. {steps[-1][1]}")
+def best_weights(layout: RunLayout) -> Path:
+    """The checkpoint file of a run's best model (best.pt, recovered from its step file if it was lost)."""
+    manager = CheckpointManager(layout.checkpoints, 1)
+    manager.recover_best()
+    if manager.best_path.is_file():
+        return manager.best_path
+    steps = manager.step_files()
+    if not steps:
+        raise VascdistError(f"{layout.root}: no checkpoints (neither {BEST_FILE} nor step-*.pt in {layout.checkpoints})")
+    raise VascdistError(f"{layout.root}: no {BEST_FILE} (the run stopped before its first evaluation, or it was "
+                        f"deleted); pass a step file explicitly, e.g. {steps[-1][1]}")
 
 
 def find_checkpoint(run_or_checkpoint: str | Path) -> Path:
@@ -99,14 +59,8 @@ def find_checkpoint(run_or_checkpoint: str | Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir() and (path / "checkpoints").is_dir():
-        return RunLayout(path).best_weights()
+        return best_weights(RunLayout(path))
     raise VascdistError(f"{path}: neither a checkpoint file nor a run directory with checkpoints")
-
-
-def saved_step_of(checkpoint: str | Path) -> int:
-    """The step a step file's name gives (``step-00000040.pt`` -> 40); 0 for any other file name."""
-    match = STEP_FILE.match(Path(checkpoint).name)
-    return int(match.group(1)) if match else 0
 
 
 def model_weights(state: dict) -> dict:
@@ -161,14 +115,7 @@ class CheckpointManager:
 
     def step_files(self) -> list[tuple[int, Path]]:
         """(step, path) of every step file, oldest step first; temp files and best.pt are not listed."""
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for path in self.directory.iterdir():
-            match = STEP_FILE.match(path.name)
-            if match and path.is_file():
-                found.append((int(match.group(1)), path))
-        return sorted(found)
+        return step_files(self.directory)
 
     def save(self, step: int, state: dict, is_best: bool = False) -> Path:
         """Atomically write `state` as the checkpoint of `step` (and as best.pt), then prune old step files.
@@ -295,6 +242,7 @@ class Progress:
     bad_steps_in_a_row: int = 0
     bad_steps_total: int = 0
     val_thresholds: dict | None = None
+    temperature: float = 1.0  # eval.calibrate=temperature: fitted on validation at the best step
     history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:

@@ -1,0 +1,131 @@
+"""Calibration (temperature scaling, slope and intercept, reliability diagram) and the threshold rules."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from conftest import run_cli
+from vascdist.errors import ConfigError
+from vascdist.inference import calibrated
+from vascdist.train import calibration
+from vascdist.train.checkpoint import CheckpointManager
+from vascdist.train.evaluate import split_metrics
+from vascdist.train.metrics import expected_calibration_error
+from vascdist.train.thresholds import ThresholdRule
+
+
+def _calibrated_binary(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Scores drawn, then labels drawn with exactly those probabilities: a perfectly calibrated model."""
+    rng = np.random.default_rng(seed)
+    logit = rng.normal(0, 1.5, n)
+    p = 1 / (1 + np.exp(-logit))
+    y = (rng.random(n) < p).astype(np.int64)
+    return np.stack([1 - p, p], axis=1), y
+
+
+def test_temperature_recovers_an_overconfident_scale():
+    probs, y = _calibrated_binary(20000)
+    over = calibration.apply_temperature(probs, 1 / 3)  # logits x 3: far too confident
+    t = calibration.fit_temperature(over, y)
+    assert t == pytest.approx(3.0, rel=0.05)
+    fixed = calibration.apply_temperature(over, t)
+    assert expected_calibration_error(fixed, y) < expected_calibration_error(over, y) / 3
+    assert np.allclose(fixed.sum(axis=1), 1) and (fixed.argmax(1) == over.argmax(1)).all()  # argmax unchanged
+    assert calibration.fit_temperature(over, np.zeros_like(y)) == 1.0
+
+
+def test_slope_and_intercept_match_logistic_regression():
+    probs, y = _calibrated_binary(5000, seed=1)
+    slope, intercept = calibration.calibration_slope_intercept(probs[:, 1], y)
+    assert slope == pytest.approx(1.0, abs=0.1) and intercept == pytest.approx(0.0, abs=0.1)
+    over = calibration.apply_temperature(probs, 0.5)
+    slope, _ = calibration.calibration_slope_intercept(over[:, 1], y)
+    x = np.log(over[:, 1] / over[:, 0])[:, None]
+    reference = LogisticRegression(C=np.inf).fit(x, y).coef_[0, 0]
+    assert slope == pytest.approx(reference, rel=1e-4) and slope == pytest.approx(0.5, abs=0.06)
+    assert all(np.isnan(calibration.calibration_slope_intercept(probs[:, 1], np.ones_like(y))))
+
+
+def test_reliability_diagram_image():
+    probs, y = _calibrated_binary(400)
+    image = calibration.render_reliability({"recording": (probs, y), "patient": (probs[:50], y[:50])}, "val",
+                                           {"recording": "ECE 0.01"})
+    assert image.dtype == np.uint8 and image.shape[2] == 3 and image.shape[1] > 2 * 260
+    assert (image < 128).any()  # something was drawn
+    bins = calibration.reliability_bins(probs, y)
+    assert bins["count"].sum() == 400 and np.nanmax(np.abs(bins["observed"] - bins["mean_pred"])) < 0.15
+
+
+@pytest.mark.parametrize("text,kind,target", [("youden", "youden", 0.5), ("sensitivity:0.9", "sensitivity", 0.9),
+                                              ("specificity:0.8", "specificity", 0.8), ("fixed", "fixed", 0.5),
+                                              ("fixed:0.3", "fixed", 0.3)])
+def test_threshold_rule_parsing(text, kind, target):
+    rule = ThresholdRule.parse(text)
+    assert (rule.kind, rule.target) == (kind, target)
+
+
+@pytest.mark.parametrize("bad", ["yuoden", "sensitivity:high", "sensitivity:1.5", "youden:0.3"])
+def test_bad_threshold_rule_names_the_key(bad):
+    with pytest.raises(ConfigError, match="eval.threshold"):
+        ThresholdRule.parse(bad)
+
+
+def test_target_rules_are_the_extreme_thresholds_that_reach_the_target():
+    probs, y = _calibrated_binary(500, seed=2)
+    s = probs[:, 1]
+    candidates = np.unique(s)
+    for kind, target in (("sensitivity", 0.9), ("specificity", 0.8)):
+        t = ThresholdRule(kind, target).choose(s, y)
+        value = lambda cut: ((s >= cut) & (y == 1)).sum() / (y == 1).sum() if kind == "sensitivity" \
+            else ((s < cut) & (y == 0)).sum() / (y == 0).sum()
+        assert value(t) >= target
+        neighbour = candidates[np.searchsorted(candidates, t) + (1 if kind == "sensitivity" else -1)]
+        assert value(neighbour) < target  # one step further and the target is missed
+
+
+def test_too_few_validation_patients_fall_back_to_half_with_a_warning():
+    rng = np.random.default_rng(0)
+    patient = np.repeat(np.arange(6), 10)
+    y = (patient >= 4).astype(np.int64)  # 4 normal patients, 2 stenosis patients
+    p = np.clip(0.3 + 0.3 * y + rng.normal(0, 0.1, y.size), 0, 1)
+    arrays = {"probs": np.stack([1 - p, p], axis=1), "y": y, "recording": patient, "patient": patient}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = split_metrics(arrays, ["normal", "stenosis"], False, rule=ThresholdRule("youden"), min_patients=3)
+    assert out["recording/threshold"] == 0.5 and out["patient/threshold"] == 0.5
+    assert "fallback" in out["threshold_rule"] and "2 stenosis" in out["threshold_rule"]
+    assert any("min_patients_per_class=3" in str(w.message) for w in caught)
+    ok = split_metrics(arrays, ["normal", "stenosis"], False, rule=ThresholdRule("youden"), min_patients=2)
+    assert ok["threshold_rule"] == "youden on validation" and ok["recording/threshold"] != 0.5
+
+
+def test_predict_applies_the_checkpoint_temperature():
+    probs = np.array([[0.2, 0.8], [0.6, 0.4]], np.float32)
+    assert np.array_equal(calibrated(probs, {"progress": {}}), probs)  # runs from before calibration existed
+    hot = calibrated(probs, {"progress": {"temperature": 2.0}})
+    assert hot[0, 1] == pytest.approx(np.sqrt(0.8) / (np.sqrt(0.8) + np.sqrt(0.2)), rel=1e-6)
+
+
+def test_training_with_temperature_and_a_sensitivity_target(shards_dir, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("train", "quickstart", f"data.shards={shards_dir}", "data.synth_patients=0", "data.batch_size=16",
+                     "data.num_workers=0", "model.width=0.125", "train.epochs=1", "train.max_steps=30",
+                     "train.eval_every=15", "eval.calibrate=temperature", "eval.threshold=sensitivity:0.9",
+                     "eval.min_patients_per_class=1", "eval.bootstrap_resamples=200", "--run-dir", str(run), "--quiet",
+                     env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = CheckpointManager(run / "checkpoints", 1).load(run / "checkpoints" / "best.pt")
+    temperature = state["progress"]["temperature"]
+    assert temperature != 1.0 and 0.05 <= temperature <= 20
+    assert "threshold rule: sensitivity:0.9 on validation" in result.stdout
+    assert f"temperature scaling: T = {temperature:.3f}" in result.stdout
+    saved = json.loads((run / "test_metrics.json").read_text())
+    assert saved["temperature"] == pytest.approx(temperature) and "recording/calibration_slope" in saved
+    assert (run / "test_reliability.png").exists() and (run / "test_predictions.npz").exists()
+    assert not torch.is_tensor(temperature)

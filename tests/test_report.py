@@ -1,0 +1,75 @@
+"""`vascdist report`: the self-contained HTML of a run (written by `vascdist train` itself) and of a CV directory,
+parsed back: every section present, every image an embedded PNG that decodes."""
+
+from __future__ import annotations
+
+import base64
+import io
+from html.parser import HTMLParser
+
+from PIL import Image
+
+from conftest import run_cli
+
+RUN_SECTIONS = {"data-summary", "learning-curves", "ROC-and-PR-curves", "reliability-diagram", "confusion-matrices",
+                "metrics", "config-and-versions"}
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sections, self.images, self.cells = [], [], []
+        self._in_cell = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append(attrs["id"])
+        if tag == "img":
+            self.images.append((self.sections[-1], attrs["src"]))
+        self._in_cell = tag == "td"
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.cells.append(data)
+
+
+def parse(path) -> Page:
+    page = Page()
+    page.feed(path.read_text())
+    for _, src in page.images:
+        assert src.startswith("data:image/png;base64,")  # embedded, nothing to fetch
+        image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        assert image.format == "PNG" and image.size[0] > 100
+    return page
+
+
+def test_train_writes_a_run_report(shards_dir, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("train", "quickstart", f"data.shards={shards_dir}", "data.synth_patients=0", "data.batch_size=16",
+                     "data.num_workers=0", "model.width=0.125", "train.epochs=2", "train.max_steps=40",
+                     "train.eval_every=10", "eval.bootstrap_resamples=100", "eval.min_patients_per_class=1",
+                     "--run-dir", str(run), "--quiet", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"report: {run / 'report.html'}" in result.stdout
+    page = parse(run / "report.html")
+    assert set(page.sections) == RUN_SECTIONS
+    per_section = {s: sum(1 for x, _ in page.images if x == s) for s in RUN_SECTIONS}
+    assert per_section["learning-curves"] == 2 and per_section["ROC-and-PR-curves"] == 4  # ROC + PR x 2 levels
+    assert per_section["reliability-diagram"] == 1 and per_section["confusion-matrices"] == 3
+    assert any("[" in c and "-" in c for c in page.cells)  # value [lo-hi] cells
+    again = run_cli("report", str(run))
+    assert again.returncode == 0 and "report.html" in again.stdout
+
+
+def test_cv_report(shards_dir, tmp_path):
+    from test_cv import cv_args
+    out = tmp_path / "cv"
+    result = run_cli(*[a if a != "train.max_steps=20" else "train.max_steps=10" for a in cv_args(shards_dir, out)],
+                     env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    page = parse(out / "report.html")
+    assert page.sections == ["aggregate", "ROC-and-PR-curves", "folds", "config-and-versions"]
+    assert len(page.images) == 4
+    for fold in ("r0-f0", "r0-f1", "r0-f2"):
+        assert set(parse(out / fold / "report.html").sections) == RUN_SECTIONS

@@ -1,0 +1,26 @@
+"""`vascdist cv --submit`: the folds as a 3-task SLURM job array on the local cluster (slurm/local-cluster.sh);
+its aggregate must equal the local run's for the same seed."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+from test_cv import check_folds, cv_args, local_cv  # noqa: F401  (local_cv is a fixture)
+
+
+def test_slurm_array_aggregate_equals_local(local_cv, shards_dir, tmp_path):
+    from slurm_cluster import ensure_cluster
+    env = {**ensure_cluster(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    out = tmp_path / "slurm"
+    result = run_cli(*cv_args(shards_dir, out, "--submit", "--wait", "--time", "20", "--signal-delay", "60"),
+                     env=env, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("submitted job") == 3 and len({l.split()[2] for l in result.stdout.splitlines()
+                                                             if l.startswith("submitted job")}) == 3
+    check_folds(out, shards_dir)
+    local = json.loads((local_cv[0] / "aggregate.json").read_text())
+    slurm = json.loads((out / "aggregate.json").read_text())
+    assert slurm["finished"] == local["finished"]
+    assert slurm["pooled"]["0"]["metrics"] == local["pooled"]["0"]["metrics"]
+    assert slurm["pooled"]["0"]["intervals"] == local["pooled"]["0"]["intervals"]

@@ -1,0 +1,90 @@
+"""`vascdist cv`: patient-level stratified k-fold cross-validation, locally or as a SLURM job array.
+
+    vascdist cv quickstart --folds 5 [--repeats 2] [--seed 0] [--out DIR] [overrides]
+    vascdist cv quickstart --folds 5 --submit --nodes 1 --time 120 [--wait]     # one array task per fold
+    vascdist cv --report DIR                                                    # aggregate (again)
+
+Each fold is a normal run directory under the CV directory (vascdist/cv/run.py); the aggregate (per-fold
+metrics, mean and spread, pooled out-of-fold metrics with bootstrap intervals) is printed, written to
+aggregate.json, and summarised in report.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vascdist.errors import VascdistError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from launch.cv_jobs import add_submit_options
+    p = argparse.ArgumentParser(prog="vascdist cv", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("config", nargs="?", default=None, help="YAML config (path or name in configs/); default quickstart")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every fold")
+    p.add_argument("--folds", type=int, default=5, help="k of k-fold (patients per class must be at least k)")
+    p.add_argument("--repeats", type=int, default=1, help="repeat the k-fold with other shuffles")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    p.add_argument("--out", default=None, help="CV directory (default <run.out_dir>/<run.name>/cv-<time>); "
+                                               "an existing one with the same options is resumed")
+    p.add_argument("--report", metavar="DIR", default=None, help="only aggregate the CV directory DIR")
+    p.add_argument("--submit", action="store_true", help="run the folds as a SLURM job array (submitit)")
+    p.add_argument("--wait", action="store_true", help="with --submit: wait for the array, then aggregate")
+    p.add_argument("--verbose", action="store_true", help="progress bars of the fold runs")
+    add_submit_options(p)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown:
+        raise VascdistError(f"unknown option(s) {' '.join(unknown)}; see `vascdist cv --help`")
+    if args.config is not None and "=" in args.config:
+        args.overrides, args.config = [args.config] + args.overrides, None
+    args.overrides = list(args.overrides) + extra
+    return args
+
+
+def report(cv_dir) -> dict:
+    """Aggregate, print, and write report.html; returns the aggregate."""
+    from vascdist.cv.aggregate import aggregate, format_aggregate
+    result = aggregate(cv_dir)
+    print(format_aggregate(result), flush=True)
+    try:
+        from vascdist.report import write_report
+        print(f"report: {write_report(cv_dir)}", flush=True)
+    except ImportError:  # the report module is optional for the aggregate
+        pass
+    return result
+
+
+def main(argv: list[str]) -> int:
+    """`vascdist cv ...`; returns the exit code (1 when a fold is missing)."""
+    args = parse_args(argv)
+    if args.report:
+        return 0 if not report(args.report)["missing"] else 1
+    from vascdist.cv.run import make_plan, run_local
+    cv_dir, plan = make_plan(args.config, args.overrides, args.folds, args.repeats, args.seed, args.out)
+    print(f"cross-validation directory: {cv_dir} ({len(plan['entries'])} folds)", flush=True)
+    if args.submit:
+        from launch.cv_jobs import submit_folds, wait_and_name_failures
+        from vascdist.cv.aggregate import FAILURES
+        from vascdist.fileio import atomic_write_json
+        from vascdist.train.layout import RunLayout
+        todo = [e for e in plan["entries"] if not RunLayout(cv_dir / e["dir"]).test_metrics.is_file()]
+        if not todo:
+            print("every fold has finished already")
+        else:
+            jobs = submit_folds(args, cv_dir, plan, todo)
+            if not args.wait:
+                print(f"when the array is done: vascdist cv --report {cv_dir}")
+                return 0
+            atomic_write_json(cv_dir / FAILURES, wait_and_name_failures(jobs, todo))
+    else:
+        run_local(cv_dir, plan, quiet=not args.verbose)
+    return 0 if not report(cv_dir)["missing"] else 1
+
+
+__all__ = ["main"]

@@ -1,0 +1,98 @@
+"""Planning and running a patient-level cross-validation: one split file and one normal run directory per fold.
+
+    CV_DIR/cv.json                  the plan: config, overrides, folds, repeats, seed, one entry per fold
+    CV_DIR/splits/r0-f1.json        fold 1 of repeat 0 as a split file (vascdist/data/folds.py)
+    CV_DIR/r0-f1/                   that fold's run directory (checkpoints, tb, metrics.jsonl, test_* files)
+    CV_DIR/failures.json            why a fold failed, when it failed here (local runs)
+    CV_DIR/aggregate.json, report.html
+
+A fold is `vascdist train CONFIG OVERRIDES data.split_file=CV_DIR/splits/<fold>.json --run-dir CV_DIR/<fold>`,
+run here one after another, or as one task of a SLURM job array (launch/cv_jobs.py); either way it is
+preemptible and resumable like any run (re-running `vascdist cv` with the same --out resumes unfinished folds).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+
+from vascdist.config import load_config
+from vascdist.cv.aggregate import FAILURES, PLAN
+from vascdist.errors import VascdistError
+from vascdist.fileio import atomic_write_json
+from vascdist.train.layout import RunLayout
+
+
+def fold_name(repeat: int, fold: int) -> str:
+    return f"r{repeat}-f{fold}"
+
+
+def make_plan(config: str | None, overrides: list[str], folds: int, repeats: int, seed: int,
+              out: str | None) -> tuple[Path, dict]:
+    """Make the data if needed, write the split files and cv.json; an existing plan must match the options."""
+    from vascdist.runner import DEFAULT_CONFIG, ensure_data
+    if any(o.split("=", 1)[0].strip() == "data.split_file" for o in overrides):
+        raise VascdistError("`vascdist cv` writes data.split_file for every fold itself; do not override it")
+    config = config or DEFAULT_CONFIG
+    cfg = load_config(config, overrides)
+    cv_dir = Path(out) if out else Path(cfg.run.out_dir) / cfg.run.name / f"cv-{time.strftime('%Y%m%d-%H%M%S')}"
+    cv_dir = cv_dir.resolve()
+    wanted = {"config": config, "overrides": list(overrides), "folds": folds, "repeats": repeats, "seed": seed}
+    if (cv_dir / PLAN).is_file():
+        plan = json.loads((cv_dir / PLAN).read_text())
+        differs = [k for k, v in wanted.items() if plan.get(k) != v]
+        if differs:
+            raise VascdistError(f"{cv_dir} holds a cross-validation with other {', '.join(differs)}; "
+                                "give another --out, or the same options to resume it")
+        return cv_dir, plan
+    from vascdist.config.checks import check_config
+    check_config(cfg)  # a config error is named before any data are made (and before torch is imported)
+    ensure_data(cfg, quiet=False)
+    from vascdist.data.folds import fold_assignment, write_split_file  # the shard reader imports torch
+    from vascdist.data.shards import load_index
+    index = load_index(cfg.data.shards)
+    entries = []
+    for part in fold_assignment(index, folds, repeats, seed, cfg.preprocess.split.val_fraction):
+        name = fold_name(part["repeat"], part["fold"])
+        split_file = cv_dir / "splits" / f"{name}.json"
+        write_split_file(split_file, cfg.data.shards, part)
+        entries.append({"name": name, "repeat": part["repeat"], "fold": part["fold"], "dir": name,
+                        "split_file": str(split_file), "patients": {s: len(part[s]) for s in ("train", "val", "test")}})
+    plan = {**wanted, "classes": index["classes"], "shards": str(Path(cfg.data.shards).resolve()), "entries": entries}
+    cv_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cv_dir / PLAN, plan)
+    return cv_dir, plan
+
+
+def fold_overrides(plan: dict, entry: dict) -> list[str]:
+    return [*plan["overrides"], f"data.split_file={entry['split_file']}"]
+
+
+def run_local(cv_dir: Path, plan: dict, quiet: bool = True) -> None:
+    """Every unfinished fold in this process, one after another; a failing fold is recorded and skipped."""
+    from vascdist.runner import run_training
+    failures_path = cv_dir / FAILURES
+    failures = json.loads(failures_path.read_text()) if failures_path.is_file() else {}
+    for entry in plan["entries"]:
+        run_dir = cv_dir / entry["dir"]
+        if RunLayout(run_dir).test_metrics.is_file():
+            print(f"{entry['name']}: finished before, kept", flush=True)
+            continue
+        print(f"{entry['name']}: training ({entry['patients']['train']} train / {entry['patients']['val']} val / "
+              f"{entry['patients']['test']} test patients) in {run_dir}", flush=True)
+        try:
+            summary = run_training(plan["config"], fold_overrides(plan, entry), resume="auto", run_dir=str(run_dir),
+                                   quiet=quiet)
+        except Exception as exc:  # one fold failing must not lose the others; the reason goes to the report
+            failures[entry["name"]] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            print(f"{entry['name']}: FAILED ({failures[entry['name']]})", flush=True)
+            if not isinstance(exc, VascdistError):
+                traceback.print_exc()
+        else:
+            if summary["stopped"]:
+                failures[entry["name"]] = f"stopped at step {summary['step']}; re-run `vascdist cv` to resume"
+            else:
+                failures.pop(entry["name"], None)
+        atomic_write_json(failures_path, failures)

@@ -1,0 +1,209 @@
+"""What the loop, `vascdist evaluate` and the summary table report about one split, beyond the point metrics:
+the split's size (patients / recordings / cycles per class), a bootstrap interval on every metric
+(vascdist.train.bootstrap), and the table that shows them as `0.85 [0.72-0.96]`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from vascdist.config import EvalConfig
+from vascdist.train.bootstrap import bootstrap_intervals, interval_scalars, with_intervals
+from vascdist.train.calibration import calibrate_split, calibration_slope_intercept, render_reliability, save_png
+from vascdist.train.metrics import LEVELS, level_predictions
+
+
+def split_counts(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool) -> dict[str, dict[str, int]]:
+    """{'patients' | 'recordings' | 'cycles': {class: count}} of the split the arrays hold (a patient or
+    recording with several labels counts under its largest, as in metrics.aggregate_by_group)."""
+    y = np.asarray(arrays["y"]).astype(np.int64)
+    if per_beat:
+        return {"cycles": dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))}
+    levels = level_predictions(arrays["probs"], y, arrays["recording"], arrays["patient"])
+    names = {"cycle": "cycles", "recording": "recordings", "patient": "patients"}
+    return {names[lv]: dict(zip(classes, np.bincount(levels[lv][1], minlength=len(classes)).tolist()))
+            for lv in ("patient", "recording", "cycle")}
+
+
+def split_intervals(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool, metrics: dict,
+                    cfg: EvalConfig) -> dict[str, tuple[float, float]]:
+    """Bootstrap intervals of `metrics` (a split_metrics result; its thresholds are kept); {} when
+    eval.bootstrap_resamples is 0 or the split is empty."""
+    if cfg.bootstrap_resamples == 0 or len(arrays["y"]) == 0:
+        return {}
+    levels = ("cycle",) if per_beat else LEVELS
+    thresholds = {lv: metrics[f"{lv}/threshold"] for lv in levels} if len(classes) == 2 else None
+    if per_beat:  # beats carry no patients: each beat is its own unit of resampling
+        ids = np.arange(len(arrays["y"]))
+        recording, patient = ids, ids
+    else:
+        recording, patient = arrays["recording"], arrays["patient"]
+    return bootstrap_intervals(arrays["probs"], arrays["y"], recording, patient, classes, thresholds,
+                               cfg.bootstrap_resamples, cfg.bootstrap_seed, cfg.confidence, levels)
+
+
+def save_predictions(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """The split's predictions as an .npz (written atomically)."""
+    from vascdist.fileio import atomic_write
+    keep = {k: np.asarray(arrays[k]) for k in ("probs", "y", "recording", "patient") if k in arrays}
+    atomic_write(path, lambda fh: np.savez(fh, **keep))
+
+
+def validation_metrics(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool,
+                       cfg: EvalConfig) -> tuple[dict[str, np.ndarray], dict, float]:
+    """Validation: (arrays after eval.calibrate, their metrics with thresholds by eval.threshold, temperature)."""
+    from vascdist.train.evaluate import split_metrics
+    from vascdist.train.thresholds import ThresholdRule
+    arrays, temperature = calibrate_split(arrays, cfg.calibrate)
+    metrics = split_metrics(arrays, classes, per_beat, rule=ThresholdRule.parse(cfg.threshold),
+                            min_patients=cfg.min_patients_per_class)
+    if cfg.calibrate != "none":
+        metrics["temperature"] = temperature
+    return arrays, metrics, temperature
+
+
+def test_metrics(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool, thresholds: dict | None,
+                 temperature: float) -> tuple[dict[str, np.ndarray], dict]:
+    """Test (or any split after validation): (arrays at the validation temperature, metrics at its thresholds)."""
+    from vascdist.train.calibration import with_temperature
+    from vascdist.train.evaluate import split_metrics
+    arrays = with_temperature(arrays, temperature)
+    metrics = split_metrics(arrays, classes, per_beat, thresholds)
+    if temperature != 1.0:
+        metrics["temperature"] = temperature
+    return arrays, metrics
+
+
+def level_arrays(arrays: dict[str, np.ndarray], per_beat: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{level: (probs, labels)} of the split (cycles only for beats)."""
+    if per_beat:
+        return {"cycle": (np.asarray(arrays["probs"]), np.asarray(arrays["y"]))}
+    return level_predictions(arrays["probs"], arrays["y"], arrays["recording"], arrays["patient"])
+
+
+def calibration_metrics(levels: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """'<level>/calibration_slope' and '<level>/calibration_intercept' (binary only; see calibration.py)."""
+    out = {}
+    for level, (probs, labels) in levels.items():
+        if probs.shape[1] == 2:
+            slope, intercept = calibration_slope_intercept(probs[:, 1], labels)
+            out.update({f"{level}/calibration_slope": slope, f"{level}/calibration_intercept": intercept})
+    return out
+
+
+def assess_split(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool, metrics: dict,
+                 cfg: EvalConfig) -> dict:
+    """{'intervals': {key: (lo, hi)}, 'counts': split_counts, 'calibration': calibration_metrics, 'levels':
+    level_arrays, 'record': metrics with {value, lo, hi} plus counts and calibration (the JSON form)}."""
+    intervals = split_intervals(arrays, classes, per_beat, metrics, cfg)
+    counts = split_counts(arrays, classes, per_beat)
+    levels = level_arrays(arrays, per_beat)
+    calibration = calibration_metrics(levels)
+    record = {**with_intervals(metrics, intervals), **calibration, "counts": counts, "confidence": cfg.confidence}
+    return {"intervals": intervals, "counts": counts, "calibration": calibration, "levels": levels, "record": record}
+
+
+def reliability_image(assessed: dict, metrics: dict, title: str) -> np.ndarray:
+    """The reliability diagram of an assessed split, each panel noting ECE, Brier, slope and intercept."""
+    notes = {}
+    for level in assessed["levels"]:
+        parts = [f"ECE {metrics.get(f'{level}/ece', float('nan')):.3f}",
+                 f"Brier {metrics.get(f'{level}/brier', float('nan')):.3f}"]
+        if f"{level}/calibration_slope" in assessed["calibration"]:
+            parts.append(f"slope {assessed['calibration'][f'{level}/calibration_slope']:.2f}")
+            parts.append(f"int. {assessed['calibration'][f'{level}/calibration_intercept']:.2f}")
+        notes[level] = "\n".join(["  ".join(parts[:2]), "  ".join(parts[2:])])
+    return render_reliability(assessed["levels"], title, notes)
+
+
+def log_split(log, step: int, split: str, arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool,
+              metrics: dict, cfg: EvalConfig, save_dir=None, **fields) -> dict:
+    """Assess a split and log it: TensorBoard scalars '<split>/<key>' (value) and '<split>/<key>/lo|hi', the
+    calibration scalars, the image '<split>/reliability', and one metrics.jsonl record with {value, lo, hi} per
+    metric. With `save_dir` (the main rank's run directory) also <split>_reliability.png and the predictions,
+    <split>_predictions.npz (probs, y, recording, patient; what `vascdist cv` pools and the report plots).
+    Returns assess_split's result."""
+    assessed = assess_split(arrays, classes, per_beat, metrics, cfg)
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    scalars.update(interval_scalars(metrics, assessed["intervals"]))
+    scalars.update(assessed["calibration"])
+    log.scalars(step, {f"{split}/{k}": v for k, v in scalars.items()})
+    if log.active or save_dir is not None:
+        image = reliability_image(assessed, metrics, f"{split}: reliability (step {step})")
+        log.image(f"{split}/reliability", step, image)
+        if save_dir is not None:
+            save_png(image, Path(save_dir) / f"{split}_reliability.png")
+            save_predictions(Path(save_dir) / f"{split}_predictions.npz", arrays)
+    log.jsonl({"step": step, **fields, "split": split, **assessed["record"]})
+    return assessed
+
+
+# --------------------------------------------------------------------------------------------- the table
+def format_value(value, interval: tuple[float, float] | None = None) -> str:
+    """'0.85 [0.72-0.96]', '0.85' without an interval, 'n/a' for NaN / None, integers as they are."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    if interval is None or any(math.isnan(b) for b in interval):
+        return f"{value:.2f}"
+    return f"{value:.2f} [{interval[0]:.2f}-{interval[1]:.2f}]"
+
+
+def table_rows(classes: list[str]) -> list[str]:
+    """The metrics the summary table shows, one row each."""
+    if len(classes) == 2:
+        return ["balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "auroc", "auprc", "ece",
+                "brier", "n"]
+    per_class = [f"{m}/{c}" for c in classes for m in ("sensitivity", "ppv")]
+    return ["balanced_accuracy", "accuracy", "macro_f1", "macro_auroc", "macro_auprc", "ece", "brier", *per_class, "n"]
+
+
+def describe_counts(counts: dict[str, dict[str, int]]) -> str:
+    """'12 patients (7 normal / 5 stenosis), 35 recordings (20 / 15), 1234 cycles (700 / 534)'."""
+    parts = []
+    for i, (unit, per_class) in enumerate(counts.items()):
+        split = " / ".join(f"{n} {c}" if i == 0 else str(n) for c, n in per_class.items())
+        parts.append(f"{sum(per_class.values())} {unit} ({split})")
+    return ", ".join(parts)
+
+
+def describe_excluded(metrics: dict) -> str:
+    """'excluded in preprocessing: 2 recordings, 1 patient' (data.shards.excluded_counts: left out of the split,
+    with no prediction; the reasons are in the metrics JSON); '' when the metrics do not count them."""
+    if "recording/excluded" not in metrics:
+        return ""
+    return (f"excluded in preprocessing: {metrics['recording/excluded']} recordings, "
+            f"{metrics.get('patient/excluded', 0)} patients")
+
+
+def format_table(metrics: dict, classes: list[str], intervals: dict | None = None, counts: dict | None = None,
+                 confidence: float = 0.95) -> str:
+    """Metrics as rows, levels as columns, each cell `value [lo-hi]`."""
+    intervals = intervals or {}
+    levels = [lv for lv in LEVELS if f"{lv}/accuracy" in metrics]
+    lines = []
+    excluded = describe_excluded(metrics)
+    if counts:
+        lines.append(f"n = {describe_counts(counts)}" + (f"; {excluded}" if excluded else ""))
+    elif excluded:
+        lines.append(excluded)
+    if intervals:
+        lines.append(f"[{100 * confidence:.0f} % interval: bootstrap over patients]")
+    width = max(len(r) for r in table_rows(classes)) + 2
+    lines.append(f"{'':<{width}}" + "".join(f"{lv:>20}" for lv in levels))
+    rows = table_rows(classes)
+    if any(f"{lv}/calibration_slope" in metrics for lv in levels):
+        rows = rows[:-1] + ["calibration_slope", "calibration_intercept", rows[-1]]
+    if any(f"{lv}/threshold" in metrics for lv in levels):
+        rows = rows + ["threshold"]
+    for row in rows:
+        cells = [format_value(metrics.get(f"{lv}/{row}"), intervals.get(f"{lv}/{row}")) for lv in levels]
+        lines.append(f"{row:<{width}}" + "".join(f"{c:>20}" for c in cells))
+    if "threshold_rule" in metrics:
+        lines.append(f"threshold rule: {metrics['threshold_rule']}")
+    if "temperature" in metrics:
+        lines.append(f"temperature scaling: T = {metrics['temperature']:.3f} (fitted on validation)")
+    return "\n".join(lines)
