@@ -6,6 +6,8 @@ tree from defaults, YAML and overrides and calls those checks.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 from vascdist.config.batch import batch_sizes
@@ -249,6 +251,10 @@ class OptimConfig:
     """AdaBound: convergence speed of the bounds."""
 
     def check(self, key: str) -> None:
+        # Ranges every optimiser shares; its name and the options only one optimiser takes are checked by the
+        # registry in train/optim.py (config/checks.py asks it before any work starts).
+        _require(math.isfinite(self.lr), f"{key}.lr", f"must be finite, got {self.lr}")
+        _require(self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
         _require(0 <= self.momentum < 1, f"{key}.momentum", "must be in [0, 1)")
         _require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{key}.betas",

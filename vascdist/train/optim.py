@@ -72,13 +72,10 @@ OPTIMIZERS: dict[str, Callable[[OptimConfig, list], Optimizer]] = {
 
 
 def check_optim_config(cfg: OptimConfig, key: str = "optim") -> None:
-    """The optimiser checks that need no model: the name, a finite lr, and the options only one optimiser takes."""
+    """The optimiser checks that need no model: the name and the options only one optimiser takes (the lr's range is
+    checked at config load, schema.py)."""
     if cfg.name not in OPTIMIZERS:
         raise ConfigError(f"config key '{key}.name' must be one of {', '.join(OPTIMIZERS)}; got '{cfg.name}'")
-    if not math.isfinite(cfg.lr):
-        raise ConfigError(f"config key '{key}.lr' must be finite, got {cfg.lr}")
-    if not cfg.lr > 0:
-        raise ConfigError(f"config key '{key}.lr' must be > 0, got {cfg.lr}")
     if cfg.name == "sgd" and cfg.nesterov and cfg.momentum == 0:
         raise ConfigError(f"config key '{key}.nesterov' needs optim.momentum > 0")
     if cfg.name == "adabound":
