@@ -34,7 +34,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vascdist.data.loader import EpochPlan, ShardStream, StreamingLoader
+from vascdist.data.loader import EpochPlan, EpochPosition, ShardStream
 from vascdist.data.reader import INT_FIELDS, WindowReader
 from vascdist.errors import ConfigError, VascdistError
 
@@ -234,7 +234,7 @@ class ShardBatches(IterableDataset):
         return buffers.fill(s, batch, index) if s is not None else Batch(batch, index)
 
 
-class WorkerLoader:
+class WorkerLoader(EpochPosition):
     """StreamingLoader's interface (len, set_epoch, state_dict, iteration) over a stock torch DataLoader."""
 
     def __init__(self, stream: ShardStream, workers: int = 2, prefetch_factor: int = 2, persistent_workers: bool = True,
@@ -251,20 +251,6 @@ class WorkerLoader:
         self.epoch, self.batches = 0, 0  # global batches consumed in `epoch`
         self._out: list[tuple[StorageWeakRef, tuple[int, int, int]]] = []  # batches handed out in shared buffers
         self._running: _Epoch | None = None
-
-    def __len__(self) -> int:
-        return self.stream.batches_per_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.batches = epoch, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches, "global_batch": self.stream.global_batch,
-                "num_samples": self.stream.num_samples, "seed": self.stream.seed, "split": self.stream.split}
-
-    def load_state_dict(self, state: dict) -> None:
-        StreamingLoader.load_state_dict(self, state)  # the same checks and fields
 
     def close(self) -> None:
         """Stop the iteration in progress and its worker processes."""

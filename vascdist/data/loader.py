@@ -213,7 +213,33 @@ class _Stop(Exception):
     pass
 
 
-class StreamingLoader:
+class EpochPosition:
+    """Where a loader is in the epoch (epoch, batches consumed), saved and checked on resume: what both loaders
+    (StreamingLoader here, WorkerLoader over a torch DataLoader) keep the same way. Needs `self.stream`."""
+
+    def __len__(self) -> int:
+        return self.stream.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches, "global_batch": self.stream.global_batch,
+                "num_samples": self.stream.num_samples, "seed": self.stream.seed, "split": self.stream.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["global_batch"] != self.stream.global_batch:
+            raise ConfigError(f"data.batch_size (global) is {self.stream.global_batch} but the checkpoint was taken with "
+                              f"{state['global_batch']}; resume with data.batch_size={state['global_batch']} "
+                              "(any number of ranks that divides it works)")
+        if state["num_samples"] != self.stream.num_samples or state["seed"] != self.stream.seed:
+            raise ConfigError(f"the {state['split']} split has {self.stream.num_samples} samples (seed {self.stream.seed}) but "
+                              f"the checkpoint saw {state['num_samples']} (seed {state['seed']}); resume on the same shards and train.seed")
+        self.epoch, self.batches = state["epoch"], state["batches"]
+
+
+class StreamingLoader(EpochPosition):
     """Batches for one rank (dicts of tensors; x is float16 as stored), resumable mid-epoch through state_dict()."""
 
     def __init__(self, stream: ShardStream, threads: int = 0, windows_ahead: int = 2, pin_memory: bool = False):
@@ -247,27 +273,6 @@ class StreamingLoader:
             self.close()
         except Exception:
             pass
-
-    def __len__(self) -> int:
-        return self.stream.batches_per_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.batches = epoch, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches, "global_batch": self.stream.global_batch,
-                "num_samples": self.stream.num_samples, "seed": self.stream.seed, "split": self.stream.split}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["global_batch"] != self.stream.global_batch:
-            raise ConfigError(f"data.batch_size (global) is {self.stream.global_batch} but the checkpoint was taken with "
-                              f"{state['global_batch']}; resume with data.batch_size={state['global_batch']} "
-                              "(any number of ranks that divides it works)")
-        if state["num_samples"] != self.stream.num_samples or state["seed"] != self.stream.seed:
-            raise ConfigError(f"the {state['split']} split has {self.stream.num_samples} samples (seed {self.stream.seed}) but "
-                              f"the checkpoint saw {state['num_samples']} (seed {state['seed']}); resume on the same shards and train.seed")
-        self.epoch, self.batches = state["epoch"], state["batches"]
 
     def _pieces(self):
         """Every piece of the rest of the epoch, in order: read here, or by `threads` reader threads ahead of use."""
