@@ -14,7 +14,7 @@ from conftest import run_cli
 from vascdist.errors import ConfigError
 from vascdist.inference import calibrated
 from vascdist.train import calibration
-from vascdist.train.checkpoint import CheckpointManager
+from vascdist.train.state import CheckpointManager
 from vascdist.train.evaluate import split_metrics
 from vascdist.train.metrics import expected_calibration_error
 from vascdist.train.thresholds import ThresholdRule
