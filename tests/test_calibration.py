@@ -115,7 +115,7 @@ def test_predict_applies_the_checkpoint_temperature():
 def test_training_with_temperature_and_a_sensitivity_target(shards_dir, tmp_path):
     run = tmp_path / "run"
     result = run_cli("train", "quickstart", f"data.shards={shards_dir}", "data.synth_patients=0", "data.batch_size=16",
-                     "data.num_workers=0", "model.width=0.125", "train.epochs=1", "train.max_steps=30",
+                     "data.reader_threads=0", "model.width=0.125", "train.epochs=1", "train.max_steps=30",
                      "train.eval_every=15", "eval.calibrate=temperature", "eval.threshold=sensitivity:0.9",
                      "eval.min_patients_per_class=1", "eval.bootstrap_resamples=200", "--run-dir", str(run), "--quiet",
                      env={"OMP_NUM_THREADS": "1"})

@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli
 from vascdist.data.shards import load_index
 
-FAST = ["data.batch_size=16", "data.num_workers=0", "model.width=0.125", "model.norm=group", "train.epochs=1",
+FAST = ["data.batch_size=16", "data.reader_threads=0", "model.width=0.125", "model.norm=group", "train.epochs=1",
         "train.max_steps=20", "train.eval_every=10", "eval.bootstrap_resamples=200", "eval.min_patients_per_class=1",
         "train.device=cpu"]
 

@@ -34,7 +34,7 @@ def _write_index(root, index, seal=False):
 
 def _train_overrides(shards, tmp_path, *extra):
     return [f"data.shards={shards}", f"run.out_dir={tmp_path / 'runs'}", "run.name=t", "model.name=resnet18",
-            "model.width=0.125", "data.batch_size=16", "data.num_workers=1", "train.epochs=1", "train.device=cpu",
+            "model.width=0.125", "data.batch_size=16", "data.reader_threads=1", "train.epochs=1", "train.device=cpu",
             *extra]
 
 

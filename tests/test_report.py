@@ -47,7 +47,7 @@ def parse(path) -> Page:
 def test_train_writes_a_run_report(shards_dir, tmp_path):
     run = tmp_path / "run"
     result = run_cli("train", "quickstart", f"data.shards={shards_dir}", "data.synth_patients=0", "data.batch_size=16",
-                     "data.num_workers=0", "model.width=0.125", "train.epochs=2", "train.max_steps=40",
+                     "data.reader_threads=0", "model.width=0.125", "train.epochs=2", "train.max_steps=40",
                      "train.eval_every=10", "eval.bootstrap_resamples=100", "eval.min_patients_per_class=1",
                      "--run-dir", str(run), "--quiet", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]

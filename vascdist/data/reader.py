@@ -167,9 +167,7 @@ class WindowReader:
                     run = [places[j] if j >= 0 else self.scratch for j in here[a:b].tolist()]
                     _preadv_all(fd, run, offset + int(a) * n, int(b - a) * n)
                 for k in _STAGED:
-                    span = memoryview(self.ints[k][bounds[i]:bounds[i + 1]]).cast("B")
-                    _preadv_all(fd, [span], self.layout.offset(chunk.file, k, chunk.start), len(span))
-                    self.layout.check(chunk.file, k, chunk.start, span)
+                    self._read_checked(fd, chunk, k, self.ints[k][bounds[i]:bounds[i + 1]])
         except OSError as exc:
             raise DataError(f"{self.root / chunk.file}: cannot read samples {chunk.start}-{chunk.stop} ({exc}); "
                             f"check the shard set with `vascdist shards verify {self.root}`") from None
@@ -189,6 +187,24 @@ class WindowReader:
             # block until the asynchronous copy to the GPU has finished; the pool below cannot know when it has.
             xs = [x.pin_memory() for x in xs]
         return xs, {k: self.ints[k][rows] for k in INT_FIELDS}
+
+    def _read_checked(self, fd: int, chunk: Chunk, name: str, out: np.ndarray) -> None:
+        """Read the integer field `name` of `chunk` into `out`, checked against its chunk's crc32.
+
+        A segment that starts or ends inside its HDF5 chunk (a cross-validation fold's patients, vascdist.data.folds)
+        reads the whole chunk, because the checksum covers the whole chunk, and keeps its part."""
+        size = self.layout.chunk_size
+        first = chunk.start - chunk.start % size
+        last = min(first + size, self.layout.samples[chunk.file])
+        if chunk.stop > last:
+            raise DataError(f"{self.root / chunk.file}: a read of samples {chunk.start}-{chunk.stop} crosses the chunk "
+                            f"of samples {first}-{last}")
+        whole = out if (first, last) == (chunk.start, chunk.stop) else np.empty(last - first, np.int64)
+        data = memoryview(whole).cast("B")
+        _preadv_all(fd, [data], self.layout.offset(chunk.file, name, first), len(data))
+        self.layout.check(chunk.file, name, first, data)
+        if whole is not out:
+            out[:] = whole[chunk.start - first:chunk.stop - first]
 
     def batch_buffer(self, n: int) -> tuple[torch.Tensor, list[memoryview]]:
         """An uninitialised float16 (n, *sample_shape) tensor for one batch (piece), and a writable view of each row.

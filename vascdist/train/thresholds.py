@@ -11,7 +11,7 @@ fewer than eval.min_patients_per_class patients of some class the rule falls bac
 
 from __future__ import annotations
 
-import warnings
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,10 +80,16 @@ def fallback_reason(patients_per_class: dict[str, int], min_patients: int) -> st
     return f"validation has {listed} patient(s), fewer than eval.min_patients_per_class={min_patients}"
 
 
+_WARNED: set[str] = set()
+
+
 def resolve(rule: ThresholdRule, patients_per_class: dict[str, int], min_patients: int) -> tuple[ThresholdRule, str]:
     """(the rule to apply, its description for the table); a fallback to fixed 0.5 is warned about."""
     reason = fallback_reason(patients_per_class, min_patients) if rule.kind != "fixed" else None
     if reason is None:
         return rule, f"{rule.describe()} on validation"
-    warnings.warn(f"threshold rule {rule.describe()} not applied: {reason}; using 0.5", stacklevel=2)
+    warning = f"warning: threshold rule {rule.describe()} not applied: {reason}; using 0.5"
+    if warning not in _WARNED:  # one line, once per process (it would repeat at every validation)
+        _WARNED.add(warning)
+        print(warning, file=sys.stderr, flush=True)
     return ThresholdRule("fixed", 0.5), f"fixed:0.5 (fallback from {rule.describe()}: {reason})"
