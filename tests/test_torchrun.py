@@ -153,3 +153,40 @@ def test_rendezvous_that_never_completes_ends_after_the_timeout(tmp_path):
     assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines()
                                                   if line.startswith("vascdist train: error: rank 0/2: process group init failed")]
     assert not (tmp_path / "runs").exists()  # nothing written before the group exists
+
+
+SHUTDOWN_CHECK = """
+import os, sys, types
+import torch
+from vascdist.dist import init_distributed, shutdown, wrap_ddp
+
+def threads():
+    return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+
+def one_step(env):  # what train() does with the group: DDP (which imports torch._dynamo) and a backward
+    cfg = types.SimpleNamespace(bucket_cap_mb=25, gradient_as_bucket_view=True, static_graph=False)
+    model = wrap_ddp(torch.nn.Linear(4, 2), env, cfg)
+    model(torch.ones(3, 4)).sum().backward()
+
+before = threads()
+env = init_distributed("cpu", timeout_s=60)
+one_step(env)
+shutdown(env)
+after = threads()
+print(f"rank {env.rank}: threads before the group {before}, after shutdown {after}", flush=True)
+sys.exit(0 if after == before else 1)
+"""
+
+
+def test_shutdown_joins_the_process_group_threads_after_ddp(tmp_path):
+    """gloo's threads must be gone when shutdown() returns: alive into interpreter finalization, a thread that takes
+    the GIL aborts the finished worker ("terminate called without an active exception", exit -6), failing its job."""
+    script = tmp_path / "check.py"
+    script.write_text(SHUTDOWN_CHECK)
+    port = free_port()
+    ranks = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for rank in (0, 1)]
+    outputs = [p.communicate(timeout=120)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]

@@ -108,16 +108,31 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> D
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         try:
-            torch_dist.init_process_group(backend, store=rendezvous_store(rank, world_size, timeout), rank=rank,
-                                          world_size=world_size, timeout=timeout,
-                                          device_id=device if device.type == "cuda" else None)
+            _init_process_group(backend, store=rendezvous_store(rank, world_size, timeout), rank=rank,
+                                world_size=world_size, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
         except Exception as exc:  # a rendezvous that never completes ends here after the timeout
             raise VascdistError(f"rank {rank}/{world_size}: process group init failed via "
                                 f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({exc})") from None
     return DistEnv(rank, world_size, local_rank, device, launcher)
 
 
+def _init_process_group(backend: str, **kwargs) -> None:
+    """torch's init_process_group, with torch.distributed.nn imported first.
+
+    torch.distributed.nn.functional's collectives take `group=group.WORLD` as a default argument, evaluated at
+    import. DistributedDataParallel imports that module (through torch._dynamo); imported after the default group
+    exists, its defaults hold that group for good: destroy_process_group cannot free it, and gloo's threads live on
+    into interpreter finalization, where a thread that takes the GIL aborts the process with "terminate called
+    without an active exception" (exit -6: a worker that finished its work fails its torchrun or SLURM job now and
+    then). Imported before, the defaults are None, and shutdown() joins those threads.
+    """
+    import torch.distributed.nn  # noqa: F401 (see above; fast: torch.distributed is loaded already)
+    torch_dist.init_process_group(backend, **kwargs)
+
+
 def shutdown(env: DistEnv) -> None:
+    """Destroy the process group while the interpreter is fully alive, so that its threads are joined here."""
     if env.distributed and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 
@@ -218,7 +233,7 @@ def ensure_process_group(env: DistEnv) -> None:
     """A process group even for one process (DeepSpeed needs one; vascdist itself makes one only for several)."""
     if not torch_dist.is_initialized():
         backend = "nccl" if env.device.type == "cuda" else "gloo"
-        torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+        _init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
 
 
 def broadcast_buffers(module: nn.Module, env: DistEnv) -> None:
