@@ -34,6 +34,19 @@ def shards_dir(synth_dir, tmp_path_factory) -> Path:
     return out
 
 
+def stream_with_a_broken_shard(shards_dir: Path, tmp_path: Path, batch_size: int):
+    """A training ShardStream over a copy of `shards_dir` whose last-read shard is no HDF5 file; and its name."""
+    import shutil
+
+    from vascdist.data.loader import ShardStream
+    copy = tmp_path / "shards"
+    shutil.copytree(shards_dir, copy)
+    stream = ShardStream(copy, "train", batch_size, seed=3, shuffle_chunks=1)
+    victim = stream.chunks[-1].file
+    (copy / victim).write_bytes(b"not hdf5")
+    return stream, victim
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `vascdist ARGS` in a real subprocess."""
     return subprocess.run([sys.executable, "-m", "vascdist.cli", *args], capture_output=True, text=True,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, stream_with_a_broken_shard
 from vascdist.data.dataloader import ShardBatches, WorkerLoader
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.errors import VascdistError
@@ -113,12 +113,7 @@ def test_leaving_an_epoch_early_and_a_newer_iteration(shards_dir):
 
 
 def test_a_worker_error_reaches_the_training_process(shards_dir, tmp_path):
-    import shutil
-    copy = tmp_path / "shards"
-    shutil.copytree(shards_dir, copy)
-    s = ShardStream(copy, "train", B, seed=3, shuffle_chunks=1)
-    victim = s.chunks[-1].file
-    (copy / victim).write_bytes(b"not hdf5")
+    s, victim = stream_with_a_broken_shard(shards_dir, tmp_path, B)
     with pytest.raises(Exception, match=f"{victim}: cannot read the shard"):
         list(WorkerLoader(s, workers=2))
 

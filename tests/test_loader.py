@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import stream_with_a_broken_shard
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.data.shards import load_index
 from vascdist.data.transform import InputTransform
@@ -141,12 +142,7 @@ def test_leaving_an_epoch_early_stops_the_reader_threads(shards_dir):
 
 
 def test_a_reader_error_reaches_the_consumer(shards_dir, tmp_path):
-    import shutil
-    copy = tmp_path / "shards"
-    shutil.copytree(shards_dir, copy)
-    stream = ShardStream(copy, "train", B, seed=3, shuffle_chunks=1)
-    victim = stream.chunks[-1].file
-    (copy / victim).write_bytes(b"not hdf5")
+    stream, victim = stream_with_a_broken_shard(shards_dir, tmp_path, B)
     with pytest.raises(DataError, match=f"{victim}: cannot read the shard"):
         list(StreamingLoader(stream, threads=2))
 
