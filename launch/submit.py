@@ -155,8 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Options anywhere; anything else with '=' is an override; unknown options are an error naming the valid ones."""
-    parser = build_parser()
+    return parse_with_overrides(build_parser(), argv)
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Options anywhere; anything else with '=' is an override; unknown options are an error naming the valid ones.
+
+    `parser` has a `config` (optional) and an `overrides` (nargs='*') positional (`vascdist submit`, `vascdist cv`)."""
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown:

@@ -12,9 +12,6 @@ aggregate.json, and summarised in report.html.
 from __future__ import annotations
 
 import argparse
-import json
-
-from vascdist.errors import VascdistError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,15 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
-    if unknown:
-        raise VascdistError(f"unknown option(s) {' '.join(unknown)}; see `vascdist cv --help`")
-    if args.config is not None and "=" in args.config:
-        args.overrides, args.config = [args.config] + args.overrides, None
-    args.overrides = list(args.overrides) + extra
-    return args
+    from launch.submit import parse_with_overrides
+    return parse_with_overrides(build_parser(), argv)
 
 
 def report(cv_dir) -> dict:
