@@ -10,6 +10,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -18,6 +19,15 @@ from typing import Any, BinaryIO, Callable
 def temp_path(path: Path) -> Path:
     """A fresh temp name beside `path` (what `atomic_write` writes to before the rename)."""
     return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+_TEMP_NAME = re.compile(r"^\.(.+)\.\d+\.[0-9a-f]{8}\.tmp$")  # the names temp_path makes
+
+
+def temp_target(name: str) -> str | None:
+    """The file name whose `temp_path` `name` is (a leftover of an interrupted `atomic_write`); None otherwise."""
+    match = _TEMP_NAME.match(name)
+    return match.group(1) if match else None
 
 
 def fsync_dir(directory: Path) -> None:

@@ -23,6 +23,11 @@ STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 BEST_FILE = "best.pt"
 
 
+def step_stem(step: int) -> str:
+    """The name of step `step`'s checkpoint without '.pt' (also its DeepSpeed tag directory)."""
+    return f"step-{step:08d}"
+
+
 def step_files(directory: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every step file in `directory`, oldest step first; temp files and best.pt are not listed."""
     directory = Path(directory)

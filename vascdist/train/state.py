@@ -1,9 +1,9 @@
-"""What a run is on disk and what a restart restores: the run-directory layout and the TrainState.
+"""What a restart restores, and the checkpoint directory kept consistent: CheckpointManager and TrainState.
 
-`RunLayout` is the one owner of every name in a run directory: config.yaml, metrics.jsonl, tb/, the test
-outputs, and checkpoints/ with its step files (``step-00000040.pt``), ``best.pt`` and DeepSpeed tag directories
-(``checkpoints/deepspeed/step-00000040/``, written before the step file, which marks both complete).
-`CheckpointManager` keeps that checkpoint directory consistent after a kill at any instant:
+The names in a run directory belong to `RunLayout` (train/layout.py, importable without torch): step files
+(``step-00000040.pt``), ``best.pt`` and DeepSpeed tag directories (``checkpoints/deepspeed/step-00000040/``,
+written before the step file, which marks both complete). `CheckpointManager` keeps that checkpoint directory
+consistent after a kill at any instant:
 
 - every step file records the best step so far (``progress.best_step``), so a best.pt lost or left stale by a
   kill between writing the step file and copying it is recovered from the step file of the best step
@@ -30,11 +30,11 @@ from typing import Any
 import torch
 
 from vascdist.errors import VascdistError
-from vascdist.train.layout import BEST_FILE, RunLayout, step_files
+from vascdist.fileio import temp_target
+from vascdist.train.layout import BEST_FILE, STEP_FILE, RunLayout, step_files, step_stem
 from vascdist.train.checkpoint import (atomic_copy, atomic_torch_save, capture_rng_state, check_weights_only, load_file,
                                        restore_rng_state, try_load)
 
-TEMP_FILE = re.compile(r"^\.(step-\d+\.pt|best\.pt)\.\d+\.[0-9a-f]+\.tmp$")  # fileio.atomic_write's names
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = re.compile(r"^step-(\d+)$")
 
@@ -73,7 +73,7 @@ def model_weights(state: dict) -> dict:
 
 def deepspeed_tag(step: int) -> str:
     """The DeepSpeed tag (directory name) of the checkpoint of `step`: the step file's name without '.pt'."""
-    return f"step-{step:08d}"
+    return step_stem(step)
 
 
 def deepspeed_root(checkpoint_dir: str | Path) -> Path:
@@ -107,7 +107,7 @@ class CheckpointManager:
         self.weights_only = weights_only
 
     def step_path(self, step: int) -> Path:
-        return self.directory / f"step-{step:08d}.pt"
+        return self.directory / f"{step_stem(step)}.pt"
 
     @property
     def best_path(self) -> Path:
@@ -156,7 +156,8 @@ class CheckpointManager:
     def _remove_stale_temp_files(self) -> None:
         """Temp files left by a crash or a kill mid-write; safe now because our own writes are finished."""
         for path in self.directory.iterdir():
-            if TEMP_FILE.match(path.name):
+            target = temp_target(path.name)
+            if target is not None and (target == BEST_FILE or STEP_FILE.match(target)):
                 path.unlink(missing_ok=True)
 
     def load(self, path: str | Path, map_location: Any = "cpu") -> dict:
