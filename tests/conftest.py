@@ -15,6 +15,21 @@ from vascdist.data.preprocess import preprocess
 from vascdist.data.synth import synthesize
 
 REPO = Path(__file__).resolve().parent.parent
+# The shared real recordings: ../shared/realdata beside the checkout (two stethoscope recordings of one
+# hemodialysis access, arterial and venous side, with their README), present on the project's machines only.
+REALDATA = REPO.parent / "shared" / "realdata" / "vascular-access"
+
+
+@pytest.fixture
+def real_recordings() -> Path:
+    """The folder of the shared real recordings. A test that takes this fixture is skipped, with a reason naming
+    the missing folder, where it is absent (a clean clone); under VASCDIST_REQUIRE_REALDATA=1 (CI) it fails."""
+    if not REALDATA.is_dir():
+        reason = f"real recordings not found: {REALDATA} (../shared/realdata beside the checkout)"
+        if os.environ.get("VASCDIST_REQUIRE_REALDATA") == "1":
+            pytest.fail(f"{reason}; VASCDIST_REQUIRE_REALDATA=1 requires them")
+        pytest.skip(reason)
+    return REALDATA
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ period only at true autocorrelation peaks, periodicity score, aperiodic fallback
 import csv
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from vascdist.data.synth import draw_patient, render_recording, synthesize
 from vascdist.errors import DataError
 
 AUDIO, CYCLES = AudioConfig(), CycleConfig()
-REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "realdata" / "vascular-access"  # ../shared beside the checkout
 # The README there: 65-72 bpm, about 41-45 cycles in each 37.5-s file (arterial strongly, venous weakly periodic).
 REAL_BPM, REAL_CYCLES = (65.0, 72.0), (41, 45)
 
@@ -88,10 +86,10 @@ def test_clear_recording_is_tracked_beat_for_beat():
 
 
 @pytest.mark.parametrize("name", ["arterial", "venous"])
-def test_shared_real_recordings(name):
+def test_shared_real_recordings(name, real_recordings):
     """The measured failure: 117 'cycles' at 194 bpm in the arterial file. Now the heart rate of the README,
     and a cycle count within 10 % of its reference."""
-    signal = load_audio(REAL / f"{name}_20190923.wav", AUDIO)
+    signal = load_audio(real_recordings / f"{name}_20190923.wav", AUDIO)
     seg = segment(signal, AUDIO.sample_rate, CYCLES)
     print(f"{name}: {seg.heart_rate_bpm:.1f} bpm, periodicity {seg.periodicity:.2f}, {len(seg.onsets)} cycles")
     assert seg.periodic and REAL_BPM[0] <= seg.heart_rate_bpm <= REAL_BPM[1]
@@ -100,8 +98,8 @@ def test_shared_real_recordings(name):
     assert np.median(np.abs(intervals - seg.period_s)) < 0.1 * seg.period_s
 
 
-def test_arterial_is_more_periodic_than_venous():
-    scores = {n: segment(load_audio(REAL / f"{n}_20190923.wav", AUDIO), AUDIO.sample_rate, CYCLES).periodicity
+def test_arterial_is_more_periodic_than_venous(real_recordings):
+    scores = {n: segment(load_audio(real_recordings / f"{n}_20190923.wav", AUDIO), AUDIO.sample_rate, CYCLES).periodicity
               for n in ("arterial", "venous")}
     assert scores["arterial"] > scores["venous"] > CYCLES.min_periodicity
 

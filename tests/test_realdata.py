@@ -13,8 +13,7 @@ from conftest import run_cli
 from vascdist.inference import predict_files
 from vascdist.runner import run_training
 
-REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "realdata" / "vascular-access"  # ../shared beside the checkout
-REAL_FILES = [REAL / "arterial_20190923.wav", REAL / "venous_20190923.wav"]
+REAL_NAMES = ["arterial_20190923.wav", "venous_20190923.wav"]
 GAINS_DB = (-20.0, -12.0, -6.0, 6.0, 12.0)
 
 
@@ -39,8 +38,8 @@ def _gained(src: Path, out_dir: Path) -> list[Path]:
     return paths
 
 
-def test_probabilities_do_not_depend_on_gain(tiny_run, synth_dir, tmp_path):
-    sources = REAL_FILES + sorted((synth_dir / "wav").glob("*.wav"))[:2]
+def test_probabilities_do_not_depend_on_gain(tiny_run, synth_dir, tmp_path, real_recordings):
+    sources = [real_recordings / n for n in REAL_NAMES] + sorted((synth_dir / "wav").glob("*.wav"))[:2]
     moved = {}
     for src in sources:
         copies = _gained(src, tmp_path)
@@ -55,8 +54,8 @@ def test_probabilities_do_not_depend_on_gain(tiny_run, synth_dir, tmp_path):
     assert max(moved.values()) < 0.05
 
 
-def test_predict_reports_quality_warnings_and_a_patient_verdict(tiny_run, tmp_path):
-    result = run_cli("predict", str(tiny_run), *map(str, REAL_FILES), "--patient", "P1", "--json")
+def test_predict_reports_quality_warnings_and_a_patient_verdict(tiny_run, tmp_path, real_recordings):
+    result = run_cli("predict", str(tiny_run), *(str(real_recordings / n) for n in REAL_NAMES), "--patient", "P1", "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     for r in out["recordings"]:
@@ -95,9 +94,9 @@ def test_metrics_count_exclusions_and_report_sites(tiny_run, tmp_path):
     assert "per site (recording level)" in result.stdout
 
 
-def test_inspect_writes_one_picture(tmp_path):
+def test_inspect_writes_one_picture(tmp_path, real_recordings):
     out = tmp_path / "arterial.png"
-    result = run_cli("inspect", str(REAL_FILES[0]), "--out", str(out))
+    result = run_cli("inspect", str(real_recordings / REAL_NAMES[0]), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}" in result.stdout
     image = Image.open(out)
