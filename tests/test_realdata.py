@@ -38,7 +38,7 @@ def _gained(src: Path, out_dir: Path) -> list[Path]:
     return paths
 
 
-def test_probabilities_do_not_depend_on_gain(tiny_run, synth_dir, tmp_path, real_recordings):
+def test_probabilities_do_not_depend_on_gain(real_recordings, tiny_run, synth_dir, tmp_path):
     sources = [real_recordings / n for n in REAL_NAMES] + sorted((synth_dir / "wav").glob("*.wav"))[:2]
     moved = {}
     for src in sources:
@@ -54,7 +54,7 @@ def test_probabilities_do_not_depend_on_gain(tiny_run, synth_dir, tmp_path, real
     assert max(moved.values()) < 0.05
 
 
-def test_predict_reports_quality_warnings_and_a_patient_verdict(tiny_run, tmp_path, real_recordings):
+def test_predict_reports_quality_warnings_and_a_patient_verdict(real_recordings, tiny_run, tmp_path):
     result = run_cli("predict", str(tiny_run), *(str(real_recordings / n) for n in REAL_NAMES), "--patient", "P1", "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
