@@ -1,6 +1,6 @@
 """`vascdist submit`: training on SLURM through submitit, with preemption handled as submitit's checkpoint protocol.
 
-    vascdist submit configs/resnet50.yaml optim.lr=0.1 --nodes 2 --tasks-per-node 4 --gpus-per-node 4 --time 1440
+    vascdist submit resnet50 optim.lr=0.1 --nodes 2 --tasks-per-node 4 --gpus-per-node 4 --time 1440
     vascdist submit quickstart --sweep optim.lr=0.01,0.1 --partition gpu     # a job array, one job per value
 
 Every task is one training process; vascdist.dist reads its rank and world size from srun's environment.
@@ -142,7 +142,7 @@ OPTIONS = {  # option -> (type, default, help)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vascdist submit", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", default=None, help="YAML config (path or name in configs/); default quickstart")
+    p.add_argument("config", nargs="?", default=None, help="YAML file or shipped config name; default quickstart")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01")
     for name, (kind, default, text) in OPTIONS.items():
         p.add_argument(name, type=kind, default=default, help=text)
@@ -194,7 +194,8 @@ def sbatch_extras(items: list[str]) -> dict:
 
 
 def snapshot_code(dest: Path, config: str | None) -> str | None:
-    """Copy the vascdist and launch packages (and the config file) to dest; return the config path the job uses."""
+    """Copy the vascdist and launch packages (the shipped configs inside) and the config file to dest; return the
+    config path the job uses."""
     import launch
     import vascdist
     from vascdist.config import resolve_config_path
@@ -202,9 +203,6 @@ def snapshot_code(dest: Path, config: str | None) -> str | None:
     for package in (vascdist, launch):
         source = Path(package.__file__).resolve().parent
         shutil.copytree(source, dest / source.name, ignore=ignore)
-    configs = Path(vascdist.__file__).resolve().parent.parent / "configs"
-    if configs.is_dir():
-        shutil.copytree(configs, dest / "configs", ignore=ignore)
     if config is None:
         return None
     copy = dest / "job-config.yaml"
@@ -263,9 +261,10 @@ def submit_jobs(executor, job: TrainingJob, grid: list[list[str]]) -> list:
 
 def main(argv: list[str]) -> int:
     """`vascdist submit ...`; returns the exit code."""
-    from vascdist.config import load_config
+    from vascdist.config import DEFAULT_CONFIG, load_config
 
     args = parse_args(argv)
+    args.config = args.config or DEFAULT_CONFIG  # what the job's `vascdist train` runs, so its name and run dir
     grid = sweep_grid(args.sweep)
     configs = [load_config(args.config, args.overrides + point) for point in grid]  # bad overrides fail here
     cfg = configs[0]

@@ -89,7 +89,7 @@ def test_index_mistakes_fail_before_the_run_directory_exists(tmp_path, beat_shar
 
 
 def test_a_config_too_big_for_this_machine_is_refused_with_one_line(tmp_path, shards_dir):
-    """configs/resnet50.yaml at batch 256 on a 24 GB CPU host was killed by the OOM killer (exit 137, no message)."""
+    """The resnet50 config at batch 256 on a 24 GB CPU host was killed by the OOM killer (exit 137, no message)."""
     result = run_cli("train", "resnet50", f"data.shards={shards_dir}", f"run.out_dir={tmp_path / 'runs'}",
                      "data.batch_size=256", "train.device=cpu", "sched.warmup_steps=0", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr

@@ -26,7 +26,30 @@ def test_config_diff_shows_only_what_differs_from_the_defaults():
     keys = [line.split(" = ")[0] for line in result.stdout.splitlines() if " = " in line and not line.startswith(" ")]
     assert "train.max_steps" in keys and "model.width" in keys and "run.name" in keys
     assert "optim.lr" not in keys  # quickstart keeps the default 0.05
-    assert run_cli("config", "--diff").stdout.strip() == "(every key has its default value)"
+
+
+def test_config_without_a_config_shows_what_train_runs(tmp_path):
+    """`vascdist train optim.lr=0.01` runs quickstart with that override: `vascdist config optim.lr=0.01` shows it."""
+    result = run_cli("config", "optim.lr=0.01", "--diff", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("# config: quickstart (what `vascdist train` runs when given no config)")
+    assert "run.name = 'quickstart'" in result.stdout and "optim.lr = 0.01" in result.stdout
+    assert result.stdout.split("\n", 1)[1] == run_cli("config", "quickstart", "optim.lr=0.01", "--diff").stdout
+
+
+def test_config_names_get_did_you_mean_and_paths_resolve_from_the_working_directory(tmp_path):
+    result = run_cli("config", "quickstrat", cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert "did you mean 'quickstart'?" in result.stderr and "shipped: quickstart, resnet50" in result.stderr
+    result = run_cli("train", "configs/resnet50.yaml", cwd=tmp_path)  # the old spelling, from a directory without it
+    assert result.returncode == 2 and f"relative to the working directory {tmp_path}" in result.stderr
+    assert "did you mean the shipped config 'resnet50'" in result.stderr
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "resnet50.yaml").write_text("run:\n  name: mine\n")
+    (tmp_path / "quickstart.yaml").write_text("run:\n  name: local\n")
+    for argument, name in (("configs/resnet50.yaml", "mine"), ("quickstart.yaml", "local"), ("quickstart", "quickstart")):
+        result = run_cli("config", argument, "--diff", cwd=tmp_path)  # a file in the working directory comes first
+        assert result.returncode == 0 and f"run.name = '{name}'" in result.stdout, (argument, result.stderr)
 
 
 def test_config_errors_are_one_line():

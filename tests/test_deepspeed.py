@@ -160,7 +160,7 @@ def test_deepspeed_config_is_derived_and_auto_is_filled(tmp_path):
     assert derived["gradient_clipping"] == 1.0 and derived["zero_optimization"] == {"stage": 2}
     assert derived["bf16"] == {"enabled": False} and derived["fp16"] == {"enabled": False}
     assert ds_config(tmp_path, None, "train.precision=bf16")["bf16"] == {"enabled": True}
-    example = json.loads((REPO / "configs" / "deepspeed" / "zero2.json").read_text())
+    example = json.loads((REPO / "vascdist" / "configs" / "deepspeed" / "zero2.json").read_text())
     merged = ds_config(tmp_path, example)
     assert merged["train_batch_size"] == 16 and merged["zero_optimization"]["stage"] == 2
     assert merged["zero_optimization"]["reduce_bucket_size"] == example["zero_optimization"]["reduce_bucket_size"]

@@ -113,13 +113,14 @@ def _add_models(sub) -> None:
 
 def _add_config(sub) -> None:
     p = sub.add_parser("config", help="print the resolved config: every key's value, default and docstring")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (path or name in configs/); default: defaults")
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML file or shipped config name; default: quickstart, what `vascdist train` runs")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01")
     p.add_argument("--diff", action="store_true", help="only the keys that differ from the defaults")
     p.add_argument("--markdown", action="store_true", help="print the config reference (docs/config.md) instead")
 
     def run(a):
-        from vascdist.config import load_config
+        from vascdist.config import DEFAULT_CONFIG, load_config
         from vascdist.config.checks import check_config
         from vascdist.config.reference import format_config, markdown_reference
         if a.markdown:
@@ -128,7 +129,9 @@ def _add_config(sub) -> None:
         config, overrides = a.config, list(a.overrides)
         if config is not None and "=" in config:  # `vascdist config optim.lr=0.1`: overrides only
             config, overrides = None, [config] + overrides
-        cfg = load_config(config, overrides)
+        if config is None:
+            print(f"# config: {DEFAULT_CONFIG} (what `vascdist train` runs when given no config)")
+        cfg = load_config(config or DEFAULT_CONFIG, overrides)
         check_config(cfg)
         print(format_config(cfg, diff_only=a.diff))
     p.set_defaults(func=run)
@@ -136,7 +139,7 @@ def _add_config(sub) -> None:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train (with no arguments: the embedded quickstart, end to end)")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (path or name in configs/); default quickstart")
+    p.add_argument("config", nargs="?", default=None, help="YAML file or shipped config name; default quickstart")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01 data.batch_size=128")
     p.add_argument("--resume", default=None, help="'auto' (newest loadable checkpoint of this run name) or a file")
     p.add_argument("--run-dir", default=None, help="explicit run directory (default runs/<name>/<time>/)")

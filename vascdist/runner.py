@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from vascdist.config import Config, batch_sizes, load_config, save_config
+from vascdist.config import DEFAULT_CONFIG, Config, batch_sizes, load_config, save_config
 from vascdist.config.checks import check_against_index, check_config
 from vascdist.config.drift import check_resume, effective_config, record_changes
 from vascdist.errors import VascdistError
@@ -17,9 +17,6 @@ from vascdist.train.layout import RunLayout, saved_step_of
 
 if TYPE_CHECKING:  # vascdist.dist imports torch (seconds): loaded only once the config has passed its checks
     from vascdist.dist import DistEnv
-
-DEFAULT_CONFIG = "quickstart"
-
 
 def ensure_data(cfg: Config, quiet: bool) -> None:
     """If the configured shards are missing and data.synth_patients > 0, synthesise and preprocess them (cached)."""

@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,9 @@ import yaml
 from vascdist.config.schema import Config
 from vascdist.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+# The configs shipped inside the package (package data, installed with the wheel): a config name is looked up here.
+CONFIG_DIR = Path(str(resources.files("vascdist") / "configs"))
+DEFAULT_CONFIG = "quickstart"  # what `vascdist train` (and `config`, `cv`, `submit`) runs when given no config
 
 # Keys that were renamed: {old dotted key: new dotted key}. In a YAML file or an override the old name is an
 # error naming the new one; in a saved tree (a checkpoint's or run directory's config) it is moved to the new one.
@@ -136,15 +140,30 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+def config_names() -> list[str]:
+    """The names of the shipped configs ('quickstart', 'resnet50')."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
 def resolve_config_path(path: str | Path) -> Path:
-    """A config argument is a path, or the name of a file in the repository's configs/ ('quickstart')."""
+    """A config argument is a file (a relative path is relative to the working directory, tried first), or the
+    name of a shipped config ('quickstart' or 'quickstart.yaml')."""
     p = Path(path)
-    if p.exists():
+    if p.is_file():
         return p
-    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
-        if candidate.exists():
-            return candidate
-    raise ConfigError(f"config file '{path}' not found (nor in {CONFIG_DIR})")
+    names = config_names()
+    is_name = len(p.parts) == 1 and p.suffix in ("", ".yaml")
+    if is_name and p.with_suffix("").name in names:
+        return CONFIG_DIR / f"{p.with_suffix('').name}.yaml"
+    close = difflib.get_close_matches(p.with_suffix("").name, names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    if is_name:
+        raise ConfigError(f"config '{path}' is neither a file in the working directory ({os.getcwd()}) nor a shipped "
+                          f"config{hint} (shipped: {', '.join(names)})")
+    if p.exists():
+        raise ConfigError(f"config file '{path}' is a directory, not a YAML file")
+    raise ConfigError(f"config file '{path}' not found (relative to the working directory {os.getcwd()})"
+                      + (f"; did you mean the shipped config '{close[0]}' (given by name)?" if close else ""))
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -17,7 +17,7 @@ import argparse
 def build_parser() -> argparse.ArgumentParser:
     from launch.cv_jobs import add_submit_options
     p = argparse.ArgumentParser(prog="vascdist cv", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("config", nargs="?", default=None, help="YAML config (path or name in configs/); default quickstart")
+    p.add_argument("config", nargs="?", default=None, help="YAML file or shipped config name; default quickstart")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every fold")
     p.add_argument("--folds", type=int, default=5, help="k of k-fold (patients per class must be at least k)")
     p.add_argument("--repeats", type=int, default=1, help="repeat the k-fold with other shuffles")

@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from vascdist.config import load_config
+from vascdist.config import DEFAULT_CONFIG, load_config
 from vascdist.cv.aggregate import FAILURES, PLAN
 from vascdist.errors import VascdistError
 from vascdist.fileio import atomic_write_json
@@ -32,7 +32,7 @@ def fold_name(repeat: int, fold: int) -> str:
 def make_plan(config: str | None, overrides: list[str], folds: int, repeats: int, seed: int,
               out: str | None) -> tuple[Path, dict]:
     """Make the data if needed, write the split files and cv.json; an existing plan must match the options."""
-    from vascdist.runner import DEFAULT_CONFIG, ensure_data
+    from vascdist.runner import ensure_data
     if any(o.split("=", 1)[0].strip() == "data.split_file" for o in overrides):
         raise VascdistError("`vascdist cv` writes data.split_file for every fold itself; do not override it")
     config = config or DEFAULT_CONFIG
