@@ -1,4 +1,4 @@
-"""The vectorised patient bootstrap (vascdist.train.bootstrap) against a plain loop over resamples that
+"""The vectorised patient bootstrap (vascdist.eval.bootstrap) against a plain loop over resamples that
 rebuilds each resampled data set and calls metrics.classification_metrics on it."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vascdist.train import bootstrap, metrics
+from vascdist.eval import bootstrap, metrics
 
 
 def _patients(seed: int, n_patients: int, c: int) -> tuple[np.ndarray, ...]:

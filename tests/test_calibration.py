@@ -11,12 +11,12 @@ from sklearn.linear_model import LogisticRegression
 
 from conftest import run_cli
 from vascdist.errors import ConfigError
+from vascdist.eval import calibration
+from vascdist.eval.evaluate import split_metrics
+from vascdist.eval.metrics import expected_calibration_error
+from vascdist.eval.thresholds import ThresholdRule
 from vascdist.inference import calibrated
-from vascdist.train import calibration
 from vascdist.train.state import CheckpointManager
-from vascdist.train.evaluate import split_metrics
-from vascdist.train.metrics import expected_calibration_error
-from vascdist.train.thresholds import ThresholdRule
 
 
 def _calibrated_binary(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""vascdist.train.metrics against scikit-learn (the aggregation, ECE and thresholds are ours; the test re-derives them)."""
+"""vascdist.eval.metrics against scikit-learn (the aggregation, ECE and thresholds are ours; the test re-derives them)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from sklearn import metrics as skm
 from sklearn.preprocessing import label_binarize
 
 from vascdist.errors import VascdistError
-from vascdist.train import metrics
+from vascdist.eval import metrics
 
 TOL = 1e-9
 SEEDS = [0, 1, 2, 3]

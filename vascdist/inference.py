@@ -57,10 +57,10 @@ def check_compatible(info: dict, index: dict, shards: Path, checkpoint: Path) ->
 
 def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str = "test", out: str | None = None) -> dict:
     """Metrics of a checkpoint on a split, at the thresholds it chose on validation; writes JSON and a PNG."""
-    from vascdist.train.assess import assess_split, test_metrics, validation_metrics
-    from vascdist.train.calibration import with_temperature
-    from vascdist.train.evaluate import predict_arrays
-    from vascdist.train.metrics import save_confusion_png
+    from vascdist.eval.assess import assess_split, test_metrics, validation_metrics
+    from vascdist.eval.calibration import with_temperature
+    from vascdist.eval.evaluate import predict_arrays
+    from vascdist.eval.metrics import save_confusion_png
     checkpoint = find_checkpoint(run_or_ckpt)
     model, state, cfg = load_model(checkpoint)
     shards_dir = Path(shards or cfg.data.shards)
@@ -81,8 +81,8 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
     if index["kind"] == "spectrogram":
         from vascdist.data.folds import split_index
         from vascdist.data.shards import excluded_counts
-        from vascdist.train.evaluate import site_metrics
-        from vascdist.train.metrics import thresholds_from
+        from vascdist.eval.evaluate import site_metrics
+        from vascdist.eval.metrics import thresholds_from
         excluded = excluded_counts(split_index(shards_dir, stream_split_file), split)
         used = thresholds_from(metrics) if len(index["classes"]) == 2 else None  # the split's own, on val
         sites = site_metrics(arrays, index, used)
@@ -108,7 +108,7 @@ def checkpoint_temperature(state: dict) -> float:
 
 def calibrated(probs: np.ndarray, state: dict) -> np.ndarray:
     """Probabilities after the checkpoint's temperature scaling (unchanged when it has none)."""
-    from vascdist.train.calibration import apply_temperature
+    from vascdist.eval.calibration import apply_temperature
     return apply_temperature(probs, checkpoint_temperature(state)).astype(np.float32)
 
 

@@ -87,7 +87,7 @@ def curves(arrays: dict[str, np.ndarray], classes: list[str], metrics: dict, wha
     """ROC and PR curve images (binary) per recording and patient level, the operating point marked."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    from vascdist.train.assess import level_arrays
+    from vascdist.eval.assess import level_arrays
     if len(classes) != 2:
         return []
     out = []
@@ -113,8 +113,8 @@ def curves(arrays: dict[str, np.ndarray], classes: list[str], metrics: dict, wha
 
 def metrics_table(record: dict, classes: list[str]) -> str:
     """The metrics (rows) per level (columns), each `value [lo-hi]`."""
-    from vascdist.train.assess import format_value, table_rows
-    from vascdist.train.metrics import LEVELS
+    from vascdist.eval.assess import format_value, table_rows
+    from vascdist.eval.metrics import LEVELS
     levels = [lv for lv in LEVELS if f"{lv}/accuracy" in record]
     rows = table_rows(classes) + ["calibration_slope", "calibration_intercept", "threshold"]
     cells = []
@@ -163,7 +163,7 @@ def page(title: str, sections: list[tuple[str, str]]) -> str:
 
 # --------------------------------------------------------------------------------------------- reports
 def run_report(run_dir: Path) -> str:
-    from vascdist.train.metrics import LEVELS, render_confusion_matrix
+    from vascdist.eval.metrics import LEVELS, render_confusion_matrix
     layout = RunLayout(run_dir)
     test_path = layout.test_metrics
     if not test_path.is_file():
@@ -206,7 +206,7 @@ def run_report(run_dir: Path) -> str:
     if "temperature" in record:
         rule.append(f"<p>temperature scaling: T = {record['temperature']:.3f} (fitted on validation)</p>")
     config = layout.config.read_text() if layout.config.is_file() else "(no config.yaml)"
-    from vascdist.train.assess import describe_excluded
+    from vascdist.eval.assess import describe_excluded
     excluded = f"<p>test: {html.escape(describe_excluded(record))}</p>" if describe_excluded(record) else ""
     sections = [
         ("data-summary", counts_table(counts) + excluded),

@@ -46,7 +46,7 @@ def pick_run_dir(cfg: Config, resume: str | None, run_dir: str | None) -> Path:
 
 def format_summary(summary: dict) -> str:
     """The table a user sees at the end of training: test metrics per level, with intervals and the split's n."""
-    from vascdist.train.assess import format_table
+    from vascdist.eval.assess import format_table
     lines = [f"test set ({', '.join(summary['classes'])}), thresholds chosen on validation; best step {summary['best_step']}",
              format_table(summary["test"], summary["classes"], summary.get("test_intervals"), summary.get("test_counts"),
                           summary.get("test_record", {}).get("confidence", 0.95)),

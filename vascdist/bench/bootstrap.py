@@ -1,8 +1,8 @@
-"""`vascdist bench bootstrap`: what the patient bootstrap of vascdist.train.bootstrap adds to an evaluation.
+"""`vascdist bench bootstrap`: what the patient bootstrap of vascdist.eval.bootstrap adds to an evaluation.
 
 A synthetic test split (an informative, imperfect classifier; patients with 2-4 recordings of cycles) is
-scored twice: the point metrics at the three levels (train.evaluate.split_metrics) alone, and the intervals
-of every metric (train.assess.split_intervals). Both run on one core (BLAS and OpenMP limited to 1 thread).
+scored twice: the point metrics at the three levels (eval.evaluate.split_metrics) alone, and the intervals
+of every metric (eval.assess.split_intervals). Both run on one core (BLAS and OpenMP limited to 1 thread).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def synthetic_split(cycles: int, patients: int, classes: int, seed: int = 0) -> 
 def bench_bootstrap(cycles: int, patients: int, classes: int, resamples: int, repeats: int) -> dict:
     from threadpoolctl import threadpool_limits
 
-    from vascdist.train.assess import split_intervals
-    from vascdist.train.evaluate import split_metrics
+    from vascdist.eval.assess import split_intervals
+    from vascdist.eval.evaluate import split_metrics
     arrays = synthetic_split(cycles, patients, classes)
     names = [f"class{k}" for k in range(classes)]
     cfg = EvalConfig(bootstrap_resamples=resamples)

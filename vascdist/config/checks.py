@@ -19,7 +19,7 @@ from vascdist.config.batch import batch_sizes
 from vascdist.config.schema import Config
 from vascdist.errors import ConfigError
 
-LEVELS = ("cycle", "recording", "patient")  # the levels vascdist.train.metrics reports, 'cycle/' only for beats
+LEVELS = ("cycle", "recording", "patient")  # the levels vascdist.eval.metrics reports, 'cycle/' only for beats
 
 
 def _close(name: str, choices: list[str]) -> str:
@@ -67,7 +67,7 @@ def metric_names(classes: list[str], kind: str) -> list[str]:
     """The scalar validation metrics a run on data of `kind` with `classes` reports (what the loop computes)."""
     import numpy as np
 
-    from vascdist.train.evaluate import split_metrics
+    from vascdist.eval.evaluate import split_metrics
     n = 2 * len(classes)  # two samples per class, each its own recording and patient
     arrays = {"probs": np.full((n, len(classes)), 1.0 / len(classes)), "y": np.arange(n) % len(classes),
               "recording": np.arange(n), "patient": np.arange(n)}

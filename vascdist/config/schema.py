@@ -392,7 +392,7 @@ class EvalConfig:
     applied by test evaluation, `vascdist evaluate` and `vascdist predict`."""
 
     def check(self, key: str) -> None:
-        from vascdist.train.thresholds import ThresholdRule
+        from vascdist.eval.thresholds import ThresholdRule
         _require(self.bootstrap_resamples >= 0, f"{key}.bootstrap_resamples", "must be >= 0")
         _require(0 < self.confidence < 1, f"{key}.confidence", f"must be in (0, 1), got {self.confidence}")
         ThresholdRule.parse(self.threshold, f"{key}.threshold")

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from vascdist.errors import VascdistError
-from vascdist.train.assess import format_table, split_counts
-from vascdist.train.bootstrap import level_items, patient_weights, percentile_interval, resampled_metrics
+from vascdist.eval.assess import format_table
+from vascdist.eval.bootstrap import level_items, patient_weights, percentile_interval, resampled_metrics
+from vascdist.eval.metrics import LEVELS, split_counts
 from vascdist.train.layout import RunLayout
-from vascdist.train.metrics import LEVELS
 
 PLAN = "cv.json"
 FAILURES = "failures.json"

@@ -18,28 +18,28 @@ import numpy as np
 import torch
 from torch import nn
 
+
 from vascdist.config import Config, batch_sizes, to_dict
 from vascdist.data.build import build_loaders
 from vascdist.data.dataloader import WorkerLoader
-from vascdist.data.loader import StreamingLoader
 from vascdist.data.folds import split_index
+from vascdist.data.loader import StreamingLoader
 from vascdist.data.shards import verify_files
 from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv, any_rank, barrier, global_mean, main_print, run_on_main
 from vascdist.errors import VascdistError
+from vascdist.eval.assess import log_split, test_metrics, validation_metrics
+from vascdist.eval.evaluate import improves, predict_arrays, validation_loss
+from vascdist.eval.metrics import render_confusion_matrix, save_confusion_png, thresholds_from
 from vascdist.models import build_model
 from vascdist.progress import ProgressReporter
 from vascdist.train.engines import TorchEngine, prepare_module
-from vascdist.train.assess import log_split, test_metrics, validation_metrics
-from vascdist.train.evaluate import improves, predict_arrays, validation_loss
+from vascdist.train.layout import RunLayout
 from vascdist.train.losses import build_loss
-from vascdist.train.metrics import render_confusion_matrix, save_confusion_png, thresholds_from
 from vascdist.train.optim import build_optimizer, build_scheduler, run_epochs
 from vascdist.train.precision import autocast_context
 from vascdist.train.runlog import RunLogger
-from vascdist.train.layout import RunLayout
 from vascdist.train.state import TrainState, all_finite
-
 
 class TrainingDiverged(VascdistError):
     """Too many non-finite losses in a row."""

@@ -1,6 +1,6 @@
 """What the loop, `vascdist evaluate` and the summary table report about one split, beyond the point metrics:
 the split's size (patients / recordings / cycles per class), a bootstrap interval on every metric
-(vascdist.train.bootstrap), and the table that shows them as `0.85 [0.72-0.96]`."""
+(vascdist.eval.bootstrap), and the table that shows them as `0.85 [0.72-0.96]`."""
 
 from __future__ import annotations
 
@@ -10,21 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from vascdist.config import EvalConfig
-from vascdist.train.bootstrap import bootstrap_intervals, interval_scalars, with_intervals
-from vascdist.train.calibration import calibrate_split, calibration_slope_intercept, render_reliability, save_png
-from vascdist.train.metrics import LEVELS, level_predictions
-
-
-def split_counts(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool) -> dict[str, dict[str, int]]:
-    """{'patients' | 'recordings' | 'cycles': {class: count}} of the split the arrays hold (a patient or
-    recording with several labels counts under its largest, as in metrics.aggregate_by_group)."""
-    y = np.asarray(arrays["y"]).astype(np.int64)
-    if per_beat:
-        return {"cycles": dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))}
-    levels = level_predictions(arrays["probs"], y, arrays["recording"], arrays["patient"])
-    names = {"cycle": "cycles", "recording": "recordings", "patient": "patients"}
-    return {names[lv]: dict(zip(classes, np.bincount(levels[lv][1], minlength=len(classes)).tolist()))
-            for lv in ("patient", "recording", "cycle")}
+from vascdist.eval.bootstrap import bootstrap_intervals, interval_scalars, with_intervals
+from vascdist.eval.calibration import (calibrate_split, calibration_slope_intercept, render_reliability, save_png,
+                                      with_temperature)
+from vascdist.eval.evaluate import split_metrics
+from vascdist.eval.metrics import LEVELS, level_predictions, split_counts
+from vascdist.eval.thresholds import ThresholdRule
 
 
 def split_intervals(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool, metrics: dict,
@@ -54,8 +45,6 @@ def save_predictions(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def validation_metrics(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool,
                        cfg: EvalConfig) -> tuple[dict[str, np.ndarray], dict, float]:
     """Validation: (arrays after eval.calibrate, their metrics with thresholds by eval.threshold, temperature)."""
-    from vascdist.train.evaluate import split_metrics
-    from vascdist.train.thresholds import ThresholdRule
     arrays, temperature = calibrate_split(arrays, cfg.calibrate)
     metrics = split_metrics(arrays, classes, per_beat, rule=ThresholdRule.parse(cfg.threshold),
                             min_patients=cfg.min_patients_per_class)
@@ -67,8 +56,6 @@ def validation_metrics(arrays: dict[str, np.ndarray], classes: list[str], per_be
 def test_metrics(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool, thresholds: dict | None,
                  temperature: float) -> tuple[dict[str, np.ndarray], dict]:
     """Test (or any split after validation): (arrays at the validation temperature, metrics at its thresholds)."""
-    from vascdist.train.calibration import with_temperature
-    from vascdist.train.evaluate import split_metrics
     arrays = with_temperature(arrays, temperature)
     metrics = split_metrics(arrays, classes, per_beat, thresholds)
     if temperature != 1.0:

@@ -11,9 +11,8 @@ from torch import nn
 from vascdist.data.loader import StreamingLoader
 from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv, gather_arrays
-from vascdist.train.assess import split_counts
-from vascdist.train.metrics import evaluate_levels
-from vascdist.train.thresholds import ThresholdRule, resolve
+from vascdist.eval.metrics import evaluate_levels, split_counts
+from vascdist.eval.thresholds import ThresholdRule, resolve
 from vascdist.train.precision import autocast_context
 
 

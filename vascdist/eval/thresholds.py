@@ -54,7 +54,7 @@ class ThresholdRule:
         if self.kind == "fixed":
             return self.target
         if self.kind == "youden":
-            from vascdist.train.metrics import youden_threshold  # here: the config check imports this module
+            from vascdist.eval.metrics import youden_threshold  # here: the config check imports this module
             return youden_threshold(scores, labels)
         scores = np.asarray(scores, dtype=np.float64)
         is_pos = np.asarray(labels).astype(np.int64) == 1

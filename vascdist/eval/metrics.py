@@ -3,7 +3,7 @@
 Everything here takes numpy arrays that the caller has already gathered from all ranks; nothing imports
 torch or torch.distributed. The point metrics come from scikit-learn where it has them (confusion_matrix,
 roc_auc_score, average_precision_score); the recording / patient aggregation, ECE and the threshold rule are
-ours. Their 95 % intervals are in vascdist.train.bootstrap.
+ours. Their 95 % intervals are in vascdist.eval.bootstrap.
 
 Conventions (the same everywhere in this module):
 - ``probs`` is [N, C] class probabilities (rows sum to 1), ``labels`` is [N] ints in [0, C).
@@ -277,13 +277,25 @@ def level_predictions(probs: np.ndarray, labels: np.ndarray, recording_ids: np.n
     return {"cycle": (probs, labels), "recording": (rec_probs, rec_labels), "patient": (pat_probs, pat_labels)}
 
 
+def split_counts(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool) -> dict[str, dict[str, int]]:
+    """{'patients' | 'recordings' | 'cycles': {class: count}} of the split the arrays hold (a patient or
+    recording with several labels counts under its largest, as in aggregate_by_group)."""
+    y = np.asarray(arrays["y"]).astype(np.int64)
+    if per_beat:
+        return {"cycles": dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))}
+    levels = level_predictions(arrays["probs"], y, arrays["recording"], arrays["patient"])
+    names = {"cycle": "cycles", "recording": "recordings", "patient": "patients"}
+    return {names[lv]: dict(zip(classes, np.bincount(levels[lv][1], minlength=len(classes)).tolist()))
+            for lv in ("patient", "recording", "cycle")}
+
+
 def evaluate_levels(probs: np.ndarray, labels: np.ndarray, recording_ids: np.ndarray, patient_ids: np.ndarray,
                     class_names: list[str], threshold: dict[str, float] | None = None,
                     choose=youden_threshold) -> dict[str, float | list]:
     """Metrics at cycle, recording and patient level in one flat dict ('<level>/<metric>').
 
     Binary with ``threshold=None`` (validation): each level's threshold is chosen by ``choose(scores, labels)``
-    (default youden_threshold; see vascdist.train.thresholds for the others) on that level's own predictions
+    (default youden_threshold; see vascdist.eval.thresholds for the others) on that level's own predictions
     and reported as '<level>/threshold'. With ``threshold`` a dict
     {level: value} (taken from validation, see thresholds_from) the values are applied unchanged (test).
     Multi-class predicts the argmax; passing a threshold there is an error.

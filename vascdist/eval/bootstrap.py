@@ -1,4 +1,4 @@
-"""95 % confidence intervals for every metric of vascdist.train.metrics, from a bootstrap over PATIENTS.
+"""95 % confidence intervals for every metric of vascdist.eval.metrics, from a bootstrap over PATIENTS.
 
 Cycles and recordings of one patient are not independent, so a resample draws patients with replacement
 (all their recordings and cycles come along) and the metric of each level is recomputed on the resample;
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from vascdist.errors import VascdistError
-from vascdist.train.metrics import ECE_BINS, _patient_of_recording, aggregate_by_group, brier_terms
+from vascdist.eval.metrics import ECE_BINS, _patient_of_recording, aggregate_by_group, brier_terms
 
 _BLOCK = 128  # resamples reduced together over the sorted items (memory: _BLOCK x items float32)
 
