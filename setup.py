@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Distributed training harness for classifying vascular-access sounds (normal vs stenosis).",
     python_requires=">=3.10",
-    packages=find_packages(include=["vascdist", "vascdist.*", "launch"]),
+    packages=find_packages(include=["vascdist", "vascdist.*"]),
     install_requires=[
         # Binary-coupled: torchaudio's and torchvision's C++ extensions are built against one torch release, and
         # their wheels' metadata does not say which (torchaudio 2.11.1 allows torch>=2.11 but needs symbols that

@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     _add_passthrough(sub, "bench", "benchmarks (loader, train, make-shards, scaling, preprocess, checkpoint, dist, "
                      "startup, bootstrap); see BENCHMARKS.md", "vascdist.bench")
-    _add_passthrough(sub, "submit", "submit training to SLURM through submitit (launch/submit.py)", "launch.submit")
+    _add_passthrough(sub, "submit", "submit training to SLURM through submitit (vascdist/launch/submit.py)",
+                     "vascdist.launch.submit")
     _add_passthrough(sub, "report", "one self-contained HTML report of a run or CV directory", "vascdist.report")
     _add_passthrough(sub, "cv", "patient-level k-fold cross-validation, locally or as a SLURM job array", "vascdist.cv")
     return parser

@@ -15,7 +15,7 @@ import argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch.cv_jobs import add_submit_options
+    from vascdist.launch.cv_jobs import add_submit_options
     p = argparse.ArgumentParser(prog="vascdist cv", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("config", nargs="?", default=None, help="YAML file or shipped config name; default quickstart")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every fold")
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from launch.submit import parse_with_overrides
+    from vascdist.launch.submit import parse_with_overrides
     return parse_with_overrides(build_parser(), argv)
 
 
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     cv_dir, plan = make_plan(args.config, args.overrides, args.folds, args.repeats, args.seed, args.out)
     print(f"cross-validation directory: {cv_dir} ({len(plan['entries'])} folds)", flush=True)
     if args.submit:
-        from launch.cv_jobs import submit_folds, wait_and_name_failures
+        from vascdist.launch.cv_jobs import submit_folds, wait_and_name_failures
         from vascdist.cv.aggregate import FAILURES
         from vascdist.fileio import atomic_write_json
         from vascdist.train.layout import RunLayout

@@ -7,7 +7,7 @@
     CV_DIR/aggregate.json, report.html
 
 A fold is `vascdist train CONFIG OVERRIDES data.split_file=CV_DIR/splits/<fold>.json --run-dir CV_DIR/<fold>`,
-run here one after another, or as one task of a SLURM job array (launch/cv_jobs.py); either way it is
+run here one after another, or as one task of a SLURM job array (vascdist.launch.cv_jobs); either way it is
 preemptible and resumable like any run (re-running `vascdist cv` with the same --out resumes unfinished folds).
 """
 

@@ -13,7 +13,7 @@ a handler): `TrainingJob.checkpoint()` gives the DelayedSubmission to run next (
 submitit dumps it where its requeued job will load it and runs `scontrol requeue`. Requeues are capped by
 dist.max_requeues (counted by SLURM_RESTART_COUNT) and by submitit's own timeout countdown.
 
-What runs is what was submitted: the vascdist and launch packages and the config file are copied into the log
+What runs is what was submitted: the vascdist package and the config file are copied into the log
 folder (code-<time>/) and put first on the job's PYTHONPATH. (submitit's RsyncSnapshot needs rsync, which our
 machines lack, and copies git-tracked files only: a new module not yet added would be missing from the job.)
 """
@@ -194,15 +194,13 @@ def sbatch_extras(items: list[str]) -> dict:
 
 
 def snapshot_code(dest: Path, config: str | None) -> str | None:
-    """Copy the vascdist and launch packages (the shipped configs inside) and the config file to dest; return the
-    config path the job uses."""
-    import launch
+    """Copy the vascdist package (the shipped configs inside) and the config file to dest; return the config path
+    the job uses."""
     import vascdist
     from vascdist.config import resolve_config_path
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for package in (vascdist, launch):
-        source = Path(package.__file__).resolve().parent
-        shutil.copytree(source, dest / source.name, ignore=ignore)
+    source = Path(vascdist.__file__).resolve().parent
+    shutil.copytree(source, dest / source.name, ignore=ignore)
     if config is None:
         return None
     copy = dest / "job-config.yaml"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from submitit.core.utils import DelayedSubmission, FailedJobError
 
-from launch.submit import (OPTIONS, TrainingJob, clean_job_env, make_executor, require_slurm, snapshot_code,
-                           use_squeue_fallback, wait_for)
 from vascdist.errors import VascdistError
+from vascdist.launch.submit import (OPTIONS, TrainingJob, clean_job_env, make_executor, require_slurm, snapshot_code,
+                                    use_squeue_fallback, wait_for)
 
 
 @dataclass
