@@ -12,7 +12,7 @@ import pytest
 
 from conftest import run_cli
 from vascdist.data import shards as shardlib
-from vascdist.data.integrity import seal_index
+from vascdist.data.shard_format import seal_index
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.errors import DataError, VascdistError
 from vascdist.runner import run_training

@@ -6,7 +6,7 @@ Three layers, from cheap to thorough:
   * every shard's header repeats what index.json says about it (kind, split, classes, preprocessing, sample
     count and shape) and index.json records each file's size: `check_shard_set(quick)` compares them all,
     opening each file's header only (about a millisecond per shard, whatever the size of the set).
-  * the data carry checksums the loader verifies as it reads (vascdist.data.reader): `x_sum`, one 64-bit
+  * the data carry checksums the loader verifies as it reads (vascdist.data.reader; the format is vascdist.data.shard_format): `x_sum`, one 64-bit
     wrapping sum of each sample's bytes (any changed byte or 8-byte word changes it), and `chunk_crc32`,
     a crc32 of every HDF5 chunk of y, patient, recording, cycle and x_sum. `check_shard_set(full=True)`
     (`shards verify`) also recomputes them all, with each file's sha256 and the patient-leakage check.
@@ -14,55 +14,16 @@ Three layers, from cheap to thorough:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import zlib
 from collections import Counter
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from vascdist.data.shard_format import (CRC_FIELDS, DIGEST_KEY, HEADER_ATTRS, INDEX, SHARD_GLOB, chunk_crcs,
+                                        data_checksum, index_digest, load_index, read_shard, sample_sums)
 from vascdist.errors import DataError
-
-INDEX = "index.json"
-DIGEST_KEY = "index_sha256"
-CRC_FIELDS = ("y", "patient", "recording", "cycle", "x_sum")  # columns of a shard's chunk_crc32 table
-HEADER_ATTRS = ("kind", "split", "classes", "preprocess", "manifest_sha256")
-
-
-# --------------------------------------------------------------------------------------------- checksums
-def index_digest(index: dict) -> str:
-    """sha256 of index.json's content (without its own digest) in canonical JSON."""
-    body = {k: v for k, v in index.items() if k != DIGEST_KEY}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def seal_index(index: dict) -> dict:
-    """`index` with its digest set (what the writer stores)."""
-    return {**{k: v for k, v in index.items() if k != DIGEST_KEY}, DIGEST_KEY: index_digest(index)}
-
-
-def sample_sums(x: np.ndarray) -> np.ndarray:
-    """One checksum per sample of an (N, ...) array: the wrapping uint64 sum of its 8-byte words (of its
-    2-byte words when a sample is not a whole number of 8-byte words), as int64.
-
-    Not a CRC: chosen because it is one vectorised pass at memory speed (crc32 costs 4 us per 8 KB sample,
-    4x the loader's whole cost per sample). A change confined to one word (every flipped byte or bit) always
-    changes the sum; wider damage goes unnoticed only if its word deltas cancel modulo 2^64.
-    """
-    flat = np.ascontiguousarray(x).reshape(len(x), -1).view(np.uint8)
-    if flat.shape[1] % 8 == 0:
-        return flat.view(np.uint64).sum(axis=1).view(np.int64)
-    return flat.view(np.uint16).sum(axis=1, dtype=np.uint64).view(np.int64)
-
-
-def chunk_crcs(arrays: dict[str, np.ndarray], chunk_size: int) -> np.ndarray:
-    """crc32 of each chunk of the CRC_FIELDS columns (the bytes the reader gets with one pread): (chunks, 5)."""
-    n = len(arrays["y"])
-    starts = range(0, n, chunk_size)
-    return np.array([[zlib.crc32(np.ascontiguousarray(arrays[k][s:s + chunk_size])) for k in CRC_FIELDS]
-                     for s in starts], np.int64).reshape(len(starts), len(CRC_FIELDS))
 
 
 # --------------------------------------------------------------------------------------------- the check
@@ -73,11 +34,10 @@ def check_shard_set(shards_dir: str | Path, full: bool = False) -> dict:
     index.json, and index.json's own counts. `full` (`shards verify`): also every file's sha256 and every data
     checksum, label range and patient leakage. Every refusal is one DataError naming the file at fault.
     """
-    from vascdist.data.shards import load_index  # shards imports this module for the checksums
     root = Path(shards_dir)
     index = load_index(root)
     listed = [e["file"] for e in index["shards"]]
-    extra = sorted({p.name for p in root.glob("shard-*.h5")} - set(listed))
+    extra = sorted({p.name for p in root.glob(SHARD_GLOB)} - set(listed))
     if extra:
         raise DataError(f"{root / extra[0]}: shard not listed in {INDEX} (an entry was dropped, or the file "
                         f"belongs to another set); re-run `vascdist preprocess`")
@@ -145,7 +105,6 @@ def _check_header(path: Path, entry: dict, index: dict) -> None:
 
 def _check_data(path: Path, entry: dict, index: dict, patient_split: dict[int, str]) -> None:
     from vascdist.data.manifest import file_sha256
-    from vascdist.data.shards import data_checksum, read_shard
     if file_sha256(path) != entry["sha256"]:
         raise DataError(f"{path}: file checksum does not match {INDEX} (corrupted or modified)")
     arrays, attrs = read_shard(path)

@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from vascdist.data.integrity import INDEX, check_shard_set
+from vascdist.data.integrity import check_shard_set
+from vascdist.data.shard_format import INDEX, is_shard_name
 from vascdist.errors import DataError
 from vascdist.fileio import disk_full, disk_full_message, fsync_dir
 
@@ -109,7 +110,7 @@ def _check_target(out: Path, kind: str, schema_version: int, overwrite: bool) ->
 
 
 def _ours(name: str) -> bool:
-    return (name in (INDEX, "skipped.csv") or (name.startswith("shard-") and name.endswith(".h5"))
+    return (name in (INDEX, "skipped.csv") or is_shard_name(name)
             or (name.startswith((".shard-", f".{INDEX}.")) and name.endswith(".tmp")))
 
 

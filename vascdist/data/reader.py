@@ -6,7 +6,7 @@ released, so reader threads run in parallel. h5py is used for the layout only (w
 file); reading through it costs more than the copy for chunks this small and holds the GIL while it reads.
 That needs the layout vascdist's shard writer produces: uncompressed chunks of `chunk_size` samples.
 
-Everything read is verified against the shard's checksums (vascdist.data.integrity): each chunk of the
+Everything read is verified against the shard's checksums (vascdist.data.shard_format): each chunk of the
 integer fields and of x_sum against chunk_crc32, each sample of x this rank reads against its x_sum, each
 label against the class count. A mismatch is a DataError naming the shard and the samples.
 """
@@ -26,7 +26,8 @@ import h5py
 import numpy as np
 import torch
 
-from vascdist.data.integrity import CRC_FIELDS, check_labels, sample_sums
+from vascdist.data.integrity import check_labels
+from vascdist.data.shard_format import CRC_FIELDS, sample_sums
 from vascdist.errors import DataError
 
 INT_FIELDS = ("y", "patient", "recording", "cycle")
@@ -174,7 +175,7 @@ class WindowReader:
         finally:
             for fd in fds.values():
                 os.close(fd)
-        for x, a, b in zip(xs, cuts[:-1], cuts[1:]):  # one vectorised pass per batch (integrity.sample_sums)
+        for x, a, b in zip(xs, cuts[:-1], cuts[1:]):  # one vectorised pass per batch (shard_format.sample_sums)
             bad = np.flatnonzero(sample_sums(x.numpy()) != self.ints["x_sum"][rows[a:b]])
             if len(bad):
                 row = int(rows[a + bad[0]])

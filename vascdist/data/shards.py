@@ -1,15 +1,6 @@
-"""Sharded HDF5 storage: one split per shard, atomic writes, an index.json, `info` and `verify`.
-
-Layout of a shards directory:
-  shard-00000.h5 ...  datasets x [N, *sample_shape] float16 (chunked along N), y, patient, recording, cycle
-                      (int64; patient/recording index into index.json's tables), x_sum [N] (per-sample
-                      checksum) and chunk_crc32 [chunks, 5] (vascdist.data.integrity); attrs: schema_version,
-                      kind, split, classes, preprocess (JSON), package_version, manifest_sha256, checksum
-  index.json          shards (file, split, samples, bytes, sha256 of the file, checksum of the data), per-split
-                      and per-label counts, the train-split normalisation, class names, patient/recording
-                      tables (each recording with its site and quality record), the excluded recordings with
-                      their reasons (per split and label in `splits`), the train recordings' quality range,
-                      and index_sha256 over all of that.
+"""Writing sharded HDF5 sets (one split per shard, atomic writes, index.json written last and sealed), and the
+`info` and `verify` commands. The format itself (fields, checksums, the sealed index) is
+vascdist.data.shard_format.
 """
 
 from __future__ import annotations
@@ -24,25 +15,12 @@ import h5py
 import numpy as np
 
 import vascdist
-from vascdist.data.integrity import INDEX, check_shard_set, chunk_crcs, sample_sums, seal_index
+from vascdist.data.integrity import check_shard_set
 from vascdist.data.quality import quality_range
+from vascdist.data.shard_format import (FIELDS, INDEX, SCHEMA_VERSION, chunk_crcs, data_checksum, load_index,
+                                        read_shard, sample_sums, seal_index, shard_name)
 from vascdist.errors import DataError
 from vascdist.fileio import atomic_write, atomic_write_text, disk_full, disk_full_message
-
-SCHEMA_VERSION = 3
-SCHEMA_CHANGES = {  # what each version added; load_index names what an older set lacks
-    2: "level-normalised spectrograms, per-recording quality, excluded recordings",
-    3: "per-chunk checksums (x_sum, chunk_crc32), file sizes and a sealed index.json",
-}
-FIELDS = ("x", "y", "patient", "recording", "cycle")
-
-
-def data_checksum(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over the datasets' bytes, in FIELDS order (stored in the shard, so it cannot hash the file)."""
-    digest = hashlib.sha256()
-    for name in FIELDS:
-        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
-    return digest.hexdigest()
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict, chunk_size: int) -> dict:
@@ -121,7 +99,7 @@ class ShardSetWriter:
         rest = {k: v[n:] for k, v in merged.items()}
         self.buffers[split] = [rest] if len(rest["y"]) else []
         self.buffered[split] -= n
-        path = self.out_dir / f"shard-{len(self.entries):05d}.h5"
+        path = self.out_dir / shard_name(len(self.entries))
         attrs = {"schema_version": SCHEMA_VERSION, "kind": self.kind, "split": split,
                  "preprocess": json.dumps(self.preprocess), "package_version": vascdist.__version__,
                  "manifest_sha256": self.manifest_sha256, "classes": json.dumps(self.classes)}
@@ -175,43 +153,9 @@ class ShardSetWriter:
             tmp.unlink(missing_ok=True)
 
 
-def load_index(shards_dir: str | Path) -> dict:
-    """Read index.json and check the schema; errors name the directory."""
-    path = Path(shards_dir) / INDEX
-    if not path.is_file():
-        raise DataError(f"{shards_dir}: no {INDEX} (not a shards directory, or preprocessing did not finish)")
-    try:
-        index = json.loads(path.read_text())
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-    version = index.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise DataError(f"{path}: {schema_mismatch(version, index.get('package_version'))}")
-    return index
-
-
-def schema_mismatch(version, package_version=None) -> str:
-    """Why a set of schema `version` cannot be read, and what to do: one line for every older or newer set."""
-    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
-        return (f"shards of schema {version} (written by vascdist {package_version or 'unknown'}), newer than the "
-                f"schema {SCHEMA_VERSION} this vascdist {vascdist.__version__} reads; upgrade vascdist")
-    lacks = "; ".join(text for v, text in SCHEMA_CHANGES.items() if not isinstance(version, int) or v > version)
-    return (f"shards of schema {version}, older than the schema {SCHEMA_VERSION} this vascdist reads (it lacks: "
-            f"{lacks}); rebuild them with `vascdist preprocess --out NEW_DIR` (a set of another schema is "
-            f"never overwritten in place)")
-
-
 def verify_files(shards_dir: str | Path) -> dict:
     """The start-up check of training and evaluation: index.json, file sizes and headers (integrity's quick check)."""
     return check_shard_set(shards_dir)
-
-
-def read_shard(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    try:
-        with h5py.File(path, "r") as f:
-            return {k: f[k][...] for k in (*FIELDS, "x_sum", "chunk_crc32") if k in f}, dict(f.attrs)
-    except (OSError, KeyError) as exc:
-        raise DataError(f"{path}: unreadable shard ({exc})") from None
 
 
 def verify(shards_dir: str | Path) -> dict:
