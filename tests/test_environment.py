@@ -62,3 +62,37 @@ def test_a_wrong_release_of_a_package_whose_internals_we_use_is_one_line():
     found = compat.installed_version("numpy")
     assert message == f"vascdist needs numpy 0.1.x for a test; found {found} (pip install 'numpy==0.1.*')"
     assert compat.require_minor("deepspeed", "0.19", "x").startswith("0.19.")
+
+
+def _threads_seen(env: dict, prefix: tuple[str, ...] = ()) -> tuple[str, str]:
+    """(stdout, OpenMP's own report of its settings) of a process that imports vascdist, then torch, and computes;
+    OMP_WAIT_POLICY and OMP_NUM_THREADS are removed from the environment unless `env` sets them."""
+    import subprocess
+    import sys
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS",
+                                                              "SLURM_CPUS_PER_TASK")}
+    code = ("import vascdist, torch, os; torch.ones(64, 64).matmul(torch.ones(64, 64)).sum(); "
+            "print(os.environ['OMP_WAIT_POLICY'], os.environ.get('OMP_NUM_THREADS'), torch.get_num_threads())")
+    proc = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**base, "OMP_DISPLAY_ENV": "TRUE", **env})  # libgomp prints its settings at start
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip(), proc.stderr
+
+
+def test_openmp_threads_sleep_when_idle_and_fit_the_cpus_the_process_may_use():
+    """Unless the user says otherwise: a passive wait policy, and as many threads as SLURM (or the affinity mask)
+    allows, in OpenMP itself, not only in the environment."""
+    out, omp = _threads_seen({"SLURM_CPUS_PER_TASK": "1"})
+    assert out == "PASSIVE 1 1" and "OMP_WAIT_POLICY = 'PASSIVE'" in omp and "OMP_NUM_THREADS = '1'" in omp
+    if len(os.sched_getaffinity(0)) > 1:
+        assert _threads_seen({}, ("taskset", "-c", "0"))[0] == "PASSIVE 1 1"
+        assert _threads_seen({})[0].startswith("PASSIVE None ")  # the whole host: torch's own default
+    out, omp = _threads_seen({"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "2", "SLURM_CPUS_PER_TASK": "1"})
+    assert out == "ACTIVE 2 2" and "OMP_WAIT_POLICY = 'ACTIVE'" in omp  # the user's settings win
+
+
+def test_env_shows_the_thread_settings():
+    result = run_cli("env", env={"SLURM_CPUS_PER_TASK": "1"})
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("cpu "))
+    assert "1 usable (limited by SLURM_CPUS_PER_TASK)" in line and "OMP_WAIT_POLICY=" in line

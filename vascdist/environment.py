@@ -53,7 +53,14 @@ def _versions(problems: list[str]) -> list[str]:
 def _devices() -> list[str]:
     import torch
     import torch.distributed as torch_dist
-    lines = [f"cpu          {os.cpu_count()} cores visible, torch uses {torch.get_num_threads()} threads"]
+    from vascdist.cpu import thread_settings
+    t = thread_settings()
+    by = lambda mine: "vascdist's default" if mine else "yours"
+    threads = (f"OMP_NUM_THREADS={t.num_threads}: {by(t.num_threads_set_by_vascdist)}" if t.num_threads
+               else "torch's default")
+    lines = [f"cpu          {os.cpu_count()} cores, {t.usable_cpus} usable (limited by {t.limited_by}); torch uses "
+             f"{torch.get_num_threads()} threads ({threads}), OMP_WAIT_POLICY={t.wait_policy} "
+             f"({by(t.wait_policy_set_by_vascdist)})"]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
@@ -80,7 +87,7 @@ def _slurm() -> list[str]:
     found = {c: shutil.which(c) for c in SLURM_COMMANDS}
     have = [c for c, p in found.items() if p]
     if not have:
-        return ["slurm        no SLURM commands on PATH (vascdist submit and slurm/train.sbatch need them)"]
+        return ["slurm        no SLURM commands on PATH (vascdist submit and the sbatch template need them)"]
     version = ""
     if found.get("sbatch"):
         try:
