@@ -4,6 +4,7 @@ its aggregate must equal the local run's for the same seed."""
 from __future__ import annotations
 
 import json
+import re
 
 from conftest import run_cli
 from test_cv import check_folds, cv_args, local_cv  # noqa: F401  (local_cv is a fixture)
@@ -18,6 +19,9 @@ def test_slurm_array_aggregate_equals_local(local_cv, shards_dir, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("submitted job") == 3 and len({l.split()[2] for l in result.stdout.splitlines()
                                                              if l.startswith("submitted job")}) == 3
+    for fold in ("r0-f0", "r0-f1", "r0-f2"):  # one line per fold at the end
+        assert re.search(rf"^job \S+ \({fold}\): COMPLETED, test recording/balanced_accuracy \d\.\d\d \[", result.stdout,
+                         re.M), result.stdout[-3000:]
     check_folds(out, shards_dir)
     local = json.loads((local_cv[0] / "aggregate.json").read_text())
     slurm = json.loads((out / "aggregate.json").read_text())

@@ -71,7 +71,9 @@ def main(argv: list[str]) -> int:
             if not args.wait:
                 print(f"when the array is done: vascdist cv --report {cv_dir}")
                 return 0
-            atomic_write_json(cv_dir / FAILURES, wait_and_name_failures(jobs, todo))
+            from vascdist.config import load_config
+            metric = load_config(plan["config"], plan["overrides"]).train.early_stop_metric
+            atomic_write_json(cv_dir / FAILURES, wait_and_name_failures(jobs, todo, cv_dir, metric))
     else:
         run_local(cv_dir, plan, quiet=not args.verbose)
     return 0 if not report(cv_dir)["missing"] else 1

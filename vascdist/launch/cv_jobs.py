@@ -17,8 +17,8 @@ from pathlib import Path
 from submitit.core.utils import DelayedSubmission, FailedJobError
 
 from vascdist.errors import VascdistError
-from vascdist.launch.submit import (OPTIONS, TrainingJob, clean_job_env, make_executor, require_slurm, snapshot_code,
-                                    use_squeue_fallback, wait_for)
+from vascdist.launch.submit import (OPTIONS, TrainingJob, clean_job_env, job_summary, make_executor, require_slurm,
+                                    snapshot_code, use_squeue_fallback, wait_for)
 
 
 @dataclass
@@ -41,6 +41,7 @@ def add_submit_options(p: argparse.ArgumentParser) -> None:
         if name != "--run-dir":
             p.add_argument(name, type=kind, default=default, help=text)
     p.add_argument("--sbatch", action="append", default=[], metavar="KEY[=VALUE]", help="extra sbatch option")
+    p.add_argument("--quiet", action="store_true", help="with --submit: no progress lines in the jobs' logs")
 
 
 def submit_folds(args: argparse.Namespace, cv_dir: Path, plan: dict, entries: list[dict]) -> list:
@@ -54,7 +55,8 @@ def submit_folds(args: argparse.Namespace, cv_dir: Path, plan: dict, entries: li
     log_dir = Path(args.log_dir).resolve() if args.log_dir else cv_dir / "submitit"
     code = log_dir / f"code-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     config = snapshot_code(code, plan["config"])
-    job = FoldJob(config, [], str(cv_dir), cfg.dist.max_requeues, cfg.dist.requeue_signal, resume="auto")
+    job = FoldJob(config, [], str(cv_dir), cfg.dist.max_requeues, cfg.dist.requeue_signal, resume="auto",
+                  quiet=args.quiet)
     executor = make_executor(args, log_dir, cfg.dist.max_requeues, cfg.dist.requeue_signal, code)
     use_squeue_fallback()
     dirs = [str(cv_dir / e["dir"]) for e in entries]
@@ -72,13 +74,14 @@ def submit_folds(args: argparse.Namespace, cv_dir: Path, plan: dict, entries: li
     return jobs
 
 
-def wait_and_name_failures(jobs: list, entries: list[dict]) -> dict[str, str]:
-    """Block until the array's tasks end; {fold name: reason} for those that did not complete."""
+def wait_and_name_failures(jobs: list, entries: list[dict], cv_dir: Path, metric: str) -> dict[str, str]:
+    """Block until the array's tasks end, printing one line per fold; {fold name: reason} for those that did not
+    complete."""
     states = wait_for(jobs)
     failures = {}
     for j, e in zip(jobs, entries):
         state = states[j.job_id]
-        print(f"job {j.job_id} ({e['name']}): {state}", flush=True)
+        print(job_summary(j, state, cv_dir / e["dir"], metric, e["name"]), flush=True)
         if state != "COMPLETED" and state != "ENDED":
             failures[e["name"]] = f"SLURM job {j.job_id} ended {state} (log: {j.paths.stdout})"
     return failures

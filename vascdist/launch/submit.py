@@ -55,6 +55,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
     max_requeues: int
     requeue_signal: str = "USR2"
     resume: str | None = None
+    quiet: bool = False  # False: rank 0 writes a progress line to the job's log every run.progress_interval_s
 
     def resolved_run_dir(self) -> str:
         return self.run_dir.format(job_id=submitit.JobEnvironment().job_id)
@@ -64,7 +65,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         from vascdist.preemption import StopSignals, signal_number
 
         job = submitit.JobEnvironment()
-        os.environ.pop("VASCDIST_REQUEUE", None)  # that is slurm/train.sbatch's requeue path; submitit requeues here
+        os.environ.pop("VASCDIST_REQUEUE", None)  # that is train.sbatch's requeue path; submitit requeues here
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         # submitit's handler, made now (its clock times this attempt) from the submission being run; it is
         # called below, after the checkpoint, never from a signal.
@@ -77,7 +78,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         # Until run_training installs its own handlers (and after it restores ours), a signal only sets a flag.
         with StopSignals((self.requeue_signal, "TERM")) as early:
             summary = run_training(self.config, list(self.overrides) + list(sweep), resume=self.resume,
-                                   run_dir=self.resolved_run_dir(), quiet=True, stop_requested=early.requested)
+                                   run_dir=self.resolved_run_dir(), quiet=self.quiet,
+                                   stop_requested=early.requested)
             if summary["stopped"] and job.global_rank == 0:
                 self._requeue(handler, early.received or signal_number(self.requeue_signal))
         return summary
@@ -119,6 +121,25 @@ def wait_for(jobs: list, poll_s: float = 5.0) -> dict[str, str]:
         time.sleep(poll_s)
 
 
+def job_summary(job, state: str, run_dir: str | Path, metric: str, label: str = "") -> str:
+    """One line for a finished job: its state and, when it completed, the test `metric` with its interval and
+    the run directory; when it did not, the last line of its error log (where the reason usually is)."""
+    from vascdist.train.layout import RunLayout
+    head = f"job {job.job_id}" + (f" ({label})" if label else "") + f": {state}"
+    layout = RunLayout(run_dir)
+    if state == "COMPLETED" and layout.test_metrics.is_file():
+        import json
+        value = json.loads(layout.test_metrics.read_text()).get(metric)
+        if isinstance(value, dict) and value.get("value") is not None:
+            head += f", test {metric} {value['value']:.2f} [{value['lo']:.2f}-{value['hi']:.2f}]"
+        return f"{head}, run dir {layout.root}"
+    try:
+        lines = [line for line in Path(job.paths.stderr).read_text().splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    return f"{head}" + (f": {lines[-1].strip()}" if lines else "") + f" (log: {job.paths.stderr})"
+
+
 # ------------------------------------------------------------------------------------------- submission
 
 OPTIONS = {  # option -> (type, default, help)
@@ -150,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra sbatch option, e.g. --sbatch mail-type=END --sbatch exclusive (repeatable)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="job array over the values (repeat for a grid)")
-    p.add_argument("--wait", action="store_true", help="wait for the jobs and print their final states")
+    p.add_argument("--wait", action="store_true", help="wait for the jobs, then print one line per job (state, test "
+                                                       "metric, run dir, or the reason it failed)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines in the jobs' logs")
     return p
 
 
@@ -279,7 +302,8 @@ def main(argv: list[str]) -> int:
 
     code = log_dir / f"code-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     config = snapshot_code(code, args.config)
-    job = TrainingJob(config, list(args.overrides), run_dir, cfg.dist.max_requeues, cfg.dist.requeue_signal)
+    job = TrainingJob(config, list(args.overrides), run_dir, cfg.dist.max_requeues, cfg.dist.requeue_signal,
+                      quiet=args.quiet)
     executor = make_executor(args, log_dir, cfg.dist.max_requeues, cfg.dist.requeue_signal, code)
     use_squeue_fallback()  # before submitting: the jobs register with the watcher as they are made
     jobs = submit_jobs(executor, job, grid)
@@ -296,6 +320,7 @@ def main(argv: list[str]) -> int:
     if not args.wait:
         return 0
     final = wait_for(jobs)
-    for job_id, state in final.items():
-        print(f"job {job_id}: {state}")
+    for j, point in zip(jobs, grid):
+        print(job_summary(j, final[j.job_id], run_dir.format(job_id=j.job_id), cfg.train.early_stop_metric,
+                          " ".join(point)), flush=True)
     return 0 if all(s == "COMPLETED" for s in final.values()) else 1
