@@ -1,5 +1,5 @@
 """Training on the real two-node SLURM cluster (slurm/local-cluster.sh): `vascdist submit` through submitit and the
-plain slurm/train.sbatch, each preempted with USR2 mid-run, requeued, resumed on the same loss curve."""
+plain sbatch template (vascdist/launch/train.sbatch), each preempted with USR2 mid-run, requeued, resumed on the same loss curve."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import run_cli
 from slurm_cluster import REPO, ensure_cluster, job_info, wait_job
 from test_torchrun import STEPS, all_losses, free_port, train_args
 
-SBATCH = REPO / "slurm" / "train.sbatch"
+SBATCH = REPO / "vascdist" / "launch" / "train.sbatch"
 
 
 def overrides(shards_dir: Path, *extra: str) -> list[str]:
@@ -103,6 +104,9 @@ def test_submit_two_nodes_trains_to_the_end(two_node_run):
     logs = two_node_run["logs"]
     assert logs == two_node_run["log_dir"] / job_id
     task0, task1 = ((logs / f"{job_id}_{task}_log.out").read_text() for task in (0, 1))  # submitit logs to stdout
+    # rank 0 writes the plain progress line (after the first step, every run.progress_interval_s, at the end)
+    assert re.search(rf"^train: step 1/{STEPS} \(2%\), epoch 1/\d+, loss \d", task0, re.M), task0[-3000:]
+    assert f"train: step {STEPS}/{STEPS} (100%)" in task0 and "train: step" not in task1
     snapshot = re.search(r"code (\S+)/vascdist", (logs / f"{job_id}_0_log.out").read_text()).group(1)
     assert Path(snapshot).parent == two_node_run["log_dir"] and Path(snapshot, "vascdist", "runner.py").exists()
     # a finished job ends on both nodes together
@@ -143,11 +147,14 @@ def test_submit_requeues_no_more_than_dist_max_requeues(shards_dir, tmp_path):
 
 
 def test_sbatch_template_preempted_job_checkpoints_requeues_and_resumes(shards_dir, two_node_run, tmp_path):
-    env = job_env(VASCDIST_ROOT=str(REPO), VASCDIST_RUN_ROOT=str(tmp_path / "runs"), VASCDIST_NPROC_PER_NODE="1",
+    env = job_env(VASCDIST_RUN_ROOT=str(tmp_path / "runs"), VASCDIST_NPROC_PER_NODE="1",
                   VASCDIST_PYTHON=sys.executable)
-    out = tmp_path / "job.out"
-    proc = subprocess.run(["sbatch", "--parsable", "--time=10", f"--output={out}", str(SBATCH), "quickstart",
-                           *overrides(shards_dir), "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True,
+    out, sbatch = tmp_path / "job.out", tmp_path / "train.sbatch"
+    template = run_cli("script", "train.sbatch", cwd=tmp_path)  # as a user gets it from the installed package
+    assert template.returncode == 0 and template.stdout == SBATCH.read_text(), template.stderr
+    sbatch.write_text(template.stdout)
+    proc = subprocess.run(["sbatch", "--parsable", "--time=10", f"--output={out}", str(sbatch), "quickstart",
+                           *overrides(shards_dir)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().split(";")[0]
@@ -158,13 +165,14 @@ def test_sbatch_template_preempted_job_checkpoints_requeues_and_resumes(shards_d
     log = out.read_text()
     assert log.count("vascdist: received SIGUSR2") == 2, log[-3000:]  # both workers, not the torchrun agents
     assert f"job {job_id}: attempt 2 on n[1-2]" in log
+    assert re.search(rf"^train: step 1/{STEPS} \(2%\)", log, re.M) and f"step {STEPS}/{STEPS} (100%)" in log, log[-3000:]
     assert_resumed_on_the_curve(run_dir, log, all_losses(two_node_run["run_dir"]), job_id, env)
 
 
 def test_torchrun_script_keeps_the_agent_alive_through_usr2(shards_dir, tmp_path):
     """SLURM signals every process of the step; torchrun.sh's agent must ignore USR2 while its workers checkpoint."""
     run_dir = tmp_path / "run"
-    agent = subprocess.Popen(["bash", str(REPO / "launch" / "torchrun.sh"), "--nnodes", "1", "--nproc-per-node", "2",
+    agent = subprocess.Popen(["bash", str(REPO / "vascdist" / "launch" / "torchrun.sh"), "--nnodes", "1", "--nproc-per-node", "2",
                               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "quickstart", *overrides(shards_dir),
                               "--run-dir", str(run_dir), "--quiet"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -192,8 +200,9 @@ def test_sweep_submits_a_job_array(shards_dir, tmp_path):
     array = jobs[0]["job_id"].split("_")[0]
     assert [j["job_id"] for j in jobs] == [f"{array}_0", f"{array}_1"]
     assert f"tensorboard --logdir {jobs[0]['run_dir'].parent}" in proc.stdout
-    for job, lr in zip(jobs, ("0.01", "0.02")):
-        assert f"job {job['job_id']}: COMPLETED" in proc.stdout
+    for job, lr in zip(jobs, ("0.01", "0.02")):  # one line per job at the end: state, test metric, run dir
+        assert re.search(rf"^job {job['job_id']} \(optim.lr={lr}\): COMPLETED, test recording/balanced_accuracy "
+                         rf"\d\.\d\d \[\d\.\d\d-\d\.\d\d\], run dir {job['run_dir']}$", proc.stdout, re.M), proc.stdout
         assert f"lr: {lr}" in (job["run_dir"] / "config.yaml").read_text()
         assert job["logs"] == tmp_path / "logs" / job["job_id"]
 

@@ -321,6 +321,20 @@ def _add_env(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_script(sub) -> None:
+    from vascdist.launch import SCRIPTS
+    p = sub.add_parser("script", help="print a shipped launch script (train.sbatch: the sbatch template; "
+                                      "torchrun.sh: multi-node torchrun), or with --path where it is installed")
+    p.add_argument("name", choices=SCRIPTS)
+    p.add_argument("--path", action="store_true", help="print the installed file's path instead of its text")
+
+    def run(a):
+        from vascdist.launch import script_path
+        path = script_path(a.name)
+        print(path if a.path else path.read_text(), end="\n" if a.path else "")
+    p.set_defaults(func=run)
+
+
 def _add_passthrough(sub, name: str, help: str, module: str) -> None:
     """A sub-command whose own parser lives in `module.main(argv)` (bench, submit, report, cv)."""
     p = sub.add_parser(name, help=help, add_help=False)
@@ -336,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vascdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_synth, _add_manifest, _add_preprocess, _add_shards, _add_train, _add_evaluate, _add_predict,
-                _add_inspect, _add_models, _add_config, _add_env):
+                _add_inspect, _add_models, _add_config, _add_env, _add_script):
         add(sub)
     _add_passthrough(sub, "bench", "benchmarks (loader, train, make-shards, scaling, preprocess, checkpoint, dist, "
                      "startup, bootstrap); see BENCHMARKS.md", "vascdist.bench")

@@ -110,7 +110,7 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
         if env.is_main and summary["stopped"]:  # rank 0 alone reports and requeues
             print(f"stopped at step {summary['step']} ({signals.received.name if signals.received else 'requested'}); "
                   f"checkpoint saved in {layout.checkpoints}; continue with --resume auto", flush=True)
-            if os.environ.get("VASCDIST_REQUEUE") == "scontrol":  # set by slurm/train.sbatch
+            if os.environ.get("VASCDIST_REQUEUE") == "scontrol":  # set by the sbatch template (vascdist/launch/train.sbatch)
                 print(requeue_slurm_job(cfg.dist.max_requeues), flush=True)
         if env.is_main and not summary["stopped"]:
             from vascdist.data.folds import split_index

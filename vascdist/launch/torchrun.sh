@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Multi-node `vascdist train` with torchrun, no SLURM needed: run it once on every node.
+# Multi-node `vascdist train` with torchrun, no SLURM needed: run it once on every node. It ships inside the
+# package; `vascdist script torchrun.sh --path` says where:
 #
-#   node 0:  launch/torchrun.sh --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500 --nproc-per-node 4 \
-#                resnet50 optim.lr=0.1 --resume auto --run-dir runs/big
+#   node 0:  bash "$(vascdist script torchrun.sh --path)" --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500 \
+#                --nproc-per-node 4 resnet50 optim.lr=0.1 --resume auto --run-dir runs/big
 #   node 1:  the same with --node-rank 1
 #
 # The options below must come first; everything after them (config, overrides, --resume, --run-dir, --quiet)
