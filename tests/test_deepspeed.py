@@ -131,13 +131,13 @@ def test_single_process_bf16_zero1_resumes_exactly(shards_dir, tmp_path):
 def test_non_finite_steps_are_skipped_without_touching_weights(stage, shards_dir, tmp_path):
     result = single(shards_dir, tmp_path / "r", f"dist.zero_stage={stage}", "optim.lr=1e30", "sched.name=none",
                     "optim.momentum=0.0", "train.max_bad_steps=3", "train.checkpoint_every=1")
-    assert result.returncode != 0 and "non-finite losses in a row" in result.stderr
+    assert result.returncode != 0 and "not saving step" in result.stderr and "has non-finite weights" in result.stderr
     # lr=1e30 makes every loss after the first non-finite: the skipped steps leave the weights as they were, but
     # the forward passes of those steps fill BatchNorm's running statistics with inf, so that state is not saved
     # (issue 16): the checkpoints kept are the finite ones from before.
     ckpt = tmp_path / "r" / "checkpoints"
     kept = [weights(p) for p in sorted(ckpt.glob("step-*.pt"))]
-    assert kept and "not saving step" in result.stdout
+    assert kept and f"last finite checkpoint kept: {sorted(ckpt.glob('step-*.pt'))[-1]}" in result.stderr
     assert all(torch.isfinite(t).all() for state in kept for t in state.values() if t.is_floating_point())
 
 

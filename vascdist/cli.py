@@ -83,6 +83,10 @@ def _add_preprocess(sub) -> None:
                                progress_interval_s=cfg.run.progress_interval_s)
         print(f"wrote {len(index['shards'])} shards to {a.out}: " +
               ", ".join(f"{s}={c['samples']}" for s, c in index["splits"].items()))
+        from vascdist.data.splits import split_problems
+        for problem in split_problems(index, cfg.eval.min_patients_per_class):
+            print(f"vascdist preprocess: warning: {problem.text}"
+                  + ("; `vascdist train` refuses this set" if problem.fatal else ""), file=sys.stderr)
     p.set_defaults(func=run)
 
 
@@ -151,6 +155,8 @@ def _add_train(sub) -> None:
             config, overrides = None, [config] + overrides
         from vascdist.runner import run_training
         summary = run_training(config, overrides, resume=a.resume, run_dir=a.run_dir, quiet=a.quiet)
+        if summary["stopped"] and summary["signal"] == "SIGTERM" and os.environ.get("VASCDIST_REQUEUE") != "scontrol":
+            return 143  # checkpointed, not finished: `timeout` and scripts must not take it for a finished run
         return 0
     p.set_defaults(func=run)
 
@@ -164,6 +170,7 @@ def _add_evaluate(sub) -> None:
 
     def run(a):
         _require_path(a.run, "run directory or checkpoint")
+        _refuse_a_live_run(a.run)
         from vascdist.inference import evaluate_checkpoint
         from vascdist.runner import format_summary
         result = evaluate_checkpoint(a.run, a.shards, a.split, a.out)
@@ -178,6 +185,19 @@ def _add_evaluate(sub) -> None:
         print(f"checkpoint: {result['checkpoint']}")
         print(f"wrote {result['json']} and {result['png']}")
     p.set_defaults(func=run)
+
+
+def _refuse_a_live_run(run: str) -> None:
+    """`evaluate RUN` of a run still training says so (its best.pt is still changing, and evaluate may repair it)."""
+    from vascdist.lockfile import holder
+    from vascdist.train.layout import RunLayout
+    layout = RunLayout(run)
+    training = holder(layout.lock) if layout.root.is_dir() else None
+    if training is not None:
+        files = layout.step_files()
+        example = f" (e.g. {files[-1][1]})" if files else ""
+        raise VascdistError(f"{run}: still training ({training}); wait for it to end, or evaluate one of its step "
+                            f"files explicitly{example}")
 
 
 def _print_sites(sites: dict) -> None:
@@ -205,10 +225,11 @@ def _add_predict(sub) -> None:
 
     def run(a):
         _require_path(a.checkpoint, "checkpoint or run directory")
-        missing = [f for f in a.files if not Path(f).is_file()]
-        if missing and not a.skip_bad:
-            raise VascdistError(f"{missing[0]}: file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
-                                                                   else "") + "; --skip-bad goes on past bad files")
+        from vascdist.fileio import not_a_readable_file
+        bad = [(f, why) for f in a.files if (why := not_a_readable_file(f))]
+        if bad and not a.skip_bad:
+            raise VascdistError(f"{bad[0][0]}: {bad[0][1]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1
+                                                               else "") + "; --skip-bad goes on past bad files")
         import json
         from vascdist.inference import predict_files
         files, patients = _predict_patients(a)

@@ -12,9 +12,34 @@ import math
 import os
 import re
 import shutil
+import stat
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
+
+def not_a_readable_file(path: str | Path) -> str | None:
+    """Why `path` cannot be read as a regular file, in a few words (None: it can): not found, a broken link, a
+    symbolic link loop, a directory, a FIFO, a socket or device, no permission. Said before an open() would block
+    (a FIFO) or fail with a misleading message ("not found" for a loop)."""
+    path = str(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"a broken symbolic link (to {os.readlink(path)})" if os.path.islink(path) else "not found"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop (the link points, through others, back to itself)"
+        return exc.strerror or str(exc)
+    if stat.S_ISDIR(mode):
+        return "a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe), not a regular file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a socket or device)"
+    if not os.access(path, os.R_OK):
+        return "not readable (permission denied)"
+    return None
+
 
 def temp_path(path: Path) -> Path:
     """A fresh temp name beside `path` (what `atomic_write` writes to before the rename)."""
@@ -104,3 +129,31 @@ def json_safe(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalar
         return json_safe(value.item())
     return value
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file (metrics.jsonl); a last line without its newline (a write cut short by a
+    kill or a full disk) is left out, as `drop_partial_last_line` would remove it."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def drop_partial_last_line(path: str | Path) -> int:
+    """Truncate a JSON-lines file to its last complete line (before appending to it); returns the bytes dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return 0
+        f.seek(0)
+        keep = f.read().rfind(b"\n") + 1
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+        return size - keep

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from vascdist.errors import VascdistError
+from vascdist.fileio import read_jsonl
 from vascdist.train.layout import RunLayout
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
@@ -169,8 +170,7 @@ def run_report(run_dir: Path) -> str:
     if not test_path.is_file():
         raise VascdistError(f"{run_dir}: no test_metrics.json (the run has not finished)")
     record = json.loads(test_path.read_text())
-    records = [json.loads(line) for line in layout.metrics.read_text().splitlines()] \
-        if layout.metrics.is_file() else []
+    records = read_jsonl(layout.metrics) if layout.metrics.is_file() else []  # a half-written last line is left out
     val = [r for r in records if r["split"] == "val"]
     classes = list(next(iter(record["counts"].values())).keys())
     counts = {"validation (last evaluation)": val[-1]["counts"]} if val and "counts" in val[-1] else {}

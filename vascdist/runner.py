@@ -3,7 +3,9 @@ resolve the config, make sure the data exist, pick the run directory, train, rep
 
 from __future__ import annotations
 
+import difflib
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -12,19 +14,35 @@ from vascdist.config.checks import check_against_index, check_config
 from vascdist.config.drift import check_resume, effective_config, record_changes
 from vascdist.errors import VascdistError
 from vascdist.fileio import atomic_write_json
+from vascdist.lockfile import exclusive
 from vascdist.preemption import StopSignals, requeue_slurm_job
 from vascdist.train.layout import RunLayout, saved_step_of
 
 if TYPE_CHECKING:  # vascdist.dist imports torch (seconds): loaded only once the config has passed its checks
     from vascdist.dist import DistEnv
 
-def ensure_data(cfg: Config, quiet: bool) -> None:
-    """If the configured shards are missing and data.synth_patients > 0, synthesise and preprocess them (cached)."""
+def synthesis_requested(overrides: list[str]) -> bool:
+    """Whether the config's data.synth_patients applies to its data.shards: not when data.shards alone is given on
+    the command line (a typo of a real path must not turn into a fresh synthetic data set)."""
+    keys = {o.split("=", 1)[0].strip() for o in overrides}
+    return "data.shards" not in keys or "data.synth_patients" in keys
+
+
+def ensure_data(cfg: Config, quiet: bool, may_synthesise: bool = True) -> None:
+    """If the configured shards are missing and data.synth_patients > 0 (and `may_synthesise`: see
+    `synthesis_requested`), synthesise and preprocess them (cached). Anything else without a shard set is refused
+    in one line; a directory of shard files without index.json is never written into."""
     shards = Path(cfg.data.shards)
     if (shards / "index.json").exists():
         return
-    if cfg.data.synth_patients <= 0:
-        raise VascdistError(f"data.shards '{shards}' holds no shards; run `vascdist preprocess --out {shards}` first")
+    if shards.is_dir() and any(shards.glob("shard-*.h5")):
+        raise VascdistError(f"data.shards '{shards}' holds shard files but no index.json (preprocessing did not "
+                            f"finish, or it was deleted); rebuild it with `vascdist preprocess --out {shards} "
+                            "--overwrite`, or remove it")
+    if cfg.data.synth_patients <= 0 or not may_synthesise:
+        raise VascdistError(f"data.shards '{shards}' holds no shard set{did_you_mean(shards)}; run `vascdist "
+                            f"preprocess --out {shards}` first" + ("" if cfg.data.synth_patients <= 0 else
+                            ", or give data.synth_patients too to synthesise a data set there"))
     from vascdist.data.preprocess import preprocess
     from vascdist.data.synth import synthesize
     raw = shards.parent / "recordings"
@@ -36,12 +54,58 @@ def ensure_data(cfg: Config, quiet: bool) -> None:
                progress_interval_s=cfg.run.progress_interval_s)
 
 
+def did_you_mean(path: Path) -> str:
+    """" (did you mean 'data/shards'?)" when the first missing part of `path` has a near name beside it."""
+    missing = path
+    while missing.parent != missing and not missing.parent.exists():
+        missing = missing.parent
+    if missing.exists():
+        return ""
+    try:
+        names = [p.name for p in missing.parent.iterdir() if p.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(missing.name, names, n=1)
+    return f" (did you mean '{missing.parent / close[0] / path.relative_to(missing)}'?)" if close else ""
+
+
+def check_splits(cfg: Config, index: dict, env: DistEnv) -> None:
+    """Refuse splits whose metrics would be undefined (before the run directory exists); state the weaker ones."""
+    from vascdist.data.splits import split_problems
+    where = f"data.shards '{cfg.data.shards}'" + (f" with data.split_file '{cfg.data.split_file}'"
+                                                  if cfg.data.split_file else "")
+    problems = split_problems(index, cfg.eval.min_patients_per_class)
+    for problem in problems:
+        if problem.fatal:
+            raise VascdistError(f"{where}: {problem.text}, so its metrics would be undefined; rebuild the set from "
+                                "more patients or with other preprocess.split fractions")
+    for problem in problems if env.is_main else []:  # on stdout: stderr is for what ends a run
+        print(f"note: {where}: {problem.text}", flush=True)
+
+
 def pick_run_dir(cfg: Config, resume: str | None, run_dir: str | None) -> Path:
     """runs/<name>/<time>/; with --resume auto, the newest run of that name that has checkpoints."""
     if run_dir:
         return Path(run_dir)
     newest = RunLayout.newest_with_checkpoints(cfg.run.out_dir, cfg.run.name) if resume == "auto" else None
-    return (newest or RunLayout.new(cfg.run.out_dir, cfg.run.name)).root
+    return (newest or RunLayout.create_new(cfg.run.out_dir, cfg.run.name)).root
+
+
+def claim_run_dir(cfg: Config, resume: str | None, run_dir: str | None, stack: ExitStack) -> Path:
+    """`pick_run_dir`'s directory, locked by this process until `stack` closes (the training's whole life): a
+    second writer (a run of the same directory, a --resume auto beside a live run) is refused before it writes."""
+    layout = RunLayout(pick_run_dir(cfg, resume, run_dir))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    stack.enter_context(exclusive(layout.lock, f"{layout.root}: another training is writing this run directory",
+                                  "wait for it to end, or start a new run (without --resume, or another --run-dir)"))
+    return layout.root
+
+
+def forget_if_unused(layout: RunLayout) -> None:
+    """Remove a run directory that holds nothing but its lock (a start refused after it was claimed)."""
+    if {p.name for p in layout.root.iterdir()} <= {layout.lock.name}:
+        layout.lock.unlink(missing_ok=True)
+        layout.root.rmdir()
 
 
 def format_summary(summary: dict) -> str:
@@ -66,6 +130,9 @@ def prepare_run_dir(cfg: Config, layout: RunLayout, resume: str | None) -> str |
     origin = resume_from.parent.parent if resume_from else None  # <run>/checkpoints/step-*.pt
     previous = effective_config(origin) if origin else None
     changes = check_resume(cfg, previous) if previous is not None else {}
+    if resume == "auto" and resume_from is None:  # a SLURM job's first attempt starts this way: never silently
+        print(f"--resume auto: no earlier checkpoint of this run to resume; starting a new run in {layout.root}",
+              flush=True)
     layout.root.mkdir(parents=True, exist_ok=True)
     if not layout.config.exists():
         save_config(cfg, layout.config)
@@ -88,25 +155,33 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
     from vascdist.dist import init_distributed, run_on_main, shutdown
     own_env = env is None
     env = env or init_distributed(cfg.train.device, cfg.dist.timeout_s)
+    lock = ExitStack()  # rank 0's lock of the run directory, held until the training's end
     try:
         batch_sizes(cfg.data.batch_size, env.world_size, cfg.train.grad_accum)  # before any data or run dir is made
         if cfg.dist.engine == "deepspeed":  # a contradicting DeepSpeed JSON fails before any data or run dir is made
             from vascdist.train.deepspeed_engine import build_deepspeed_config
             build_deepspeed_config(cfg, env.world_size, env.device)
-        run_on_main(env, lambda: ensure_data(cfg, quiet))  # its error reaches every rank
-        from vascdist.data.shards import load_index
-        index = load_index(cfg.data.shards)
+        run_on_main(env, lambda: ensure_data(cfg, quiet, synthesis_requested(overrides)))  # its error reaches every rank
+        from vascdist.data.folds import split_index
+        index = split_index(cfg.data.shards, cfg.data.split_file)
         check_against_index(cfg, index, env.world_size)
+        check_splits(cfg, index, env)
         if cfg.train.check_memory:
             from vascdist.train.memory import check_memory
             check_memory(cfg, index, env.device, env.world_size)
-        layout = RunLayout(run_on_main(env, lambda: str(pick_run_dir(cfg, resume, run_dir))))
-        resume_from = run_on_main(env, lambda: prepare_run_dir(cfg, layout, resume))  # every rank stops alike
+        layout = RunLayout(run_on_main(env, lambda: str(claim_run_dir(cfg, resume, run_dir, lock))))
+        try:
+            resume_from = run_on_main(env, lambda: prepare_run_dir(cfg, layout, resume))  # every rank stops alike
+        except VascdistError:
+            if env.is_main:
+                forget_if_unused(layout)
+            raise
         path = layout.root
         from vascdist.train.loop import train
         with StopSignals((cfg.dist.requeue_signal, "TERM")) as signals:
             summary = train(cfg, env, path, resume=resume_from, quiet=quiet,
                             stop_requested=lambda: signals.requested() or stop_requested())
+        summary["signal"] = signals.received.name if signals.received else None
         if env.is_main and summary["stopped"]:  # rank 0 alone reports and requeues
             print(f"stopped at step {summary['step']} ({signals.received.name if signals.received else 'requested'}); "
                   f"checkpoint saved in {layout.checkpoints}; continue with --resume auto", flush=True)
@@ -124,5 +199,6 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
             print(f"report: {write_report(path)}", flush=True)
         return summary
     finally:
+        lock.close()
         if own_env:
             shutdown(env)

@@ -19,6 +19,7 @@ import yaml
 
 from vascdist.config.schema import Config
 from vascdist.errors import ConfigError
+from vascdist.fileio import not_a_readable_file
 
 # The configs shipped inside the package (package data, installed with the wheel): a config name is looked up here.
 CONFIG_DIR = Path(str(resources.files("vascdist") / "configs"))
@@ -149,7 +150,7 @@ def resolve_config_path(path: str | Path) -> Path:
     """A config argument is a file (a relative path is relative to the working directory, tried first), or the
     name of a shipped config ('quickstart' or 'quickstart.yaml')."""
     p = Path(path)
-    if p.is_file():
+    if os.path.lexists(p):  # a broken link, a loop, a directory or a FIFO is named for what it is, not "not found"
         return p
     names = config_names()
     is_name = len(p.parts) == 1 and p.suffix in ("", ".yaml")
@@ -166,14 +167,46 @@ def resolve_config_path(path: str | Path) -> Path:
                       + (f"; did you mean the shipped config '{close[0]}' (given by name)?" if close else ""))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice in one mapping "
+                                  f"(first on line {seen[key] + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
 def read_yaml(path: str | Path) -> dict:
+    """A config file's tree: one ConfigError naming the file for anything that is not a YAML mapping of sections."""
     path = resolve_config_path(path)
+    problem = not_a_readable_file(path)
+    if problem:
+        raise ConfigError(f"config file '{path}': {problem}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{path}': not a YAML text file (byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start} is not UTF-8)") from None
+    if "\x00" in text:
+        raise ConfigError(f"config file '{path}': not a YAML text file (it holds NUL bytes, from offset "
+                          f"{text.index(chr(0))})")
+    try:
+        data = yaml.load(text, Loader=_StrictLoader) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raise ConfigError(f"{path}: top level must be a mapping of sections, not a {type(data).__name__}")
     return data
 
 

@@ -32,7 +32,7 @@ def fold_name(repeat: int, fold: int) -> str:
 def make_plan(config: str | None, overrides: list[str], folds: int, repeats: int, seed: int,
               out: str | None) -> tuple[Path, dict]:
     """Make the data if needed, write the split files and cv.json; an existing plan must match the options."""
-    from vascdist.runner import ensure_data
+    from vascdist.runner import ensure_data, synthesis_requested
     if any(o.split("=", 1)[0].strip() == "data.split_file" for o in overrides):
         raise VascdistError("`vascdist cv` writes data.split_file for every fold itself; do not override it")
     config = config or DEFAULT_CONFIG
@@ -49,7 +49,7 @@ def make_plan(config: str | None, overrides: list[str], folds: int, repeats: int
         return cv_dir, plan
     from vascdist.config.checks import check_config
     check_config(cfg)  # a config error is named before any data are made (and before torch is imported)
-    ensure_data(cfg, quiet=False)
+    ensure_data(cfg, quiet=False, may_synthesise=synthesis_requested(overrides))
     from vascdist.data.folds import fold_assignment, write_split_file  # the shard reader imports torch
     from vascdist.data.shards import load_index
     index = load_index(cfg.data.shards)

@@ -16,6 +16,7 @@ from scipy import signal as sps
 
 from vascdist.config import AudioConfig
 from vascdist.errors import DataError
+from vascdist.fileio import not_a_readable_file
 
 CLIP_LEVEL = 0.999  # a sample at or beyond this fraction of full scale counts as clipped
 READ_BLOCK = 1 << 18  # frames read per block (about 1.4 s at 192 kHz)
@@ -143,8 +144,9 @@ def load_audio_stats(path: str | Path, cfg: AudioConfig) -> tuple[np.ndarray, Au
     Every problem (missing, unreadable, empty, silent, NaN) is a DataError starting with the path.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    problem = not_a_readable_file(path)  # a loop, a directory or a FIFO is named as such (a FIFO would block)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
     check_wav_length(path)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
-import io
 import hashlib
+import io
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,7 @@ def read_manifest(path: str | Path, classes: list[str], allow_mixed_patient_labe
             if not (row.get(column) or "").strip():
                 raise DataError(f"{where}: empty '{column}'")
         audio = Path(row["path"].strip())
-        audio = (audio if audio.is_absolute() else path.parent / audio).resolve()
+        audio = Path(os.path.realpath(audio if audio.is_absolute() else path.parent / audio))  # no error on a loop
         if audio in seen_paths:
             raise DataError(f"{where}: duplicate path {row['path']} (also on line {seen_paths[audio]})")
         seen_paths[audio] = line

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import json
 import os
 import shutil
-import socket
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +27,7 @@ from vascdist.data.integrity import check_shard_set
 from vascdist.data.shard_format import INDEX, is_shard_name
 from vascdist.errors import DataError
 from vascdist.fileio import disk_full, disk_full_message, fsync_dir
+from vascdist.lockfile import exclusive
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
@@ -66,24 +64,10 @@ def building_shard_set(out_dir: str | Path, kind: str, schema_version: int, over
         raise
 
 
-@contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold parent/.NAME.lock; a second run refuses at once, naming the holder."""
-    lock = out.parent / f".{out.name}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
-            raise DataError(f"{out}: another run is writing this shard set ({holder}, lock {lock}); wait for it "
-                            "to finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting run)
+def _exclusive(out: Path):
+    """Hold parent/.NAME.lock (vascdist.lockfile); a second run refuses at once, naming the holder."""
+    return exclusive(out.parent / f".{out.name}.lock", f"{out}: another run is writing this shard set",
+                     "wait for it to finish or choose another --out", DataError)
 
 
 def _check_target(out: Path, kind: str, schema_version: int, overwrite: bool) -> None:
@@ -103,6 +87,9 @@ def _check_target(out: Path, kind: str, schema_version: int, overwrite: bool) ->
                             f"{old.get('kind')}; this is schema {schema_version}, kind {kind}); choose another --out")
         if not overwrite:
             raise DataError(f"{out}: already holds a finished shard set; pass --overwrite to replace it or choose another --out")
+    elif any(out.glob("shard-*.h5")) and not overwrite:
+        raise DataError(f"{out}: holds shard files but no {INDEX} (an unfinished or damaged set); pass --overwrite to "
+                        "replace them or choose another --out")
     foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name))
     if foreign:
         raise DataError(f"{out}: holds '{foreign[0]}', which is not part of a shard set (it would be deleted with the "

@@ -200,6 +200,11 @@ def info(shards_dir: str | Path) -> str:
     for split, c in index["splits"].items():
         labels = "  ".join(f"{k}={v}" for k, v in c["labels"].items())
         lines.append(f"{split:<6} {c['samples']:>8} {c['patients']:>8} {c['recordings']:>10}  {labels}")
+    from vascdist.config.schema import EvalConfig
+    from vascdist.data.splits import split_problems
+    for problem in split_problems(index, EvalConfig().min_patients_per_class):
+        lines.append(f"{'PROBLEM' if problem.fatal else 'warning'}: {problem.text}"
+                     + ("; `vascdist train` refuses this set" if problem.fatal else ""))
     excluded = index.get("excluded", [])
     lines.append(f"\nexcluded recordings: {len(excluded)}" + ("" if not excluded else "  (" + "; ".join(
         f"{split}: " + ", ".join(f"{k}={v}" for k, v in c.get("excluded", {}).items())

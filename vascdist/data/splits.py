@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,3 +41,63 @@ def assign_splits(recordings: list[Recording], cfg: SplitConfig) -> dict[str, st
         for i, patient in enumerate(order):
             splits[patient] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return splits
+
+
+@dataclass(frozen=True)
+class SplitProblem:
+    """A property of a shard set's splits that leaves a run's metrics undefined (`fatal`: train refuses) or weaker."""
+    text: str
+    fatal: bool
+
+
+def split_problems(index: dict, min_patients_per_class: int) -> list[SplitProblem]:
+    """What is wrong with the val and test splits of `index` (a shard set's, or a fold's from data.folds.split_index):
+    an empty split or, with two classes, a class the split lacks (no AUROC, sensitivity or threshold: fatal); a
+    class that train has but another split lacks with more classes, or fewer validation patients per class than
+    eval.min_patients_per_class (the threshold rule falls back to 0.5): stated, not fatal."""
+    classes = index["classes"]
+    present = {split: _samples_per_class(index, split) for split in ("train", "val", "test")}
+    problems = []
+    for split in ("val", "test"):
+        counts = present[split]
+        if not sum(counts.values()):
+            problems.append(SplitProblem(f"the {split} split is empty", True))
+            continue
+        absent = [c for c in classes if not counts.get(c) and present["train"].get(c)]
+        if absent:
+            problems.append(SplitProblem(f"the {split} split has no {', '.join(absent)} samples", len(classes) == 2))
+    if len(classes) == 2 and index["kind"] != "beats" and min_patients_per_class and present["val"]:
+        per_class = _patients_per_class(index, "val")
+        few = {c: per_class.get(c, 0) for c in classes if 0 < per_class.get(c, 0) < min_patients_per_class}
+        if few:
+            listed = ", ".join(f"{n} {c}" for c, n in few.items())
+            problems.append(SplitProblem(f"the val split has {listed} patient(s), fewer than eval.min_patients_per_class="
+                                         f"{min_patients_per_class}: the threshold rule falls back to 0.5", False))
+    return problems
+
+
+def _members(index: dict, split: str) -> list[dict]:
+    """The kept recordings of `split` (a fold's patient list where data.split_file gives one)."""
+    if "split_patients" in index:
+        patients = set(index["split_patients"][split])
+        return [r for r in index.get("recordings", []) if r["patient"] in patients]
+    return [r for r in index.get("recordings", []) if r["split"] == split]
+
+
+def _samples_per_class(index: dict, split: str) -> dict[str, int]:
+    classes = index["classes"]
+    if "split_patients" not in index:
+        return dict(index["splits"][split]["labels"])
+    counts = {c: 0 for c in classes}
+    for r in _members(index, split):
+        counts[classes[r["label"]]] += r.get("cycles", 1)
+    return counts
+
+
+def _patients_per_class(index: dict, split: str) -> dict[str, int]:
+    """Patients of `split` per class, a patient's class being its highest label (as assign_splits counts them)."""
+    label: dict[str, int] = {}
+    for r in _members(index, split):
+        label[r["patient"]] = max(label.get(r["patient"], 0), r["label"])
+    classes = index["classes"]
+    return {c: sum(v == k for v in label.values()) for k, c in enumerate(classes)}

@@ -9,10 +9,12 @@ run directories before, or without, loading torch).
     RUN/report.html              `vascdist report RUN`
     RUN/eval-SPLIT.json          `vascdist evaluate RUN --split SPLIT`
     RUN/checkpoints/step-00000040.pt, best.pt, deepspeed/step-00000040/   (train/state.py keeps them consistent)
+    RUN/.lock                    flock'ed by the one training writing RUN (vascdist.lockfile: pid, host, start time)
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from pathlib import Path
@@ -54,6 +56,7 @@ class RunLayout:
         self.test_predictions = self.root / "test_predictions.npz"
         self.report = self.root / "report.html"
         self.checkpoints = self.root / "checkpoints"
+        self.lock = self.root / ".lock"
 
     def eval_json(self, split: str) -> Path:
         """Where `vascdist evaluate` writes its metrics by default."""
@@ -67,9 +70,18 @@ class RunLayout:
         return bool(self.step_files())
 
     @staticmethod
-    def new(out_dir: str | Path, name: str) -> "RunLayout":
-        """runs/<name>/<time>/ (not created)."""
-        return RunLayout(Path(out_dir) / name / time.strftime("%Y%m%d-%H%M%S"))
+    def create_new(out_dir: str | Path, name: str) -> "RunLayout":
+        """A fresh runs/<name>/<time>/, created here: two runs started in the same second get <time> and <time>-1."""
+        parent, stamp = Path(out_dir) / name, time.strftime("%Y%m%d-%H%M%S")
+        parent.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count():
+            root = parent / (stamp if n == 0 else f"{stamp}-{n}")
+            try:
+                root.mkdir()
+            except FileExistsError:
+                continue
+            return RunLayout(root)
+        raise AssertionError("unreachable")
 
     @staticmethod
     def newest_with_checkpoints(out_dir: str | Path, name: str) -> "RunLayout | None":

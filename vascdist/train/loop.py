@@ -183,8 +183,7 @@ def train_step(run: Run, batch: dict, want_norm: bool) -> tuple[float, float]:
         progress.bad_steps_total += 1
         if progress.bad_steps_in_a_row >= cfg.train.max_bad_steps:
             raise TrainingDiverged(f"{progress.bad_steps_in_a_row} non-finite losses in a row at step {progress.step}; "
-                                   f"last finite checkpoint kept in {run.state.layout.checkpoints} "
-                                   "(lower optim.lr or set train.grad_clip)")
+                                   f"{last_finite_checkpoint(run)} (lower optim.lr or set train.grad_clip)")
     progress.step += 1
     return step_loss, grad_norm
 
@@ -194,6 +193,7 @@ def validate(run: Run) -> dict:
     validation loss), steps a plateau schedule, logs and saves."""
     cfg, progress, classes = run.cfg, run.state.progress, run.classes
     arrays = predict_arrays(run.state.engine.module, run.val_loader, run.env, cfg.train.precision, cfg.train.channels_last)
+    check_finite_predictions(run, arrays, "validation")
     loss = validation_loss(arrays)  # the model's own, before eval.calibrate: comparable with train/loss
     arrays, metrics, temperature = validation_metrics(arrays, classes, run.per_beat, cfg.eval)
     metrics["loss"] = loss
@@ -222,11 +222,25 @@ def validate(run: Run) -> dict:
 
 
 def save(run: Run, is_best: bool = False) -> None:
-    """Checkpoint on every rank together; a model with non-finite weights on any rank is not saved."""
+    """Checkpoint on every rank together. A model with non-finite weights on any rank is not saved, and the run
+    ends there (TrainingDiverged): nothing trained on from non-finite weights can be trusted."""
     finite = not any_rank(not all_finite(run.state.engine.module), run.env)
     if not run.state.save(finite, is_best=is_best):
-        main_print(run.env, f"not saving step {run.state.progress.step}: the model has non-finite weights; the last "
-                            f"finite checkpoint in {run.state.layout.checkpoints} is kept")
+        raise TrainingDiverged(f"not saving step {run.state.progress.step}: the model has non-finite weights (it "
+                               f"diverged); {last_finite_checkpoint(run)} (lower optim.lr or set train.grad_clip)")
+
+
+def check_finite_predictions(run: Run, arrays: dict, split: str) -> None:
+    """Non-finite predictions never reach the metric functions: the run ends with one line instead."""
+    if not np.isfinite(arrays["probs"]).all():
+        raise TrainingDiverged(f"the {split} predictions at step {run.state.progress.step} are not finite (the model "
+                               f"diverged); {last_finite_checkpoint(run)} (lower optim.lr or set train.grad_clip)")
+
+
+def last_finite_checkpoint(run: Run) -> str:
+    """Which checkpoint file a diverged run leaves to fall back on (only finite states are ever saved)."""
+    files = run.state.checkpoints.step_files()
+    return f"last finite checkpoint kept: {files[-1][1]}" if files else "no checkpoint was saved before it"
 
 
 def should_stop_early(run: Run) -> bool:
@@ -246,6 +260,7 @@ def test(run: Run, run_dir: Path) -> dict:
     barrier(env)  # rank 0's last best.pt is on disk before every rank reads it
     run.state.load_best_weights()
     arrays = predict_arrays(run.state.engine.module, run.test_loader, env, cfg.train.precision, cfg.train.channels_last)
+    check_finite_predictions(run, arrays, "test")
     arrays, test = test_metrics(arrays, classes, run.per_beat, progress.val_thresholds, progress.temperature)
     assessed = log_split(run.log, progress.step, "test", arrays, classes, run.per_beat, test, cfg.eval,
                          save_dir=run_dir if env.is_main else None)

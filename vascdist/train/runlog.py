@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from vascdist.errors import VascdistError
-from vascdist.fileio import disk_full, disk_full_message
+from vascdist.fileio import disk_full, disk_full_message, drop_partial_last_line
 
 
 def _quiet_disk_full_in_tensorboard(args) -> None:
@@ -110,6 +111,10 @@ class RunLogger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(log_dir=str(self._tb), purge_step=purge_step)
         with self._writing(self._jsonl_path):
+            dropped = drop_partial_last_line(self._jsonl_path)  # a kill or a full disk cut the last line short
+            if dropped:
+                print(f"{self._jsonl_path}: removed a half-written last line ({dropped} bytes)", file=sys.stderr,
+                      flush=True)
             self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
 
     @contextmanager
