@@ -1,13 +1,15 @@
 """The wheel holds what an installed vascdist reads, and nothing else at top level: built from this checkout,
 installed (not editable) into a folder of its own, and run from an empty directory.
 
-The build uses the setuptools of the test environment (--no-build-isolation: no network needed); .ci/run builds it
-with the locked backend in isolation and runs a short training from the installed wheel.
+The build is the one .ci/run and README use (pip wheel, the build backend from the lock file, in pip's isolated build
+environment: pip fetches setuptools from the index once, then from its cache); .ci/run also runs a short training
+from the installed wheel.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,13 +22,14 @@ from conftest import REPO
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    pytest.importorskip("setuptools", minversion="61")  # reads pyproject.toml's [project]
     out = tmp_path_factory.mktemp("dist")
     build = tmp_path_factory.mktemp("build")  # a copy: the build must not leave build/ or *.egg-info in the checkout
-    subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "-o", str(build / "src.tar")], check=True)
-    subprocess.run(["tar", "-xf", "src.tar"], cwd=build, check=True)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                           str(out), str(build)], capture_output=True, text=True, timeout=300)
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPO / name, build / name)
+    shutil.copytree(REPO / "vascdist", build / "vascdist", ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(build)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PIP_CONSTRAINT": str(REPO / "requirements" / "lock.txt")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = out.glob("vascdist-*.whl")
     return path
