@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_inspect, _add_models, _add_config, _add_env, _add_script):
         add(sub)
     _add_passthrough(sub, "bench", "benchmarks (loader, train, make-shards, scaling, preprocess, checkpoint, dist, "
-                     "startup, bootstrap); see BENCHMARKS.md", "vascdist.bench")
+                     "startup, bootstrap) and the GPU check (gpu); see BENCHMARKS.md", "vascdist.bench")
     _add_passthrough(sub, "submit", "submit training to SLURM through submitit (vascdist/launch/submit.py)",
                      "vascdist.launch.submit")
     _add_passthrough(sub, "report", "one self-contained HTML report of a run or CV directory", "vascdist.report")

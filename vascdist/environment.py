@@ -36,7 +36,8 @@ def _versions(problems: list[str]) -> list[str]:
     for package in STACK:
         found = compat.installed_version(package)
         note = ""
-        if package in EXACT and found != EXACT[package]:
+        # A local label names the build, not the release: 2.11.0+cu130 is torch 2.11.0 built for CUDA 13.0.
+        if package in EXACT and (found or "").split("+")[0] != EXACT[package]:
             note = f"  <- vascdist is tested with {EXACT[package]}"
             problems.append(f"{package} {found or '(not installed)'} is installed but vascdist pins {EXACT[package]}; "
                             f"fix: {compat.FIX}")

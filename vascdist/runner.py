@@ -153,6 +153,8 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
     check_config(cfg)
     from vascdist.dist import init_distributed, run_on_main, shutdown
+    from vascdist.train.precision import use_deterministic_kernels
+    use_deterministic_kernels(cfg.train.deterministic)  # before the first CUDA kernel (the memory check's forward)
     own_env = env is None
     env = env or init_distributed(cfg.train.device, cfg.dist.timeout_s)
     lock = ExitStack()  # rank 0's lock of the run directory, held until the training's end

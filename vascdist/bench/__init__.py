@@ -1,5 +1,5 @@
 """`vascdist bench ...`: benchmarks of the loader, training step, cost growth, distributed overhead, start-up
-time and the evaluation bootstrap.
+time and the evaluation bootstrap; and `vascdist bench gpu`, the whole GPU check in one command.
 
 Each sub-command lives in its own module and prints one table; BENCHMARKS.md records the commands and results.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from vascdist.bench import bootstrap, checkpoint, dist, load, loader, makeshards, preprocess, scaling, startup, train
+from vascdist.bench import bootstrap, checkpoint, dist, gpu, load, loader, makeshards, preprocess, scaling, startup, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch intra-op threads (0: torch's default). On a shared or small CPU host 1 gives "
                              "stable timings: idle OpenMP threads spin, and a descheduled one stalls the others")
     sub = parser.add_subparsers(dest="bench", required=True)
-    for module in (loader, train, makeshards, scaling, preprocess, checkpoint, dist, startup, bootstrap, load):
+    for module in (loader, train, makeshards, scaling, preprocess, checkpoint, dist, startup, bootstrap, load, gpu):
         module.add_parser(sub)
     return parser
 

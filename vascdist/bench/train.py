@@ -6,8 +6,11 @@ Per model and variant (precision / channels_last / compile):
   2. a bare loop on one in-memory batch (zero_grad, forward, loss, backward, step): the compute bound;
   3. the step-time breakdown: loop.py's own train_step and log_step timed from outside (loop.py carries no
      timers), so the benchmark times what training runs.
-TFLOP/s = samples/s x 3 x forward FLOPs (count_flops; backward taken as 2x forward) against a measured matmul
-rate (bf16 on CUDA, fp32 on CPU).
+TFLOP/s = samples/s x 3 x forward FLOPs against a measured matmul rate (bf16 on CUDA, fp32 on CPU): the forward
+FLOPs of one sample are counted once per model, by `models.count_flops` (torch.utils.flop_counter.FlopCounterMode
+over one forward: convolutions and matmuls, 2 FLOPs per multiply-add), and the backward is taken as 2x forward.
+`--bare-steps 0` and `--no-breakdown` leave out parts 2 and 3 (each builds, and with compile compiles, the model
+again).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from vascdist.train.precision import autocast_context
 from vascdist.train.runlog import RunLogger
 
 SHAPE = (1, 40, 100)
+BARE_KEYS = ("samples_s", "fwd_bwd_ms", "opt_ms")
 
 
 def parse_variant(text: str) -> dict:
@@ -109,7 +113,7 @@ def bare_loop(cfg, device: torch.device, steps: int) -> dict:
             opt.append(time.perf_counter() - t1)
     step = statistics.median(a + b for a, b in zip(fwd_bwd, opt))
     return {"samples_s": cfg.data.batch_size / step, "fwd_bwd_ms": 1e3 * statistics.median(fwd_bwd),
-            "opt_ms": 1e3 * statistics.median(opt), "flops": count_flops(model, SHAPE)}
+            "opt_ms": 1e3 * statistics.median(opt)}
 
 
 # ------------------------------------------------------------------------------------------- 3. breakdown
@@ -171,6 +175,9 @@ def bench_train(a: argparse.Namespace) -> dict:
             make_shards(shards, math.ceil(a.batch * (a.steps + 4) / 0.8) + 20, chunk_size=64, shard_size=4096)
         for spec in a.models.split(","):
             name, _, stem = spec.partition(":")
+            model_cfg = load_config("quickstart", [f"model.name={name}", f"model.stem={stem or 'small'}",
+                                                   f"model.width={a.width}"]).model
+            flops = 3 * count_flops(build_model(model_cfg, 2, SHAPE), SHAPE)  # per sample: forward + 2x backward
             for vtext in a.variants.split(","):
                 variant = parse_variant(vtext)
                 ovr = overrides(a, shards, name, stem or "small", variant, tmp / "runs")
@@ -179,17 +186,17 @@ def bench_train(a: argparse.Namespace) -> dict:
                 for r in range(a.repeats):  # real loop, bare loop and breakdown back to back in each repeat
                     tag = f"{name}-{stem}-{vtext}-{r}"
                     full = full_loop(ovr, tmp / "runs" / tag, device)
-                    bare = bare_loop(cfg, device, a.bare_steps)
-                    parts = breakdown(cfg, device, a.steps, tmp / "breakdown" / tag)
+                    bare = bare_loop(cfg, device, a.bare_steps) if a.bare_steps else dict.fromkeys(BARE_KEYS)
+                    parts = breakdown(cfg, device, a.steps, tmp / "breakdown" / tag) if a.breakdown else {}
                     runs.append({"full_s": full["samples_s"], "bare_s": bare["samples_s"],
-                                 "ratio": full["samples_s"] / bare["samples_s"], "data_wait": full["data_wait"],
-                                 **parts, "bare_fwd_bwd_ms": bare["fwd_bwd_ms"], "bare_opt_ms": bare["opt_ms"],
-                                 **{k: v for k, v in full.items() if k.endswith("_mb")}})
+                                 "ratio": full["samples_s"] / bare["samples_s"] if bare["samples_s"] else None,
+                                 "data_wait": full["data_wait"], **parts, "bare_fwd_bwd_ms": bare["fwd_bwd_ms"],
+                                 "bare_opt_ms": bare["opt_ms"], **{k: v for k, v in full.items() if k.endswith("_mb")}})
                 row = {k: (statistics.median(r[k] for r in runs) if runs[0][k] is not None else None) for k in runs[0]}
-                flops = bare["flops"] * 3
+                tflops = row["full_s"] * flops / 1e12
                 rows.append({"model": f"{name} {stem} w{a.width:g}", "variant": vtext, "batch": a.batch, **row,
-                             "gflop_per_sample": flops / 1e9, "tflops": row["full_s"] * flops / 1e12,
-                             "bare_tflops": row["bare_s"] * flops / 1e12})
+                             "gflop_per_sample": flops / 1e9, "tflops": tflops, "utilisation": tflops / (peak / 1e12),
+                             "bare_tflops": row["bare_s"] * flops / 1e12 if row["bare_s"] else None})
                 print(f"  done {name}:{stem} {vtext}", flush=True)
     return {"rows": rows, "peak_tflops": peak / 1e12, "peak_dtype": str(peak_dtype), "device": str(device),
             "loader": a.loader, "workers": a.workers, "steps": a.steps, "repeats": a.repeats}
@@ -204,7 +211,9 @@ def format_train(result: dict) -> str:
             ("peak_pss_mb", "peak PSS MB"), ("peak_rss_mb", "peak RSS MB")]
     if any(r["cuda_peak_mb"] is not None for r in rows):
         cols.append(("cuda_peak_mb", "CUDA peak MB"))
-    cols += [("gflop_per_sample", "GFLOP/sample (3x fwd)"), ("tflops", "TFLOP/s"), ("bare_tflops", "bare TFLOP/s")]
+    cols += [("gflop_per_sample", "GFLOP/sample (3x fwd)"), ("tflops", "TFLOP/s"), ("utilisation", "of matmul"),
+             ("bare_tflops", "bare TFLOP/s")]
+    cols = [c for c in cols if any(r.get(c[0]) is not None for r in rows)]  # parts left out leave no empty column
     lines = [table(rows, cols), "",
              f"device {result['device']}; matmul reference {result['peak_tflops']:.3g} TFLOP/s ({result['peak_dtype']}); "
              f"loader {result.get('loader', 'threads')} x {result['workers']}; "
@@ -212,8 +221,9 @@ def format_train(result: dict) -> str:
              "breakdown columns: medians per step of loop.train_step / log_step; memory: process tree, sampled; "
              f"medians of {result['repeats']} repeats (1/2: median of same-repeat ratios)"]
     for r in rows:
-        lines.append(f"{r['model']} {r['variant']}: harness overhead target 1/2 >= 0.95 -> {r['ratio']:.2f} "
-                     f"({'MET' if r['ratio'] >= 0.95 else 'NOT MET'})")
+        if r["ratio"] is not None:
+            lines.append(f"{r['model']} {r['variant']}: harness overhead target 1/2 >= 0.95 -> {r['ratio']:.2f} "
+                         f"({'MET' if r['ratio'] >= 0.95 else 'NOT MET'})")
     return "\n".join(lines)
 
 
@@ -225,7 +235,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=41, help="steps of the real loop (its 10-step windows after step 10 count)")
     p.add_argument("--repeats", type=int, default=1, help="repeat real loop, bare loop and breakdown; medians")
-    p.add_argument("--bare-steps", type=int, default=10)
+    p.add_argument("--bare-steps", type=int, default=10, help="steps of the bare loop (0: leave it out)")
+    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
+                   help="time loop.train_step / log_step from outside (--no-breakdown: leave it out)")
     p.add_argument("--loader", default="threads", choices=["threads", "dataloader"], help="data.loader")
     p.add_argument("--workers", type=int, default=1,
                    help="data.reader_threads (--loader threads) or data.workers (--loader dataloader)")

@@ -27,9 +27,10 @@ RESUME_SAFE = frozenset({
     "run.out_dir", "run.progress_interval_s",
     "train.epochs", "train.max_steps", "train.early_stop_patience", "train.max_bad_steps", "train.eval_every",
     "train.checkpoint_every", "train.keep_last", "train.log_every", "train.device", "train.compile", "train.check_memory",
+    "train.deterministic",  # kernel choice: bits, not the experiment (like train.device)
     "data.loader", "data.reader_threads", "data.windows_ahead", "data.workers", "data.worker_prefetch_factor",
     "data.persistent_workers", "data.verify_checksums",  # both loaders give the same batches (tests/test_dataloader.py)
-    "dist.timeout_s", "dist.bucket_cap_mb", "dist.gradient_as_bucket_view", "dist.static_graph",
+    "dist.timeout_s", "dist.bucket_cap_mb", "dist.gradient_as_bucket_view", "dist.static_graph", "dist.ddp_one_rank",
     "dist.requeue_signal", "dist.max_requeues",
     "eval.bootstrap_resamples", "eval.bootstrap_seed", "eval.confidence",  # intervals only; not what is chosen
 })

@@ -326,6 +326,10 @@ class TrainConfig:
     """'auto' (CUDA if present), 'cpu' or 'cuda'."""
     check_memory: bool = True
     """Refuse to start when the estimated memory of a training step exceeds the device's free memory."""
+    deterministic: bool = False
+    """Deterministic kernels (torch.use_deterministic_algorithms, warn-only; cuDNN deterministic, no autotuning):
+    on a GPU, runs of the same config and a resumed run repeat bit for bit, at some cost in speed. A CPU run is
+    deterministic without it."""
 
     def planned_steps(self, steps_per_epoch: int) -> int:
         """Optimiser steps the run takes: epochs x steps_per_epoch, capped by max_steps."""
@@ -349,6 +353,10 @@ class TrainConfig:
 class DistConfig:
     engine: str = "ddp"
     """'ddp' or 'deepspeed' (used when more than one process runs)."""
+    ddp_one_rank: bool = False
+    """With dist.engine=ddp and a single process: wrap the model in DistributedDataParallel over a one-rank
+    process group anyway (NCCL on CUDA, gloo on CPU), so the DDP and collective path runs on one GPU (`vascdist
+    bench gpu`); the arithmetic is that of one process."""
     timeout_s: int = 600
     """Collective / rendezvous timeout."""
     bucket_cap_mb: float = 25.0

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vascdist.config import Config
-from vascdist.dist import DistEnv, convert_sync_batchnorm, on_main, wrap_ddp
+from vascdist.dist import DistEnv, convert_sync_batchnorm, ensure_process_group, on_main, wrap_ddp
 from vascdist.errors import ConfigError
 from vascdist.train.state import CheckpointManager
 
@@ -26,13 +26,19 @@ def grad_norm(module: nn.Module) -> float:
 
 
 class TorchEngine:
-    """Single process or DistributedDataParallel; gradient accumulation uses DDP's no_sync()."""
+    """Single process or DistributedDataParallel; gradient accumulation uses DDP's no_sync().
+
+    DDP wraps the model when several processes run, or in a single one with dist.ddp_one_rank (a one-rank
+    process group: the DDP and NCCL path on one GPU)."""
 
     name = "ddp"
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv):
         self.module, self.optimizer, self.cfg, self.env = module, optimizer, cfg, env
-        self._ddp = wrap_ddp(module, env, cfg.dist) if env.distributed else None
+        self._ddp = None
+        if env.distributed or cfg.dist.ddp_one_rank:
+            ensure_process_group(env)
+            self._ddp = wrap_ddp(module, env, cfg.dist)
         wrapped = self._ddp or module
         self._forward = torch.compile(wrapped) if cfg.train.compile else wrapped
 
