@@ -65,7 +65,7 @@ class Sizes:
 
 FULL = Sizes(synth_patients=60, main_overrides=(), bench_models=("resnet18:small", "resnet50:small"),
              bench_variants=("fp32", "bf16", "bf16+cl", "bf16+cl+compile"), bench_width=1.0, bench_batch=512,
-             bench_steps=31, bench_bare_steps=10, bench_workers=6, dist_steps=60, dist_checkpoint_every=10,
+             bench_steps=31, bench_bare_steps=10, bench_workers=6, dist_steps=100, dist_checkpoint_every=10,
              dist_overrides=(),
              budgets_s={"env": 60, "data": 120, "main_job": 200, "dist": 150, "resume": 120, "train": 330})
 TINY = Sizes(synth_patients=12,
@@ -268,7 +268,7 @@ class GpuCheck:
                                      f"{proc.stderr.read().strip()[-300:]}")
                 if time.perf_counter() > deadline:
                     raise PartFailed("no checkpoint before the part's time budget ran out")
-                time.sleep(0.05)
+                time.sleep(0.02)
             finished_first = proc.poll() is not None
         finally:
             if proc.poll() is None:
