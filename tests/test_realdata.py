@@ -91,7 +91,7 @@ def test_metrics_count_exclusions_and_report_sites(tiny_run, tmp_path):
     sites = metrics["sites"]  # the synthetic manifest has a site column
     assert sites and set(sites) <= {"arterial_anastomosis", "mid_fistula", "venous_outflow", "upper_arm"}
     assert sum(m["recording/n"] for m in sites.values()) == metrics["recording/n"]
-    assert "per site (recording level)" in result.stdout
+    assert "per site, recording level" in result.stdout
 
 
 def test_inspect_writes_one_picture(tmp_path, real_recordings):

@@ -1,5 +1,5 @@
-"""`vascdist cv --submit`: the folds as a 3-task SLURM job array on the local cluster (slurm/local-cluster.sh);
-its aggregate must equal the local run's for the same seed."""
+"""`vascdist cv --submit`: the folds as a 3-task SLURM job array on the local cluster (slurm/local-cluster.sh), and
+leave-one-site-out (--group-by site) as a 2-task array; each aggregate must equal the local run's for the same seed."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 
 from conftest import run_cli
 from test_cv import check_folds, cv_args, local_cv  # noqa: F401  (local_cv is a fixture)
+from test_sites import check_site_folds, local_site_cv, site_cv_args, site_shards  # noqa: F401  (fixtures)
 
 
 def test_slurm_array_aggregate_equals_local(local_cv, shards_dir, tmp_path):
@@ -28,3 +29,19 @@ def test_slurm_array_aggregate_equals_local(local_cv, shards_dir, tmp_path):
     assert slurm["finished"] == local["finished"]
     assert slurm["pooled"]["0"]["metrics"] == local["pooled"]["0"]["metrics"]
     assert slurm["pooled"]["0"]["intervals"] == local["pooled"]["0"]["intervals"]
+
+
+def test_slurm_leave_one_site_out_equals_local(local_site_cv, site_shards, tmp_path):
+    """`vascdist cv --group-by site --submit`: one array task per site; the same folds and aggregate as locally."""
+    from slurm_cluster import ensure_cluster
+    env = {**ensure_cluster(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    out = tmp_path / "slurm-sites"
+    result = run_cli(*site_cv_args(site_shards, out, "--submit", "--wait", "--time", "20", "--signal-delay", "60"),
+                     env=env, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("submitted job") == 2 and "for fold site-centre-1" in result.stdout
+    check_site_folds(out, site_shards)
+    local = json.loads((local_site_cv[0] / "aggregate.json").read_text())
+    slurm = json.loads((out / "aggregate.json").read_text())
+    assert slurm["finished"] == local["finished"] == ["site-centre-1", "site-centre-2"]
+    assert slurm["sites"] == local["sites"] and slurm["pooled"]["0"]["metrics"] == local["pooled"]["0"]["metrics"]

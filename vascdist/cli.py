@@ -32,24 +32,32 @@ def _add_synth(sub) -> None:
 
 
 def _add_manifest(sub) -> None:
-    p = sub.add_parser("manifest", help="build manifest.csv from a folder-per-class tree or a REFERENCE.csv")
-    p.add_argument("root", help="folder with one sub-folder per class, or with a REFERENCE.csv")
+    p = sub.add_parser("manifest", help="build manifest.csv from folder-per-class trees or the PhysioNet 2016 layout")
+    p.add_argument("roots", nargs="+", metavar="ROOT",
+                   help="folder with one sub-folder per class, with a REFERENCE.csv, or with training-* folders "
+                        "that have one; then optional dotted overrides, e.g. preprocess.classes=[normal,abnormal]")
     p.add_argument("--out", required=True, help="manifest.csv to write")
     p.add_argument("--config", default=None, help="config whose preprocess.classes map labels")
     p.add_argument("--patient-pattern", default=None,
                    help="regex with one group that extracts the patient id from a file name")
+    p.add_argument("--site", default=None,
+                   help="the site (centre) of every recording (default: a PhysioNet folder's name, else none)")
+    p.set_defaults(overrides=[])  # dotted overrides after the options land here (main)
 
     def run(a):
         from vascdist.config import load_config
         from vascdist.data.manifest import build_manifest
-        cfg = load_config(a.config)
-        n = build_manifest(a.root, a.out, classes=cfg.preprocess.classes, patient_pattern=a.patient_pattern)
+        roots = [r for r in a.roots if "=" not in r]
+        cfg = load_config(a.config, [r for r in a.roots if "=" in r] + a.overrides)
+        n = build_manifest(roots, a.out, classes=cfg.preprocess.classes, patient_pattern=a.patient_pattern,
+                           site=a.site)
         print(f"wrote {a.out} ({n} recordings)")
         if not a.patient_pattern:
             print(f"vascdist manifest: WARNING: no --patient-pattern, so each of the {n} recordings is its own patient; "
                   "recordings of one patient can then land in different splits and leak between train and test. "
                   "Give the regex whose first group is the patient id, e.g. --patient-pattern '(?i)^(p\\d+)_' for "
-                  "P001_left.wav, p001_right.wav", file=sys.stderr)
+                  "P001_left.wav, p001_right.wav (PhysioNet 2016 publishes no patient ids: there, one recording per "
+                  "patient is all one can do)", file=sys.stderr)
     p.set_defaults(func=run)
 
 
@@ -87,6 +95,9 @@ def _add_preprocess(sub) -> None:
         for problem in split_problems(index, cfg.eval.min_patients_per_class):
             print(f"vascdist preprocess: warning: {problem.text}"
                   + ("; `vascdist train` refuses this set" if problem.fatal else ""), file=sys.stderr)
+        from vascdist.data.shards import site_summary
+        if site_summary(index):
+            print(site_summary(index))
     p.set_defaults(func=run)
 
 
@@ -181,7 +192,7 @@ def _add_evaluate(sub) -> None:
         if a.split == "val":  # no thresholds from elsewhere: each level's is chosen on the validation set itself
             text = text.replace("thresholds chosen on validation", "thresholds chosen on this set")
         print(text)
-        _print_sites(result["metrics"].get("sites", {}))
+        _print_sites(result["metrics"].get("sites", {}), result["confidence"])
         print(f"checkpoint: {result['checkpoint']}")
         print(f"wrote {result['json']} and {result['png']}")
     p.set_defaults(func=run)
@@ -200,15 +211,14 @@ def _refuse_a_live_run(run: str) -> None:
                             f"files explicitly{example}")
 
 
-def _print_sites(sites: dict) -> None:
-    """evaluate's recording-level metrics per recording site (the manifest's `site` column)."""
-    if not sites:
-        return
-    print(f"per site (recording level){'':<4}{'balanced_accuracy':>19}{'auroc':>19}{'n':>19}")
-    fmt = lambda v: "  n/a" if v is None or v != v else f"{v:5.3f}"
-    for site, m in sites.items():
-        print(f"{site:<30}{fmt(m.get('recording/balanced_accuracy')):>19}{fmt(m.get('recording/auroc')):>19}"
-              f"{m.get('recording/n', 0):>19}")
+def _print_sites(sites: dict, confidence: float) -> None:
+    """evaluate's metrics per site (the manifest's `site` column) with intervals, and the class-mix warning."""
+    from vascdist.eval.sites import confound_warning, format_sites
+    if sites:
+        print(format_sites(sites, confidence))
+    warning = confound_warning({site: m["counts"] for site, m in sites.items()})
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _add_predict(sub) -> None:

@@ -81,11 +81,9 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
     if index["kind"] == "spectrogram":
         from vascdist.data.folds import split_index
         from vascdist.data.shards import excluded_counts
-        from vascdist.eval.evaluate import site_metrics
-        from vascdist.eval.metrics import thresholds_from
+        from vascdist.eval.sites import split_sites
         excluded = excluded_counts(split_index(shards_dir, stream_split_file), split)
-        used = thresholds_from(metrics) if len(index["classes"]) == 2 else None  # the split's own, on val
-        sites = site_metrics(arrays, index, used)
+        sites = split_sites(arrays, index, metrics, cfg.eval)  # at the split's thresholds (its own, on val)
         metrics.update(excluded, sites=sites)
         assessed["record"].update(excluded, sites=sites)
     layout = RunLayout(checkpoint.parent.parent)  # checkpoints/<file> -> the run directory

@@ -3,7 +3,8 @@ reads instead of TensorBoard. Charts are drawn with PIL (no plotting library is 
 
 A run directory: data summary, learning curves, ROC and PR curves with the operating point, reliability
 diagram, confusion matrices per level, the metrics table with intervals, config and versions. A CV directory:
-the aggregate (folds, mean and spread, pooled table), pooled ROC / PR curves, links to each fold's report.
+the aggregate (folds, mean and spread, pooled table), the per-site figures side by side with their mean ± sd and
+the pooled one, pooled ROC / PR curves, links to each fold's report. A run with sites gets the per-site table too.
 """
 
 from __future__ import annotations
@@ -130,6 +131,41 @@ def metrics_table(record: dict, classes: list[str]) -> str:
     return f"<table>{head}{''.join(cells)}</table>"
 
 
+def sites_table(sites: dict, pooled: dict | None, level: str, classes: list[str], warning: str = "") -> str:
+    """Per-site metrics side by side (value [lo-hi] per site), their mean ± sd across sites, and the pooled figure.
+
+    `sites` is {site: {"metrics", "intervals", "counts"}} (the CV aggregate) or {site: {key: value, "intervals",
+    "counts"}} (a run's test record)."""
+    from vascdist.eval.assess import format_value, table_rows
+    if not sites:
+        return ""
+    metric = lambda m: m.get("metrics", m)
+    cols = list(sites)
+    rows = [r for r in table_rows(classes) if r != "n"]
+    head = ("<tr><th></th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+            + "<th>mean ± sd across sites</th>" + ("<th>pooled</th>" if pooled else "") + "</tr>")
+    body = []
+    for row in ["n"] + rows:
+        key = f"{level}/{row}"
+        cells, values = [], []
+        for c in cols:
+            v = metric(sites[c]).get(key)
+            interval = sites[c].get("intervals", {}).get(key)
+            cells.append(format_value(v, tuple(interval) if interval else None))
+            if isinstance(v, float) and v == v:
+                values.append(v)
+        spread = (f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "n/a") \
+            if row != "n" else str(sum(int(metric(sites[c]).get(key, 0)) for c in cols))
+        cells.append(spread)
+        if pooled:
+            interval = pooled.get("intervals", {}).get(key)
+            cells.append(format_value(pooled["metrics"].get(key), tuple(interval) if interval else None))
+        if any(c not in ("n/a", "0") for c in cells):
+            body.append(f"<tr><th>{row}</th>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    note = f"<p><b>{html.escape(warning)}</b></p>" if warning else ""
+    return f"<table>{head}{''.join(body)}</table>{note}"
+
+
 def counts_table(counts_by_split: dict[str, dict]) -> str:
     rows = []
     for split, counts in counts_by_split.items():
@@ -216,8 +252,14 @@ def run_report(run_dir: Path) -> str:
         ("confusion-matrices", "".join(confusions)),
         ("metrics", f"<p>{100 * record.get('confidence', 0.95):.0f} % intervals from a bootstrap over patients</p>"
                     + metrics_table(record, classes) + "".join(rule)),
-        ("config-and-versions", f"<pre>{html.escape(config)}</pre>{versions()}"),
     ]
+    if record.get("sites"):
+        from vascdist.eval.sites import confound_warning
+        warning = confound_warning({site: m["counts"] for site, m in record["sites"].items()})
+        sections.append(("per-site", "<p>Test metrics per site (recording level; intervals from a bootstrap over the "
+                                     "site's patients), at the thresholds of the whole test set</p>"
+                         + sites_table(record["sites"], None, "recording", classes, warning)))
+    sections.append(("config-and-versions", f"<pre>{html.escape(config)}</pre>{versions()}"))
     return page(f"vascdist run {run_dir}", sections)
 
 
@@ -240,9 +282,17 @@ def cv_report(cv_dir: Path) -> str:
         pooled_html += curves(arrays, classes, {}, f"pooled out-of-fold, repeat {repeat}")
     folds = "".join(f'<li><a href="{e["dir"]}/report.html">{e["name"]}</a> '
                     f'({"finished" if e["name"] in result["finished"] else "MISSING"})</li>' for e in plan["entries"])
-    config = json.dumps({k: plan[k] for k in ("config", "overrides", "folds", "repeats", "seed", "shards")}, indent=1)
+    config = json.dumps({k: plan[k] for k in ("config", "overrides", "folds", "repeats", "seed", "shards")}
+                        | {"group_by": plan.get("group_by", "patient")}, indent=1)
+    level = "recording" if any(k.startswith("recording/") for r in result["per_fold"].values() for k in r) else "cycle"
+    held = ("each site's figures are from the fold that held it out (trained on the other sites)"
+            if result.get("group_by") == "site" else "each site's figures are from its patients' out-of-fold predictions")
+    site_html = sites_table(result.get("sites", {}), result["pooled"].get("0"), level, classes,
+                            result.get("site_warning", ""))
     sections = [
         ("aggregate", f"<pre>{html.escape(format_aggregate(result))}</pre>"),
+        ("per-site", (f"<p>{level} level, {html.escape(held)}; pooled: every site's predictions together</p>"
+                      + site_html) if site_html else "<p>(no sites in the manifest)</p>"),
         ("ROC-and-PR-curves", ("".join(pooled_html) or "<p>(binary tasks only)</p>")
          + "<p>Curves of the pooled probabilities; each fold's operating point is in its own report.</p>"),
         ("folds", f"<ul>{folds}</ul>"),

@@ -108,12 +108,32 @@ def forget_if_unused(layout: RunLayout) -> None:
         layout.root.rmdir()
 
 
+def sites_of_test(layout: RunLayout, index: dict, test: dict, cfg: Config) -> dict:
+    """Per-site metrics with intervals of the test predictions the loop saved (vascdist.eval.sites)."""
+    import numpy as np
+    from vascdist.eval.sites import split_sites
+    with np.load(layout.test_predictions) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return split_sites(arrays, index, test, cfg.eval)
+
+
+def site_lines(record: dict) -> list[str]:
+    """The per-site table of a test record and the class-mix warning, as lines (none without sites)."""
+    from vascdist.eval.sites import confound_warning, format_sites
+    sites = record.get("sites") or {}
+    if not sites:
+        return []
+    warning = confound_warning({site: m["counts"] for site, m in sites.items()})
+    return [format_sites(sites, record.get("confidence", 0.95))] + ([warning] if warning else [])
+
+
 def format_summary(summary: dict) -> str:
     """The table a user sees at the end of training: test metrics per level, with intervals and the split's n."""
     from vascdist.eval.assess import format_table
     lines = [f"test set ({', '.join(summary['classes'])}), thresholds chosen on validation; best step {summary['best_step']}",
              format_table(summary["test"], summary["classes"], summary.get("test_intervals"), summary.get("test_counts"),
                           summary.get("test_record", {}).get("confidence", 0.95)),
+             *site_lines(summary.get("test_record", {})),
              f"run directory: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']}/tb)"
              if summary.get("show_run_dir", True) else f"tensorboard --logdir {summary['run_dir']}/tb"]
     return "\n".join(lines)
@@ -195,6 +215,8 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
             excluded = excluded_counts(split_index(cfg.data.shards, cfg.data.split_file), "test")
             summary["test"].update(excluded)
             summary["test_record"].update(excluded)
+            if index["kind"] == "spectrogram":
+                summary["test_record"]["sites"] = sites_of_test(layout, index, summary["test"], cfg)
             atomic_write_json(layout.test_metrics, summary["test_record"])
             print(format_summary({**summary, "show_run_dir": False}), flush=True)  # printed once, at the start
             from vascdist.report import write_report

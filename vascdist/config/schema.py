@@ -74,6 +74,9 @@ class CycleConfig:
         _require(self.min_cycles >= 1, f"{key}.min_cycles", "must be >= 1")
 
 
+RECORDING_NORMS = ("none", "band_mean")  # SpectrogramConfig.recording_norm
+
+
 @dataclass
 class SpectrogramConfig:
     n_fft: int = 256
@@ -90,11 +93,19 @@ class SpectrogramConfig:
     """Highest mel filter edge (Hz); at most Nyquist."""
     top_db: float = 80.0
     """Dynamic range kept by the amplitude-to-dB step."""
+    recording_norm: str = "none"
+    """Per-recording normalisation of the log-mel: 'none', or 'band_mean' (subtract from every mel band its mean
+    over all of the recording's windows and frames, in dB). A stethoscope's or a skin contact's frequency response
+    multiplies the spectrum, i.e. adds a constant per band in dB: band_mean removes it (cepstral mean
+    normalisation), so a model cannot tell devices apart by their colouring and must use what changes within the
+    recording (the cardiac cycle's sounds and murmurs)."""
 
     def check(self, key: str) -> None:
         for name in ("n_fft", "hop_length", "n_mels", "n_frames"):
             _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
         _require(0 <= self.f_min < self.f_max, f"{key}.f_min", "must be >= 0 and below f_max")
+        _require(self.recording_norm in RECORDING_NORMS, f"{key}.recording_norm",
+                 f"must be one of {', '.join(RECORDING_NORMS)}, got '{self.recording_norm}'")
 
 
 @dataclass

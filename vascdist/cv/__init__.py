@@ -1,6 +1,7 @@
-"""`vascdist cv`: patient-level stratified k-fold cross-validation, locally or as a SLURM job array.
+"""`vascdist cv`: patient-level stratified k-fold or leave-one-site-out cross-validation, locally or as a SLURM job array.
 
     vascdist cv quickstart --folds 5 [--repeats 2] [--seed 0] [--out DIR] [overrides]
+    vascdist cv configs/physionet2016.yaml --group-by site [overrides]          # train on the other sites, test on one
     vascdist cv quickstart --folds 5 --submit --nodes 1 --time 120 [--wait]     # one array task per fold
     vascdist cv --report DIR                                                    # aggregate (again)
 
@@ -12,6 +13,9 @@ aggregate.json, and summarised in report.html.
 from __future__ import annotations
 
 import argparse
+import sys
+
+from vascdist.errors import VascdistError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vascdist cv", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("config", nargs="?", default=None, help="YAML file or shipped config name; default quickstart")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every fold")
-    p.add_argument("--folds", type=int, default=5, help="k of k-fold (patients per class must be at least k)")
+    p.add_argument("--group-by", choices=["patient", "site"], default="patient",
+                   help="what a fold holds out: patients (stratified k-fold, the default) or a whole site "
+                        "(leave-one-site-out over the manifest's `site` column)")
+    p.add_argument("--folds", type=int, default=None,
+                   help="k of k-fold (default 5; patients per class must be at least k); not with --group-by site")
     p.add_argument("--repeats", type=int, default=1, help="repeat the k-fold with other shuffles")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
     p.add_argument("--out", default=None, help="CV directory (default <run.out_dir>/<run.name>/cv-<time>); "
@@ -56,8 +64,16 @@ def main(argv: list[str]) -> int:
     if args.report:
         return 0 if not report(args.report)["missing"] else 1
     from vascdist.cv.run import make_plan, run_local
-    cv_dir, plan = make_plan(args.config, args.overrides, args.folds, args.repeats, args.seed, args.out)
+    if args.group_by == "site" and (args.folds is not None or args.repeats != 1):
+        raise VascdistError("--group-by site makes one fold per site; --folds and --repeats apply to --group-by patient")
+    cv_dir, plan = make_plan(args.config, args.overrides, args.folds or 5, args.repeats, args.seed, args.out,
+                             args.group_by)
     print(f"cross-validation directory: {cv_dir} ({len(plan['entries'])} folds)", flush=True)
+    from vascdist.data.shards import load_index
+    from vascdist.eval.sites import class_mix, confound_warning
+    warning = confound_warning(class_mix(load_index(plan["shards"])))
+    if warning:  # the confound that lets a model learn the site: said before hours of training
+        print(f"vascdist cv: {warning}", file=sys.stderr, flush=True)
     if args.submit:
         from vascdist.launch.cv_jobs import submit_folds, wait_and_name_failures
         from vascdist.cv.aggregate import FAILURES

@@ -1,8 +1,10 @@
-"""Planning and running a patient-level cross-validation: one split file and one normal run directory per fold.
+"""Planning and running a cross-validation (patient-level k-fold, or leave-one-site-out with --group-by site): one
+split file and one normal run directory per fold.
 
     CV_DIR/cv.json                  the plan: config, overrides, folds, repeats, seed, one entry per fold
     CV_DIR/splits/r0-f1.json        fold 1 of repeat 0 as a split file (vascdist/data/folds.py)
     CV_DIR/r0-f1/                   that fold's run directory (checkpoints, tb, metrics.jsonl, test_* files)
+                                    (leave-one-site-out: CV_DIR/site-<name>.json and CV_DIR/site-<name>/)
     CV_DIR/failures.json            why a fold failed, when it failed here (local runs)
     CV_DIR/aggregate.json, report.html
 
@@ -25,13 +27,24 @@ from vascdist.fileio import atomic_write_json
 from vascdist.train.layout import RunLayout
 
 
-def fold_name(repeat: int, fold: int) -> str:
-    return f"r{repeat}-f{fold}"
+GROUPINGS = ("patient", "site")  # --group-by: what a fold holds out
+
+
+def fold_name(repeat: int, fold: int, site: str | None = None) -> str:
+    """r<repeat>-f<fold>, or site-<name> for leave-one-site-out (a name safe as a file name)."""
+    if site is None:
+        return f"r{repeat}-f{fold}"
+    return "site-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in site)
 
 
 def make_plan(config: str | None, overrides: list[str], folds: int, repeats: int, seed: int,
-              out: str | None) -> tuple[Path, dict]:
-    """Make the data if needed, write the split files and cv.json; an existing plan must match the options."""
+              out: str | None, group_by: str = "patient") -> tuple[Path, dict]:
+    """Make the data if needed, write the split files and cv.json; an existing plan must match the options.
+
+    group_by "patient": stratified patient-level k-fold (`folds` x `repeats`); "site": leave-one-site-out, one
+    fold per site of the shards (`folds` and `repeats` are then the number of sites and 1)."""
+    if group_by not in GROUPINGS:
+        raise VascdistError(f"--group-by {group_by}: must be one of {', '.join(GROUPINGS)}")
     from vascdist.runner import ensure_data, synthesis_requested
     if any(o.split("=", 1)[0].strip() == "data.split_file" for o in overrides):
         raise VascdistError("`vascdist cv` writes data.split_file for every fold itself; do not override it")
@@ -39,9 +52,13 @@ def make_plan(config: str | None, overrides: list[str], folds: int, repeats: int
     cfg = load_config(config, overrides)
     cv_dir = Path(out) if out else Path(cfg.run.out_dir) / cfg.run.name / f"cv-{time.strftime('%Y%m%d-%H%M%S')}"
     cv_dir = cv_dir.resolve()
-    wanted = {"config": config, "overrides": list(overrides), "folds": folds, "repeats": repeats, "seed": seed}
+    wanted = {"config": config, "overrides": list(overrides), "folds": folds, "repeats": repeats, "seed": seed,
+              "group_by": group_by}
     if (cv_dir / PLAN).is_file():
         plan = json.loads((cv_dir / PLAN).read_text())
+        plan.setdefault("group_by", "patient")  # plans written before --group-by existed
+        if group_by == "site":
+            wanted.update(folds=plan["folds"], repeats=1)  # set by the shards' sites
         differs = [k for k, v in wanted.items() if plan.get(k) != v]
         if differs:
             raise VascdistError(f"{cv_dir} holds a cross-validation with other {', '.join(differs)}; "
@@ -50,16 +67,23 @@ def make_plan(config: str | None, overrides: list[str], folds: int, repeats: int
     from vascdist.config.checks import check_config
     check_config(cfg)  # a config error is named before any data are made (and before torch is imported)
     ensure_data(cfg, quiet=False, may_synthesise=synthesis_requested(overrides))
-    from vascdist.data.folds import fold_assignment, write_split_file  # the shard reader imports torch
+    from vascdist.data.folds import fold_assignment, site_assignment, write_split_file  # the reader imports torch
     from vascdist.data.shards import load_index
     index = load_index(cfg.data.shards)
+    val_fraction = cfg.preprocess.split.val_fraction
+    if group_by == "site":
+        parts = site_assignment(index, seed, val_fraction)
+        wanted.update(folds=len(parts), repeats=1)
+    else:
+        parts = fold_assignment(index, folds, repeats, seed, val_fraction)
     entries = []
-    for part in fold_assignment(index, folds, repeats, seed, cfg.preprocess.split.val_fraction):
-        name = fold_name(part["repeat"], part["fold"])
+    for part in parts:
+        name = fold_name(part["repeat"], part["fold"], part.get("site"))
         split_file = cv_dir / "splits" / f"{name}.json"
         write_split_file(split_file, cfg.data.shards, part)
         entries.append({"name": name, "repeat": part["repeat"], "fold": part["fold"], "dir": name,
-                        "split_file": str(split_file), "patients": {s: len(part[s]) for s in ("train", "val", "test")}})
+                        "split_file": str(split_file), "patients": {s: len(part[s]) for s in ("train", "val", "test")},
+                        **({"site": part["site"]} if "site" in part else {})})
     plan = {**wanted, "classes": index["classes"], "shards": str(Path(cfg.data.shards).resolve()), "entries": entries}
     cv_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cv_dir / PLAN, plan)

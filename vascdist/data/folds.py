@@ -63,6 +63,51 @@ def fold_assignment(index: dict, folds: int, repeats: int, seed: int, val_fracti
     return out
 
 
+def patient_sites(index: dict) -> dict[str, str]:
+    """Each patient's site (the manifest's `site` column: the centre); a DataError when a recording has no site or
+    a patient has recordings at two sites (then the site is not a centre that owns its patients)."""
+    sites: dict[str, str] = {}
+    unnamed = [r["id"] for r in index["recordings"] if not r.get("site")]
+    if unnamed:
+        raise DataError(f"grouping by site needs a site on every recording; {len(unnamed)} have none (first: "
+                        f"{unnamed[0]}): give the manifest a `site` column (vascdist manifest --site NAME)")
+    for rec in index["recordings"]:
+        first = sites.setdefault(rec["patient"], rec["site"])
+        if first != rec["site"]:
+            raise DataError(f"patient '{rec['patient']}' has recordings at sites '{first}' and '{rec['site']}'; "
+                            "grouping by site needs each patient at one site (the centre)")
+    return sites
+
+
+def site_assignment(index: dict, seed: int, val_fraction: float) -> list[dict]:
+    """Leave-one-site-out: per site (sorted), {repeat 0, fold, site, train, val, test} (patient ids).
+
+    The test part is every patient of the held-out site; the validation part is drawn from the other sites
+    only, `val_fraction` of each (site, label) group of patients, so every training site is represented in
+    validation and the held-out site chooses nothing. Deterministic for (patients, sites, labels, seed).
+    """
+    labels, sites = patient_labels(index), patient_sites(index)
+    names = sorted(set(sites.values()))
+    if len(names) < 2:
+        raise DataError(f"leave-one-site-out needs at least 2 sites; the shards hold {len(names)} ({', '.join(names)})")
+    out = []
+    for k, held_out in enumerate(names):
+        rng = np.random.default_rng([seed, k])
+        train, val = [], []
+        for site in names:
+            if site == held_out:
+                continue
+            for label in sorted({labels[p] for p in sites if sites[p] == site}):
+                members = sorted(p for p in sites if sites[p] == site and labels[p] == label)
+                n_val = min(len(members) - 1, max(1, int(round(val_fraction * len(members)))))
+                chosen = set(rng.permutation(members)[:n_val].tolist())
+                val += sorted(chosen)
+                train += [p for p in members if p not in chosen]
+        out.append({"repeat": 0, "fold": k, "site": held_out, "train": sorted(train), "val": sorted(val),
+                    "test": sorted(p for p in sites if sites[p] == held_out)})
+    return out
+
+
 # --------------------------------------------------------------------------------------------- rows of patients
 @lru_cache(maxsize=8)
 def _shard_patients(root: str, file: str, samples: int) -> np.ndarray:

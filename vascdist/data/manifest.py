@@ -107,15 +107,46 @@ def read_manifest(path: str | Path, classes: list[str], allow_mixed_patient_labe
     return recordings
 
 
-def build_manifest(root: str | Path, out: str | Path, classes: list[str], patient_pattern: str | None = None) -> int:
-    """Write a manifest for a folder-per-class tree, or for a PhysioNet-style REFERENCE.csv (name,label -1/1).
+def physionet_folders(root: Path) -> list[Path]:
+    """The PhysioNet 2016 folders under `root`: root itself when it holds a REFERENCE.csv, else its sub-folders
+    that do (training-a, training-b, ...), sorted; empty when neither."""
+    if (root / "REFERENCE.csv").is_file():
+        return [root]
+    return sorted(d for d in root.iterdir() if d.is_dir() and (d / "REFERENCE.csv").is_file())
 
-    Patient ids come from `patient_pattern` (a regex whose first group, searched in the file name, is the
-    patient id); without it each file is its own patient. Returns the number of recordings written.
+
+def _reference_entries(folder: Path, classes: list[str]) -> list[tuple[Path, str]]:
+    """(audio file, class name) per row of folder/REFERENCE.csv ("name,-1|1": -1 = classes[0], 1 = classes[1])."""
+    if len(classes) != 2:
+        raise DataError(f"{folder / 'REFERENCE.csv'}: its -1/1 labels need exactly two preprocess.classes "
+                        f"(the normal one first, e.g. [normal,abnormal]); the config has {classes}")
+    reference = folder / "REFERENCE.csv"
+    entries = []
+    for line, row in enumerate(csv.reader(io.StringIO(read_text(reference), newline="")), start=1):
+        if not row or not row[0].strip():
+            continue
+        if len(row) < 2 or row[1].strip() not in ("-1", "1"):
+            raise DataError(f"{reference}:{line}: expected 'name,-1|1', got {','.join(row)}")
+        name = row[0].strip()
+        audio = next((folder / f"{name}{s}" for s in AUDIO_SUFFIXES if (folder / f"{name}{s}").is_file()), None)
+        if audio is None:
+            raise DataError(f"{reference}:{line}: no audio file named {name}.wav in {folder}")
+        entries.append((audio, classes[0] if row[1].strip() == "-1" else classes[1]))
+    return entries
+
+
+def build_manifest(roots: str | Path | list, out: str | Path, classes: list[str], patient_pattern: str | None = None,
+                   site: str | None = None) -> int:
+    """Write a manifest for folder-per-class trees or for the PhysioNet 2016 layout; returns the number of rows.
+
+    Each root is a folder with one sub-folder per class, a PhysioNet folder (REFERENCE.csv "name,-1|1" beside
+    the audio; -1 = classes[0], 1 = classes[1]), or a folder of PhysioNet folders (training-a/, training-b/,
+    ...). A PhysioNet folder's recordings get the folder's name as `site` (the centre: what `vascdist cv
+    --group-by site` holds out); `site` overrides it for every recording. Patient ids come from
+    `patient_pattern` (a regex whose first group, searched in the file name, is the patient id); without it each
+    file is its own patient. A patient found in two sites is refused: a site must be a centre that owns its
+    patients.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: not a directory")
     regex = None
     if patient_pattern:
         try:
@@ -133,42 +164,46 @@ def build_manifest(root: str | Path, out: str | Path, classes: list[str], patien
             raise DataError(f"{file}: file name does not match --patient-pattern '{patient_pattern}'")
         return match.group(1)
 
-    entries: list[tuple[Path, str]] = []
-    reference = root / "REFERENCE.csv"
-    if reference.is_file():
-        # PhysioNet 2016 layout: "name,label" with -1 = normal, 1 = abnormal; audio at root/name.wav.
-        with open(reference, newline="") as fh:
-            for line, row in enumerate(csv.reader(fh), start=1):
-                if not row or not row[0].strip():
-                    continue
-                if len(row) < 2 or row[1].strip() not in ("-1", "1"):
-                    raise DataError(f"{reference}:{line}: expected 'name,-1|1', got {','.join(row)}")
-                audio = next((root / f"{row[0].strip()}{s}" for s in AUDIO_SUFFIXES
-                              if (root / f"{row[0].strip()}{s}").is_file()), None)
-                if audio is None:
-                    raise DataError(f"{reference}:{line}: no audio file named {row[0].strip()}.wav in {root}")
-                entries.append((audio, classes[0] if row[1].strip() == "-1" else classes[1]))
-    else:
-        class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    rows: list[tuple[Path, str, str, str]] = []  # (audio, label, recording id, site)
+    for root in [Path(r) for r in (roots if isinstance(roots, (list, tuple)) else [roots])]:
+        if not root.is_dir():
+            raise DataError(f"{root}: not a directory")
+        folders = physionet_folders(root)
+        if folders:
+            for folder in folders:
+                rows += [(audio, label, f"{folder.name}/{audio.stem}", site or folder.name)
+                         for audio, label in _reference_entries(folder, classes)]
+            continue
+        class_dirs, before = sorted(d for d in root.iterdir() if d.is_dir()), len(rows)
         if not class_dirs:
-            raise DataError(f"{root}: neither a REFERENCE.csv nor one sub-folder per class")
+            raise DataError(f"{root}: neither a REFERENCE.csv, nor training-* folders with one, nor one sub-folder "
+                            "per class")
         for d in class_dirs:
             label_index(d.name, classes, f"{d}")  # unknown folder names fail here, naming the folder
-            entries += [(f, d.name) for f in sorted(d.rglob("*")) if f.suffix.lower() in AUDIO_SUFFIXES]
-    if not entries:
-        raise DataError(f"{root}: no audio files found ({', '.join(AUDIO_SUFFIXES)})")
+            rows += [(f, d.name, f.relative_to(root).with_suffix("").as_posix(), site or "")
+                     for f in sorted(d.rglob("*")) if f.suffix.lower() in AUDIO_SUFFIXES]
+        if len(rows) == before:
+            raise DataError(f"{root}: no audio files found ({', '.join(AUDIO_SUFFIXES)})")
 
+    site_of_patient: dict[str, tuple[str, Path]] = {}
+    for audio, _, _, where in rows:
+        patient = patient_of(audio)
+        first = site_of_patient.setdefault(patient, (where, audio))
+        if first[0] != where:
+            raise DataError(f"{audio}: patient '{patient}' is also in site '{first[0]}' ({first[1]}); a patient "
+                            "belongs to one site (give --patient-pattern, or one --site for all)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = io.StringIO(newline="")
     writer = csv.writer(text)
-    writer.writerow(REQUIRED_COLUMNS)
-    for audio, label in entries:
+    with_site = any(where for *_, where in rows)
+    writer.writerow(REQUIRED_COLUMNS + (("site",) if with_site else ()))
+    for audio, label, rec_id, where in rows:
         rel = audio.resolve()
         try:
             rel = rel.relative_to(out.parent.resolve())
         except ValueError:
             pass
-        writer.writerow([rel, label, patient_of(audio), audio.relative_to(root).with_suffix("").as_posix()])
+        writer.writerow([rel, label, patient_of(audio), rec_id] + ([where] if with_site else []))
     atomic_write_text(out, text.getvalue())
-    return len(entries)
+    return len(rows)

@@ -59,6 +59,8 @@ def analyse_recording(signal: np.ndarray, cfg: PreprocessConfig, stats: AudioSta
                         f"need preprocess.cycles.min_cycles={cfg.cycles.min_cycles}")
     quality["windows"] = len(windows)
     spec = _logmel(torch.from_numpy(windows)).numpy()
+    if cfg.spectrogram.recording_norm == "band_mean":  # the device's colouring, a constant per band in dB, goes
+        spec = spec - spec.mean(axis=(0, 3), keepdims=True)  # (N, 1, F, T): mean over windows and frames
     return spec, cycles, quality
 
 
@@ -175,7 +177,7 @@ def preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessConfig,
                 _add(writer, rec, np.load(spill / f"{i}.npy"), cycles, splits[rec.patient_id], patients[rec.patient_id], i)
             shutil.rmtree(spill)
         excluded = [{"id": rec.recording_id, "patient": rec.patient_id, "path": str(rec.path), "label": rec.label,
-                     "split": splits.get(rec.patient_id, first_draw[rec.patient_id]), "reason": error}
+                     "split": splits.get(rec.patient_id, first_draw[rec.patient_id]), "site": rec.site, "reason": error}
                     for rec, error in skipped]  # for index.json's counts per split and label
         return writer.finish(list(patients), [
             {"id": rec.recording_id, "patient": rec.patient_id, "path": str(rec.path), "label": rec.label,

@@ -183,6 +183,20 @@ def excluded_counts(index: dict, split: str) -> dict:
             "excluded_recordings": [{"id": r["id"], "label": classes[r["label"]], "reason": r["reason"]} for r in gone]}
 
 
+def site_summary(index: dict) -> str:
+    """'per site: training-a 409 kept / 0 excluded, training-b 487 / 3 (aperiodic: 2, ...)'; '' without sites."""
+    kept = Counter(r.get("site", "") for r in index.get("recordings", []))
+    gone = Counter(r.get("site", "") for r in index.get("excluded", []))
+    if not any(kept) and not any(gone):
+        return ""
+    parts = []
+    for site in sorted(set(kept) | set(gone)):
+        reasons = Counter(_reason_kind(r["reason"]) for r in index.get("excluded", []) if r.get("site", "") == site)
+        why = f" ({'; '.join(f'{n}x {k}' for k, n in reasons.most_common(3))})" if reasons else ""
+        parts.append(f"{site or '(no site)'}: {kept[site]} kept, {gone[site]} excluded{why}")
+    return "recordings per site: " + ", ".join(parts)
+
+
 def _reason_kind(reason: str) -> str:
     """An exclusion reason without the file path in front (so that equal reasons are counted together)."""
     head, sep, tail = reason.partition(": ")
@@ -211,6 +225,8 @@ def info(shards_dir: str | Path) -> str:
         for split, c in index["splits"].items()) + ")"))
     reasons = Counter(_reason_kind(r["reason"]) for r in excluded)
     lines += [f"  {n:>5}  {reason}" for reason, n in reasons.most_common()]
+    if site_summary(index):
+        lines.append(site_summary(index))
     ranges = index.get("quality_range", {})
     if ranges:
         lines.append("quality of the train recordings: " + ", ".join(

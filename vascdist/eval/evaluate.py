@@ -83,20 +83,3 @@ def split_metrics(arrays: dict[str, np.ndarray], classes: list[str], per_beat: b
     if note is not None:
         results["threshold_rule"] = note
     return results
-
-
-def site_metrics(arrays: dict[str, np.ndarray], index: dict, thresholds: dict[str, float] | None) -> dict:
-    """Recording-level metrics per recording site (the manifest's optional `site` column), at the same
-    thresholds as the whole split: {site: {"recording/...": ...}}. Empty when no recording names a site."""
-    sites = np.array([r.get("site", "") for r in index["recordings"]], dtype=object)
-    if not len(arrays["recording"]) or not any(sites):
-        return {}
-    site_of = sites[arrays["recording"]]
-    out = {}
-    for site in sorted(set(site_of) - {""}):
-        keep = site_of == site
-        part = {k: v[keep] for k, v in arrays.items()}
-        metrics = evaluate_levels(part["probs"], part["y"], part["recording"], part["patient"], index["classes"],
-                                  thresholds)
-        out[site] = {k: v for k, v in metrics.items() if k.startswith("recording/")}
-    return out
