@@ -40,7 +40,7 @@ def test_config_without_a_config_shows_what_train_runs(tmp_path):
 def test_config_names_get_did_you_mean_and_paths_resolve_from_the_working_directory(tmp_path):
     result = run_cli("config", "quickstrat", cwd=tmp_path)
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
-    assert "did you mean 'quickstart'?" in result.stderr and "shipped: quickstart, resnet50" in result.stderr
+    assert "did you mean 'quickstart'?" in result.stderr and "shipped: physionet2016, quickstart, resnet50" in result.stderr
     result = run_cli("train", "configs/resnet50.yaml", cwd=tmp_path)  # the old spelling, from a directory without it
     assert result.returncode == 2 and f"relative to the working directory {tmp_path}" in result.stderr
     assert "did you mean the shipped config 'resnet50'" in result.stderr

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import run_cli
 
 RUN_SECTIONS = {"data-summary", "learning-curves", "ROC-and-PR-curves", "reliability-diagram", "confusion-matrices",
-                "metrics", "config-and-versions"}
+                "metrics", "per-site", "config-and-versions"}  # per-site: the synthetic manifest has a site column
 
 
 class Page(HTMLParser):
@@ -69,7 +69,7 @@ def test_cv_report(shards_dir, tmp_path):
                      env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     page = parse(out / "report.html")
-    assert page.sections == ["aggregate", "ROC-and-PR-curves", "folds", "config-and-versions"]
+    assert page.sections == ["aggregate", "per-site", "ROC-and-PR-curves", "folds", "config-and-versions"]
     assert len(page.images) == 4
     for fold in ("r0-f0", "r0-f1", "r0-f2"):
         assert set(parse(out / fold / "report.html").sections) == RUN_SECTIONS
