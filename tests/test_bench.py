@@ -99,3 +99,23 @@ def test_bootstrap_bench_times_every_interval(tmp_path, capsys):
     (row,) = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert row["cycles"] == 600 and row["patients"] == 30 and row["intervals"] == 3 * 11  # 11 metrics x 3 levels
     assert row["bootstrap_s"] > 0 and "ms / resample" in capsys.readouterr().out
+
+
+def test_chunkverify_times_the_reader_with_and_without_its_checks(bench_shards, capsys):
+    from vascdist.bench import chunkverify
+    assert chunkverify.main([str(bench_shards), "--batch", "64", "--repeats", "1", "--threads", "0", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["batch 64 reader threads 0", "batch 64 reader threads 1"]
+    assert all("verified" in line and "ratio" in line for line in lines)
+
+
+def test_highrate_runs_nothing_on_import_and_reads_a_real_wav(tmp_path, capsys):
+    import numpy as np
+    import soundfile as sf
+
+    from vascdist.bench import highrate  # a module, no longer a script that runs when imported
+    assert capsys.readouterr().out == ""
+    path = tmp_path / "short192.wav"
+    sf.write(path, 0.1 * np.random.default_rng(0).standard_normal(192000 * 3), 192000, subtype="PCM_24")
+    assert highrate.main([str(path), "read"]) == 0
+    assert capsys.readouterr().out.startswith("samples out 12000 (3 s at 4 kHz)")

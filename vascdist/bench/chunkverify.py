@@ -27,12 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vascdist.bench.chunkverify")
     p.add_argument("shards")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--threads", type=int, nargs="+", default=[0, 2], help="reader threads (data.reader_threads)")
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args(argv)
     check, sums = reader.ChunkLayout.check, reader.sample_sums
-    for workers in a.workers:
-        loader = StreamingLoader(ShardStream(a.shards, "train", a.batch), num_workers=workers)
+    for threads in a.threads:
+        loader = StreamingLoader(ShardStream(a.shards, "train", a.batch), threads=threads)
         _epoch(loader)  # warm-up: buffers allocated, files in the page cache
         rates = {"on": [], "off": []}
         for _ in range(a.repeats):
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                 rates[mode].append(_epoch(loader))
                 reader.ChunkLayout.check, reader.sample_sums = check, sums
         on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
-        print(f"batch {a.batch} workers {workers}: verified {on:,.0f} samples/s, unverified {off:,.0f} samples/s, "
+        print(f"batch {a.batch} reader threads {threads}: verified {on:,.0f} samples/s, unverified {off:,.0f} samples/s, "
               f"ratio {on / off:.3f} (cost {1 - on / off:.1%})")
         loader.close()
     return 0
