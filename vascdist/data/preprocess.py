@@ -64,12 +64,6 @@ def analyse_recording(signal: np.ndarray, cfg: PreprocessConfig, stats: AudioSta
     return spec, cycles, quality
 
 
-def recording_spectrograms(signal: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """analyse_recording without the quality record."""
-    spec, cycles, _ = analyse_recording(signal, cfg)
-    return spec, cycles
-
-
 def _process(job: tuple[Recording, PreprocessConfig]) -> tuple[Recording, np.ndarray | None, np.ndarray | None, dict, str]:
     """Worker body: never raises for a bad recording, returns the reason instead (so --skip-bad can go on)."""
     rec, cfg = job
