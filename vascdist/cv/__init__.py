@@ -48,13 +48,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def report(cv_dir) -> dict:
     """Aggregate, print, and write report.html; returns the aggregate."""
     from vascdist.cv.aggregate import aggregate, format_aggregate
+    from vascdist.report import write_report
     result = aggregate(cv_dir)
     print(format_aggregate(result), flush=True)
-    try:
-        from vascdist.report import write_report
-        print(f"report: {write_report(cv_dir)}", flush=True)
-    except ImportError:  # the report module is optional for the aggregate
-        pass
+    print(f"report: {write_report(cv_dir)}", flush=True)
     return result
 
 
