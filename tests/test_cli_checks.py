@@ -27,6 +27,8 @@ def _tree(root) -> list[str]:
     ("model.name=resnext1d model.norm=group", "model.norm': model 'resnext1d' has no choice of normalisation"),
     ("optim.lr=nan", "optim.lr' must be finite"),
     ("optim.name=adabound optim.final_lr=0", "optim.final_lr"),
+    ("dist.engine=deepspeed dist.zero_stage=3", "dist.zero_stage' = 3 is not supported by vascdist's DeepSpeed engine"),
+    ("dist.engine=deepspeed train.compile=true", "train.compile' is not supported with dist.engine=deepspeed"),
 ])
 def test_config_mistakes_fail_before_data_is_synthesised(tmp_path, override, key):
     work = tmp_path / "work"

@@ -54,6 +54,8 @@ def check_config(cfg: Config) -> None:
     if level not in LEVELS or not metric:
         raise ConfigError(f"config key 'train.early_stop_metric' must look like <level>/<metric> with level one of "
                           f"{', '.join(LEVELS)} (e.g. recording/balanced_accuracy), got '{cfg.train.early_stop_metric}'")
+    if cfg.dist.engine == "deepspeed":
+        check_deepspeed_options(cfg)
     if cfg.data.transform:  # imported now, so that a typo fails before any data is made or read
         from vascdist.data.hooks import load_callable
         load_callable(cfg.data.transform, "data.transform")
@@ -61,6 +63,17 @@ def check_config(cfg: Config) -> None:
     if cfg.sched.name == "cosine" and max_steps and cfg.sched.warmup_steps >= max_steps:
         raise ConfigError(f"config key 'sched.warmup_steps' ({cfg.sched.warmup_steps}) must be below the run's "
                           f"train.max_steps ({max_steps}), or the learning rate never leaves its warm-up")
+
+
+def check_deepspeed_options(cfg: Config) -> None:
+    """What vascdist's DeepSpeed engine does not do, refused before any data or run directory is made."""
+    if cfg.train.compile:
+        raise ConfigError("config key 'train.compile' is not supported with dist.engine=deepspeed")
+    if cfg.dist.zero_stage == 3:
+        # Tried: training matches DDP, but module.state_dict() holds empty partitions and evaluation
+        # forwards are collectives that uneven val shards leave unmatched.
+        raise ConfigError("config key 'dist.zero_stage' = 3 is not supported by vascdist's DeepSpeed engine "
+                          "(the loop saves and evaluates the unpartitioned module); use 0, 1 or 2")
 
 
 def metric_names(classes: list[str], kind: str) -> list[str]:

@@ -30,6 +30,7 @@ from torch import nn
 
 from vascdist.compat import deepspeed_internals
 from vascdist.config import Config, batch_sizes
+from vascdist.config.checks import check_deepspeed_options
 from vascdist.dist import DistEnv, barrier, broadcast_buffers, ensure_process_group, on_main
 from vascdist.errors import ConfigError, VascdistError
 from vascdist.train.checkpoint import fsync_tree
@@ -143,7 +144,7 @@ class _ExpectedWarnings(logging.Filter):
 
 
 class DeepSpeedEngine:
-    """deepspeed.initialize around vascdist's module and optimiser, driven by the loop's engine calls.
+    """deepspeed.initialize around vascdist's module and optimiser, driven by the loop's calls (engines.Engine).
 
     The loop calls backward() grad_accum times, then step() once. DeepSpeed counts micro-steps itself and
     wants step() after every backward: backward() calls it between micro-batches (no update there), and
@@ -153,13 +154,7 @@ class DeepSpeedEngine:
     name = "deepspeed"
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv):
-        if cfg.train.compile:
-            raise ConfigError("config key 'train.compile' is not supported with dist.engine=deepspeed")
-        if cfg.dist.zero_stage == 3:
-            # Tried: training matches DDP, but module.state_dict() holds empty partitions and evaluation
-            # forwards are collectives that uneven val shards leave unmatched.
-            raise ConfigError("config key 'dist.zero_stage' = 3 is not supported by vascdist's DeepSpeed engine "
-                              "(the loop saves and evaluates the unpartitioned module); use 0, 1 or 2")
+        check_deepspeed_options(cfg)  # also run by check_config, before any work; here for direct callers
         ds_config = build_deepspeed_config(cfg, env.world_size, env.device)
         deepspeed = import_deepspeed(env)
         ensure_process_group(env)
@@ -181,7 +176,7 @@ class DeepSpeedEngine:
         """The training forward, through DeepSpeed's engine (its hooks, its dtype)."""
         return self._ds(x)
 
-    def micro_step_context(self, is_last: bool):
+    def micro_step_context(self, is_last: bool) -> contextlib.AbstractContextManager:
         """DeepSpeed decides itself when to reduce gradients (its own micro-step count)."""
         return contextlib.nullcontext()
 
@@ -251,7 +246,7 @@ class DeepSpeedEngine:
             prune_deepspeed_tags(manager)
         on_main(self.env, write_step_file)
 
-    def load_checkpoint(self, manager: CheckpointManager, path) -> dict:
+    def load_checkpoint(self, manager: CheckpointManager, path: str | Path) -> dict:
         """Every rank reads the step file and loads weights plus its optimiser partition from the tag directory."""
         path = Path(path)
         state = manager.load(path)
