@@ -193,3 +193,26 @@ def test_contradicting_json_is_a_one_line_cli_error(shards_dir, tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip() == (f"vascdist train: error: {bad} sets train_batch_size=32 but data.batch_size=16; "
                                      "remove the key (or set it to \"auto\") or make them agree")
+
+
+def test_both_engines_implement_the_engine_protocol():
+    """engines.Engine is what the loop calls: every member, with the same parameters, on both engines."""
+    import inspect
+    import typing
+
+    from vascdist.train.deepspeed_engine import DeepSpeedEngine
+    from vascdist.train.engines import Engine, TorchEngine
+    methods = [n for n, v in vars(Engine).items() if inspect.isfunction(v) and not n.startswith("_")]
+    assert {"forward", "micro_step_context", "backward", "step", "skip", "state_dict", "save_checkpoint",
+            "load_checkpoint"} == set(methods)
+    for cls in (TorchEngine, DeepSpeedEngine):
+        for name in methods:
+            ours, protocol = inspect.signature(getattr(cls, name)), inspect.signature(getattr(Engine, name))
+            shape = lambda sig: [(p.name, p.kind, p.default) for p in sig.parameters.values()]
+            assert shape(ours) == shape(protocol), (cls.__name__, name)
+            # the annotations resolved in each module (parameters and return value)
+            assert typing.get_type_hints(getattr(cls, name)) == typing.get_type_hints(getattr(Engine, name)), \
+                (cls.__name__, name)
+        assert isinstance(cls.name, str)  # name is a class attribute; module and optimizer are set in __init__
+        init = inspect.getsource(cls.__init__)
+        assert all(f"self.{attr}" in init for attr in typing.get_type_hints(Engine) if attr != "name"), cls.__name__

@@ -363,7 +363,8 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     engine: str = "ddp"
-    """'ddp' or 'deepspeed' (used when more than one process runs)."""
+    """'ddp': torch itself (one process; DistributedDataParallel over several) or 'deepspeed': DeepSpeed's engine,
+    in one process too (a one-rank process group is made for it)."""
     ddp_one_rank: bool = False
     """With dist.engine=ddp and a single process: wrap the model in DistributedDataParallel over a one-rank
     process group anyway (NCCL on CUDA, gloo on CPU), so the DDP and collective path runs on one GPU (`vascdist

@@ -1,14 +1,14 @@
-"""Engines: how one optimiser step is carried out and checkpointed (plain/DDP here, DeepSpeed beside it).
-
-The loop calls the same methods on each: `forward`, `micro_step_context`, `backward`, `step`, `skip`,
-`state_dict`, `save_checkpoint` (called on every rank; the engine decides which ranks write) and
-`load_checkpoint`. `engine.module` is the bare model (its weights, evaluation); whatever wraps it for training
-(DDP, torch.compile, DeepSpeed's engine) stays private to the engine."""
+"""Engines: how one optimiser step is carried out and checkpointed. `Engine` is the interface the loop and
+TrainState use; `TorchEngine` (one process or DDP) implements it here, `DeepSpeedEngine` beside it
+(deepspeed_engine.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -23,6 +23,48 @@ def grad_norm(module: nn.Module) -> float:
     """Global 2-norm of the module's gradients (already all-reduced, so the same on every rank)."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+class Engine(Protocol):
+    """What the loop calls on an engine. `module` is the bare model (its weights, evaluation); whatever wraps it
+    for training (DDP, torch.compile, DeepSpeed's engine) stays private to the engine."""
+
+    name: str
+    """dist.engine's value; saved in the checkpoint, so that a resume with the other engine is refused."""
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward, through whatever wraps the model."""
+        ...
+
+    def micro_step_context(self, is_last: bool) -> AbstractContextManager:
+        """Entered around each micro-batch's forward and backward; `is_last` on the optimiser step's last one."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss (already divided by train.grad_accum)."""
+        ...
+
+    def step(self, want_norm: bool = True) -> float:
+        """Clip, update, zero the gradients; the global gradient norm before clipping (NaN when not computed)."""
+        ...
+
+    def skip(self) -> None:
+        """Drop this step's gradients (a non-finite loss on some rank); weights and optimiser state unchanged."""
+        ...
+
+    def state_dict(self) -> dict:
+        """The engine's part of a checkpoint (the full model weights at least)."""
+        ...
+
+    def save_checkpoint(self, manager: CheckpointManager, step: int, state: dict, is_best: bool = False) -> None:
+        """Called on every rank; the engine decides which ranks write what."""
+        ...
+
+    def load_checkpoint(self, manager: CheckpointManager, path: str | Path) -> dict:
+        """Called on every rank: restore model and optimiser from `path`; returns the whole saved state."""
+        ...
 
 
 class TorchEngine:
@@ -46,7 +88,7 @@ class TorchEngine:
         """The training forward (through DDP and torch.compile when they are on)."""
         return self._forward(x)
 
-    def micro_step_context(self, is_last: bool):
+    def micro_step_context(self, is_last: bool) -> AbstractContextManager:
         """No gradient all-reduce on the micro-batches before the last one of an optimiser step."""
         if self._ddp is not None and not is_last:
             return self._ddp.no_sync()
@@ -85,7 +127,7 @@ class TorchEngine:
         """Model and optimiser are replicated on every rank, so global rank 0 alone writes the one file."""
         on_main(self.env, manager.save, step, state, is_best=is_best)
 
-    def load_checkpoint(self, manager: CheckpointManager, path) -> dict:
+    def load_checkpoint(self, manager: CheckpointManager, path: str | Path) -> dict:
         """Every rank reads the file and restores model and optimiser; returns the whole saved state."""
         state = manager.load(path)
         written_by = state["engine"].get("engine", self.name)

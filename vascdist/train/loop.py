@@ -33,7 +33,7 @@ from vascdist.eval.evaluate import improves, predict_arrays, validation_loss
 from vascdist.eval.metrics import render_confusion_matrix, save_confusion_png, thresholds_from
 from vascdist.models import build_model
 from vascdist.progress import ProgressReporter
-from vascdist.train.engines import TorchEngine, prepare_module
+from vascdist.train.engines import Engine, TorchEngine, prepare_module
 from vascdist.train.layout import RunLayout
 from vascdist.train.losses import build_loss
 from vascdist.train.optim import build_optimizer, build_scheduler, run_epochs
@@ -51,7 +51,7 @@ def data_info(index: dict) -> dict:
     return {**info, "quality_range": index.get("quality_range", {})}  # predict warns outside it
 
 
-def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv):
+def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv) -> Engine:
     """The engine named by dist.engine: TorchEngine ('ddp', also a single process) or DeepSpeedEngine."""
     if cfg.dist.engine == "deepspeed":
         from vascdist.train.deepspeed_engine import DeepSpeedEngine  # imports deepspeed only when asked for
