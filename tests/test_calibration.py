@@ -52,13 +52,30 @@ def test_slope_and_intercept_match_logistic_regression():
 
 
 def test_reliability_diagram_image():
+    from vascdist import plots
     probs, y = _calibrated_binary(400)
-    image = calibration.render_reliability({"recording": (probs, y), "patient": (probs[:50], y[:50])}, "val",
-                                           {"recording": "ECE 0.01"})
+    figure = calibration.reliability_figure({"recording": (probs, y), "patient": (probs[:50], y[:50])}, "val",
+                                            {"recording": "ECE 0.01"})
+    image = plots.rgb_array(figure)
     assert image.dtype == np.uint8 and image.shape[2] == 3 and image.shape[1] > 2 * 260
     assert (image < 128).any()  # something was drawn
+    counts = [t.get_text() for ax in figure.axes for t in ax.texts]  # each bin's point carries its count
     bins = calibration.reliability_bins(probs, y)
+    assert sorted(counts[:int((bins["count"] > 0).sum())]) == sorted(str(int(n)) for n in bins["count"] if n > 0)
     assert bins["count"].sum() == 400 and np.nanmax(np.abs(bins["observed"] - bins["mean_pred"])) < 0.15
+
+
+def test_slope_interval_and_the_few_patients_rule():
+    from vascdist.eval.bootstrap import patient_weights
+    probs, y = _calibrated_binary(2000, seed=3)
+    patient = np.arange(2000) // 20  # 100 patients
+    slopes, intercepts = calibration.calibration_fits(probs[:, 1], y, patient_weights(100, 200, 0)[:, patient])
+    lo, hi = np.percentile(slopes, [2.5, 97.5])
+    assert lo < 1.0 < hi and hi - lo < 0.6 and not np.isnan(slopes).any()
+    # separable by the score: no finite slope, NaN rather than a huge number
+    assert np.isnan(calibration.calibration_slope_intercept(np.array([.1, .2, .8, .9]), np.array([0, 0, 1, 1]))[0])
+    assert calibration.calibration_caveat(12) == f"omitted: 12 patients < {calibration.CALIBRATION_MIN_PATIENTS}"
+    assert calibration.calibration_caveat(calibration.CALIBRATION_MIN_PATIENTS) == ""
 
 
 @pytest.mark.parametrize("text,kind,target", [("youden", "youden", 0.5), ("sensitivity:0.9", "sensitivity", 0.9),

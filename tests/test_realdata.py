@@ -102,4 +102,5 @@ def test_inspect_writes_one_picture(tmp_path, real_recordings):
     image = Image.open(out)
     assert image.format == "PNG" and image.size[0] >= 1000 and image.size[1] >= 600
     colours = np.asarray(image.convert("RGB")).reshape(-1, 3)
-    assert ((colours == (200, 30, 30)).all(axis=1)).sum() > 100  # the onset lines are drawn
+    red = (colours[:, 0] > 150) & (colours[:, 1] < 90) & (colours[:, 2] < 90)
+    assert red.sum() > 100  # the onset lines are drawn

@@ -389,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "vascdist.launch.submit")
     _add_passthrough(sub, "report", "one self-contained HTML report of a run or CV directory", "vascdist.report")
     _add_passthrough(sub, "cv", "patient-level k-fold cross-validation, locally or as a SLURM job array", "vascdist.cv")
+    _add_passthrough(sub, "export", "the best checkpoint as ONNX + a model card JSON, checked against torch "
+                     "(needs the 'export' extra)", "vascdist.export")
     return parser
 
 

@@ -57,10 +57,10 @@ def check_compatible(info: dict, index: dict, shards: Path, checkpoint: Path) ->
 
 def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str = "test", out: str | None = None) -> dict:
     """Metrics of a checkpoint on a split, at the thresholds it chose on validation; writes JSON and a PNG."""
+    from vascdist import plots
     from vascdist.eval.assess import assess_split, test_metrics, validation_metrics
     from vascdist.eval.calibration import with_temperature
     from vascdist.eval.evaluate import predict_arrays
-    from vascdist.eval.metrics import save_confusion_png
     checkpoint = find_checkpoint(run_or_ckpt)
     model, state, cfg = load_model(checkpoint)
     shards_dir = Path(shards or cfg.data.shards)
@@ -77,7 +77,7 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
     else:
         arrays, metrics = test_metrics(arrays, index["classes"], per_beat, state["progress"].get("val_thresholds"),
                                        checkpoint_temperature(state))
-    assessed = assess_split(arrays, index["classes"], per_beat, metrics, cfg.eval)
+    assessed = assess_split(arrays, index["classes"], per_beat, metrics, cfg.eval, calibration_intervals=True)
     if index["kind"] == "spectrogram":
         from vascdist.data.folds import split_index
         from vascdist.data.shards import excluded_counts
@@ -91,11 +91,13 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_path, assessed["record"])
     level = "cycle" if index["kind"] == "beats" else "recording"
-    save_confusion_png(np.array(metrics[f"{level}/confusion"]), index["classes"], out_path.with_suffix(".png"),
-                       title=f"{split}, per {level}")
+    best_step = state["progress"].get("best_step", -1)
+    plots.save_png(plots.confusion(np.array(metrics[f"{level}/confusion"]), index["classes"],
+                                   f"{split}, per {level} ({checkpoint.name}, step {state['progress'].get('step', '?')})"),
+                   out_path.with_suffix(".png"))
     return {"metrics": metrics, "intervals": assessed["intervals"], "counts": assessed["counts"],
             "confidence": cfg.eval.confidence, "classes": index["classes"], "json": str(out_path), "png": str(out_path.with_suffix(".png")),
-            "best_step": state["progress"].get("best_step", -1), "run_dir": str(layout.root),
+            "best_step": best_step, "run_dir": str(layout.root),
             "checkpoint": str(checkpoint)}
 
 

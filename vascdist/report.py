@@ -1,130 +1,91 @@
 """`vascdist report RUN_OR_CV_DIR`: one self-contained HTML file (PNG images embedded as base64) that a person
-reads instead of TensorBoard. Charts are drawn with PIL (no plotting library is a dependency).
+reads instead of TensorBoard. Figures are drawn by vascdist.plots (matplotlib).
 
-A run directory: data summary, learning curves, ROC and PR curves with the operating point, reliability
-diagram, confusion matrices per level, the metrics table with intervals, config and versions. A CV directory:
-the aggregate (folds, mean and spread, pooled table), the per-site figures side by side with their mean ± sd and
-the pooled one, pooled ROC / PR curves, links to each fold's report. A run with sites gets the per-site table too.
+A run directory: data summary, learning curves (the best step marked), ROC and PR curves with the operating
+point, reliability diagram, confusion matrices per level, the metrics table with intervals, the per-site table
+when the run has sites, config and versions. Every test figure is drawn from the predictions of the checkpoint the
+metrics come from (the best step), and says which step that is. A CV directory: the aggregate as tables (per
+fold, mean and spread, pooled with intervals), the per-site figures side by side with their mean ± sd and the
+pooled one, per-fold and pooled ROC / PR curves with the pooled operating point, links to each fold's report.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
+import math
 import platform
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
+from vascdist import plots
 from vascdist.errors import VascdistError
 from vascdist.fileio import read_jsonl
 from vascdist.train.layout import RunLayout
 
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 
-
-# --------------------------------------------------------------------------------------------- drawing
-def line_chart(series: list[tuple[np.ndarray, np.ndarray, str]], title: str, xlabel: str, ylabel: str,
-               unit_square: bool = False, points: list[tuple[float, float, str]] = ()) -> np.ndarray:
-    """Lines (x, y, label) on one pair of axes, with a legend; unit_square fixes both axes to [0, 1] and draws
-    the diagonal. `points` are marked with a ring and their label (an operating point)."""
-    font = ImageFont.load_default(size=13)
-    w, h, left, top, right, bottom = 460, 350, 58, 44, 16, 46
-    image = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(image)
-    xs = np.concatenate([np.asarray(s[0], float) for s in series]) if series else np.zeros(1)
-    ys = np.concatenate([np.asarray(s[1], float) for s in series]) if series else np.zeros(1)
-    finite = np.isfinite(xs) & np.isfinite(ys)
-    if unit_square or not finite.any():
-        x0, x1, y0, y1 = 0.0, 1.0, 0.0, 1.0
-    else:
-        x0, x1 = float(xs[finite].min()), float(xs[finite].max())
-        y0, y1 = float(ys[finite].min()), float(ys[finite].max())
-        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    pw, ph = w - left - right, h - top - bottom
-    to = lambda x, y: (left + (x - x0) / (x1 - x0) * pw, top + (1 - (y - y0) / (y1 - y0)) * ph)
-    draw.rectangle([left, top, left + pw, top + ph], outline=(90, 90, 90))
-    draw.text((left, 8), title, fill="black", font=font)
-    for frac in (0, 0.5, 1):
-        xv, yv = x0 + frac * (x1 - x0), y0 + frac * (y1 - y0)
-        draw.text((to(xv, y0)[0], top + ph + 4), f"{xv:.3g}", fill="black", font=font, anchor="ma")
-        draw.text((left - 4, to(x0, yv)[1]), f"{yv:.3g}", fill="black", font=font, anchor="rm")
-    draw.text((left + pw / 2, h - 18), xlabel, fill="black", font=font, anchor="ma")
-    draw.text((4, top - 16), ylabel, fill="black", font=font)  # below the title line
-    if unit_square:
-        draw.line([to(0, 0), to(1, 1)], fill=(190, 190, 190))
-    for i, (x, y, label) in enumerate(series):
-        pts = [to(a, b) for a, b in zip(np.asarray(x, float), np.asarray(y, float)) if np.isfinite(a) and np.isfinite(b)]
-        color = COLORS[i % len(COLORS)]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
-        elif pts:
-            draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
-        draw.text((left + pw - 8, top + 8 + 16 * i), label, fill=color, font=font, anchor="ra")
-    for x, y, label in points:
-        px, py = to(x, y)
-        draw.ellipse([px - 6, py - 6, px + 6, py + 6], outline="black", width=2)
-        flip = px + 9 + draw.textlength(label, font=font) > w - 4  # near the right edge: label on the left
-        draw.text((px - 9, py + 4) if flip else (px + 9, py + 4), label, fill="black", font=font,
-                  anchor="ra" if flip else "la")
-    return np.asarray(image, dtype=np.uint8)
-
-
-def png_tag(image: np.ndarray | Path, alt: str) -> str:
-    """<img> with the PNG embedded as base64 (a path is read as it is)."""
-    if isinstance(image, Path):
-        data = image.read_bytes()
-    else:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        data = buffer.getvalue()
+def png_tag(image, alt: str) -> str:
+    """<img> with the PNG embedded as base64: a matplotlib Figure, or a PNG file read as it is."""
+    data = image.read_bytes() if isinstance(image, Path) else plots.png_bytes(image)
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
-# --------------------------------------------------------------------------------------------- pieces
-def curves(arrays: dict[str, np.ndarray], classes: list[str], metrics: dict, what: str) -> list[str]:
-    """ROC and PR curve images (binary) per recording and patient level, the operating point marked."""
-    from sklearn.metrics import precision_recall_curve, roc_curve
+def _value(v):
+    return v["value"] if isinstance(v, dict) else v
 
+
+# --------------------------------------------------------------------------------------------- pieces
+def operating_point(metrics: dict, level: str, label: str) -> plots.OperatingPoint | None:
+    """Where `metrics` (a record or a flat dict) sits at `level`: its own sensitivity, specificity and PPV."""
+    sens, spec = _value(metrics.get(f"{level}/sensitivity")), _value(metrics.get(f"{level}/specificity"))
+    if sens is None or spec is None or math.isnan(sens) or math.isnan(spec):
+        return None
+    ppv = _value(metrics.get(f"{level}/ppv", float("nan")))
+    return plots.OperatingPoint(sens, 1 - spec, float("nan") if ppv is None else ppv, label)
+
+
+def curves(arrays: dict[str, np.ndarray], classes: list[str], metrics: dict, title: str,
+           folds: list[dict[str, np.ndarray]] = ()) -> list[str]:
+    """One ROC + PR image per level (binary only), the operating point of `metrics` marked; `folds` (CV) are
+    drawn thin beside the pooled curve."""
     from vascdist.eval.assess import level_arrays
     if len(classes) != 2:
         return []
     out = []
     per_beat = len(np.unique(arrays["recording"])) == len(arrays["y"])
+    fold_levels = [level_arrays(f, per_beat) for f in folds]
     for level, (probs, labels) in level_arrays(arrays, per_beat).items():
         if (level == "cycle" and not per_beat) or labels.min() == labels.max():
             continue
-        t = float(metrics.get(f"{level}/threshold", 0.5))
-        pred = probs[:, 1] >= t
-        sens = float((pred & (labels == 1)).sum() / max((labels == 1).sum(), 1))
-        fpr_at = float((pred & (labels == 0)).sum() / max((labels == 0).sum(), 1))
-        ppv = float((pred & (labels == 1)).sum() / max(pred.sum(), 1))
-        fpr, tpr, _ = roc_curve(labels, probs[:, 1])
-        precision, recall, _ = precision_recall_curve(labels, probs[:, 1])
-        op = f"threshold {t:.2f}"
-        out.append(png_tag(line_chart([(fpr, tpr, f"{level} ROC")], f"{what}: ROC, per {level}", "1 - specificity",
-                                      "sensitivity", True, [(fpr_at, sens, op)]), f"ROC {level}"))
-        out.append(png_tag(line_chart([(recall, precision, f"{level} PR")], f"{what}: precision-recall, per {level}",
-                                      "recall (sensitivity)", "precision (PPV)", True, [(sens, ppv, op)]),
-                           f"PR {level}"))
+        threshold = _value(metrics.get(f"{level}/threshold"))
+        rule = f"threshold {threshold:.2f}" if threshold is not None else "each fold's own threshold"
+        lines = [plots.Curve(probs[:, 1], labels, "pooled" if folds else "test")]
+        lines += [plots.Curve(f[level][0][:, 1], f[level][1], "each fold alone", thin=True) for f in fold_levels
+                  if f[level][1].min() != f[level][1].max()]
+        point = operating_point(metrics, level, f"operating point ({rule})")
+        out.append(png_tag(plots.roc_pr(lines, f"{title}, per {level}", point), f"ROC and PR {level}"))
     return out
 
 
 def metrics_table(record: dict, classes: list[str]) -> str:
-    """The metrics (rows) per level (columns), each `value [lo-hi]`."""
+    """The metrics (rows) per level (columns), each `value [lo-hi]`; the calibration slope and intercept give
+    way to the record's caveat when the split has too few patients for them."""
     from vascdist.eval.assess import format_value, table_rows
     from vascdist.eval.metrics import LEVELS
     levels = [lv for lv in LEVELS if f"{lv}/accuracy" in record]
     rows = table_rows(classes) + ["calibration_slope", "calibration_intercept", "threshold"]
+    caveat = record.get("calibration_caveat", "")
     cells = []
     for row in rows:
         values = []
         for lv in levels:
             v = record.get(f"{lv}/{row}")
-            values.append(format_value(v["value"], (v["lo"], v["hi"])) if isinstance(v, dict) else format_value(v))
+            if row.startswith("calibration_") and caveat and f"{lv}/{row}" in record:
+                values.append(caveat)
+            else:
+                values.append(format_value(v["value"], (v["lo"], v["hi"])) if isinstance(v, dict) else format_value(v))
         if any(v != "n/a" for v in values):
             cells.append(f"<tr><th>{row}</th>" + "".join(f"<td>{html.escape(v)}</td>" for v in values) + "</tr>")
     head = "<tr><th></th>" + "".join(f"<th>{lv}</th>" for lv in levels) + "</tr>"
@@ -190,7 +151,7 @@ def versions() -> str:
 def page(title: str, sections: list[tuple[str, str]]) -> str:
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
-             "th{background:#f0f0f0}img{margin:4px;border:1px solid #ddd}pre{background:#f7f7f7;padding:8px;"
+             "th{background:#f0f0f0}img{margin:4px;border:1px solid #ddd;max-width:100%}pre{background:#f7f7f7;padding:8px;"
              "overflow-x:auto;font-size:12px}")
     body = "".join(f'<section id="{html.escape(sid)}"><h2>{html.escape(sid.replace("-", " "))}</h2>{content}</section>'
                    for sid, content in sections)
@@ -199,59 +160,76 @@ def page(title: str, sections: list[tuple[str, str]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- reports
+def learning_curves(records: list[dict], best_step: int | None) -> list[str]:
+    """Train and validation loss, and validation accuracy, per step; the best step marked."""
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    best = (best_step, f"best step {best_step} (the checkpoint tested)") if best_step is not None else None
+    losses = [plots.Series(np.array([r["step"] for r in train]), np.array([r["train/loss"] for r in train]),
+                           "train loss (logged steps)")]
+    if val and "loss" in val[0]:  # validation loss per evaluation (the tie-break of model selection)
+        losses.append(plots.Series(np.array([r["step"] for r in val]), np.array([_value(r["loss"]) for r in val]),
+                                   "validation loss"))
+    out = [png_tag(plots.line_chart(losses, "loss", "step", "loss", best), "train and validation loss")]
+    accuracy = [plots.Series(np.array([r["step"] for r in val]), np.array([_value(r[key]) for r in val]),
+                             f"validation {key.replace('/', ' ')}")
+                for key in ("recording/accuracy", "recording/balanced_accuracy", "cycle/accuracy")
+                if val and key in val[0]]
+    if accuracy:
+        out.append(png_tag(plots.line_chart(accuracy, "validation accuracy per evaluation", "step", "accuracy",
+                                            best), "validation accuracy"))
+    if len(losses) == 1:
+        out.append("<p>This run logged no validation loss (older runs); validation accuracy stands for the "
+                   "validation side.</p>")
+    return out
+
+
 def run_report(run_dir: Path) -> str:
-    from vascdist.eval.metrics import LEVELS, render_confusion_matrix
+    from vascdist.eval.assess import calibration_note, describe_excluded, level_arrays, reliability_image
+    from vascdist.eval.calibration import CALIBRATION_MIN_PATIENTS
+    from vascdist.eval.metrics import LEVELS
     layout = RunLayout(run_dir)
-    test_path = layout.test_metrics
-    if not test_path.is_file():
+    if not layout.test_metrics.is_file():
         raise VascdistError(f"{run_dir}: no test_metrics.json (the run has not finished)")
-    record = json.loads(test_path.read_text())
+    record = json.loads(layout.test_metrics.read_text())
     records = read_jsonl(layout.metrics) if layout.metrics.is_file() else []  # a half-written last line is left out
     val = [r for r in records if r["split"] == "val"]
     classes = list(next(iter(record["counts"].values())).keys())
     counts = {"validation (last evaluation)": val[-1]["counts"]} if val and "counts" in val[-1] else {}
     counts["test"] = record["counts"]
+    best_step = record.get("checkpoint_step")
+    drawn = f"best checkpoint, step {best_step}" if best_step is not None else "best checkpoint"
+    source = (f"<p>Every test figure and metric below comes from the {drawn} (chosen on validation), "
+              f"predicting the test split.</p>")
 
-    train = [r for r in records if r["split"] == "train"]
-    value = lambda v: v["value"] if isinstance(v, dict) else v
-    losses = [(np.array([r["step"] for r in train]), np.array([r["train/loss"] for r in train]), "train loss")]
-    if val and "loss" in val[0]:  # validation loss per evaluation (the tie-break of model selection)
-        losses.append((np.array([r["step"] for r in val]), np.array([value(r["loss"]) for r in val]), "val loss"))
-    curves_html = [png_tag(line_chart(losses, "train loss (logged steps), validation loss",
-                                      "step", "loss"), "train and val loss")]
-    acc_series = []
-    for key in ("recording/accuracy", "recording/balanced_accuracy", "cycle/accuracy"):
-        if val and key in val[0]:
-            acc_series.append((np.array([r["step"] for r in val]), np.array([value(r[key]) for r in val]), f"val {key}"))
-    if acc_series:
-        curves_html.append(png_tag(line_chart(acc_series, "validation accuracy per evaluation", "step", "accuracy"),
-                                   "val accuracy"))
-    if len(losses) == 1:
-        curves_html.append("<p>This run logged no validation loss (older runs); validation accuracy stands for the "
-                           "validation side.</p>")
-
-    predictions = layout.test_predictions
-    roc = []
-    if predictions.is_file():
-        with np.load(predictions) as npz:
-            roc = curves({k: npz[k] for k in npz.files}, classes, record, "test")
-    confusions = [png_tag(render_confusion_matrix(np.array(record[f"{lv}/confusion"]), classes, f"test, per {lv}"),
-                          f"confusion {lv}") for lv in LEVELS if f"{lv}/confusion" in record]
-    reliability = run_dir / "test_reliability.png"
-    rule = [f"<p>threshold rule: {html.escape(str(record['threshold_rule']))}</p>"] if "threshold_rule" in record else []
+    figures, reliability = [], "<p>(no test_predictions.npz)</p>"
+    if layout.test_predictions.is_file():
+        with np.load(layout.test_predictions) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        figures = curves(arrays, classes, record, f"test ({drawn})")
+        per_beat = len(np.unique(arrays["recording"])) == len(arrays["y"])
+        reliability = png_tag(reliability_image(level_arrays(arrays, per_beat), record,
+                                                f"test: reliability ({drawn})"), "reliability")
+    confusions = [png_tag(plots.confusion(np.array(record[f"{lv}/confusion"]), classes,
+                                          f"test, per {lv} ({drawn})"), f"confusion {lv}")
+                  for lv in LEVELS if f"{lv}/confusion" in record]
+    notes = [f"<p>threshold rule: {html.escape(str(record['threshold_rule']))}</p>"] if "threshold_rule" in record else []
     if "temperature" in record:
-        rule.append(f"<p>temperature scaling: T = {record['temperature']:.3f} (fitted on validation)</p>")
+        notes.append(f"<p>temperature scaling: T = {record['temperature']:.3f} (fitted on validation)</p>")
+    if any(calibration_note(record, lv) for lv in LEVELS):
+        notes.append(f"<p>Calibration slope and intercept are shown with their bootstrap interval from "
+                     f"{CALIBRATION_MIN_PATIENTS} test patients on; below that they are omitted (a logistic fit on "
+                     f"a few patients is noise).</p>")
     config = layout.config.read_text() if layout.config.is_file() else "(no config.yaml)"
-    from vascdist.eval.assess import describe_excluded
     excluded = f"<p>test: {html.escape(describe_excluded(record))}</p>" if describe_excluded(record) else ""
     sections = [
         ("data-summary", counts_table(counts) + excluded),
-        ("learning-curves", "".join(curves_html)),
-        ("ROC-and-PR-curves", "".join(roc) or "<p>(binary tasks only)</p>"),
-        ("reliability-diagram", png_tag(reliability, "reliability") if reliability.is_file() else "<p>(none)</p>"),
+        ("learning-curves", "".join(learning_curves(records, best_step))),
+        ("ROC-and-PR-curves", source + ("".join(figures) or "<p>(binary tasks only)</p>")),
+        ("reliability-diagram", reliability),
         ("confusion-matrices", "".join(confusions)),
-        ("metrics", f"<p>{100 * record.get('confidence', 0.95):.0f} % intervals from a bootstrap over patients</p>"
-                    + metrics_table(record, classes) + "".join(rule)),
+        ("metrics", f"<p>{100 * record.get('confidence', 0.95):.0f} % intervals from a bootstrap over patients; "
+                    f"{html.escape(drawn)}</p>" + metrics_table(record, classes) + "".join(notes)),
     ]
     if record.get("sites"):
         from vascdist.eval.sites import confound_warning
@@ -259,12 +237,47 @@ def run_report(run_dir: Path) -> str:
         sections.append(("per-site", "<p>Test metrics per site (recording level; intervals from a bootstrap over the "
                                      "site's patients), at the thresholds of the whole test set</p>"
                          + sites_table(record["sites"], None, "recording", classes, warning)))
-    sections.append(("config-and-versions", f"<pre>{html.escape(config)}</pre>{versions()}"))
+    sections.append(("config-and-versions", f"<details><summary>config</summary><pre>{html.escape(config)}</pre></details>{versions()}"))
     return page(f"vascdist run {run_dir}", sections)
 
 
+def aggregate_tables(result: dict) -> str:
+    """The CV aggregate as HTML: folds finished / missing, per-fold metrics with mean ± sd, and per repeat the
+    table of the pooled out-of-fold predictions with intervals."""
+    from vascdist.eval.bootstrap import with_intervals
+    classes = result["classes"]
+    level = "recording" if any(k.startswith("recording/") for r in result["per_fold"].values() for k in r) else "cycle"
+    names = ["balanced_accuracy", "sensitivity", "specificity", "auroc", "auprc", "ece"] if len(classes) == 2 \
+        else ["balanced_accuracy", "accuracy", "macro_f1", "macro_auroc", "ece"]
+    fmt = lambda v: "n/a" if v is None or math.isnan(v) else f"{v:.3f}"
+    total = result["folds"] * result["repeats"]
+    out = [f"<p>{result['folds']} folds x {result['repeats']} repeat(s), seed {result['seed']}: "
+           f"{len(result['finished'])} of {total} folds finished.</p>"]
+    if result["missing"]:
+        out.append("<ul>" + "".join(f"<li>MISSING {html.escape(n)}: {html.escape(r)}</li>"
+                                    for n, r in result["missing"].items()) + "</ul>")
+    head = "<tr><th>fold</th>" + "".join(f"<th>{n}</th>" for n in names) + "</tr>"
+    rows = ["<tr><th>" + html.escape(fold) + "</th>" + "".join(f"<td>{fmt(m.get(f'{level}/{n}', math.nan))}</td>"
+                                                             for n in names) + "</tr>"
+            for fold, m in result["per_fold"].items()]
+    spread = result["spread"]
+    if spread:
+        cells = [("n/a" if spread.get(f"{level}/{n}") is None else
+                  f"{spread[f'{level}/{n}']['mean']:.3f} ± {fmt(spread[f'{level}/{n}']['sd'])}") for n in names]
+        rows.append("<tr><th>mean ± sd</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    out.append(f"<h3>per fold, {level} level</h3><p>test = the held-out fold; thresholds from each fold's own "
+               f"validation patients.</p><table>{head}{''.join(rows)}</table>")
+    for repeat, pooled in result["pooled"].items():
+        note = "" if pooled["complete"] else f" (INCOMPLETE: only {', '.join(pooled['folds'])})"
+        record = with_intervals(pooled["metrics"], {k: tuple(v) for k, v in pooled["intervals"].items()})
+        out.append(f"<h3>pooled out-of-fold predictions, repeat {html.escape(repeat)}{html.escape(note)}</h3>"
+                   f"<p>{100 * result.get('confidence', 0.95):.0f} % intervals from a bootstrap over patients; each "
+                   f"prediction at its own fold's threshold.</p>" + metrics_table(record, classes))
+    return "".join(out)
+
+
 def cv_report(cv_dir: Path) -> str:
-    from vascdist.cv.aggregate import format_aggregate, load_plan
+    from vascdist.cv.aggregate import load_plan
     aggregate_path = cv_dir / "aggregate.json"
     if not aggregate_path.is_file():
         from vascdist.cv.aggregate import aggregate
@@ -276,10 +289,10 @@ def cv_report(cv_dir: Path) -> str:
     for repeat, pooled in result["pooled"].items():
         parts = []
         for name in pooled["folds"]:
-            with np.load(cv_dir / name / "test_predictions.npz") as npz:
+            with np.load(RunLayout(cv_dir / name).test_predictions) as npz:
                 parts.append({k: npz[k] for k in npz.files})
         arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        pooled_html += curves(arrays, classes, {}, f"pooled out-of-fold, repeat {repeat}")
+        pooled_html += curves(arrays, classes, pooled["metrics"], f"out-of-fold, repeat {repeat}", folds=parts)
     folds = "".join(f'<li><a href="{e["dir"]}/report.html">{e["name"]}</a> '
                     f'({"finished" if e["name"] in result["finished"] else "MISSING"})</li>' for e in plan["entries"])
     config = json.dumps({k: plan[k] for k in ("config", "overrides", "folds", "repeats", "seed", "shards")}
@@ -290,13 +303,15 @@ def cv_report(cv_dir: Path) -> str:
     site_html = sites_table(result.get("sites", {}), result["pooled"].get("0"), level, classes,
                             result.get("site_warning", ""))
     sections = [
-        ("aggregate", f"<pre>{html.escape(format_aggregate(result))}</pre>"),
+        ("aggregate", aggregate_tables(result)),
         ("per-site", (f"<p>{level} level, {html.escape(held)}; pooled: every site's predictions together</p>"
                       + site_html) if site_html else "<p>(no sites in the manifest)</p>"),
         ("ROC-and-PR-curves", ("".join(pooled_html) or "<p>(binary tasks only)</p>")
-         + "<p>Curves of the pooled probabilities; each fold's operating point is in its own report.</p>"),
+         + "<p>Thick: the pooled out-of-fold probabilities; thin grey: each fold alone. The ring is the operating "
+           "point of the pooled metrics (each prediction at its own fold's threshold); each fold's own operating "
+           "point is in its report.</p>"),
         ("folds", f"<ul>{folds}</ul>"),
-        ("config-and-versions", f"<pre>{html.escape(config)}</pre>{versions()}"),
+        ("config-and-versions", f"<details><summary>config</summary><pre>{html.escape(config)}</pre></details>{versions()}"),
     ]
     return page(f"vascdist cross-validation {cv_dir}", sections)
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from vascdist.config import EvalConfig
 from vascdist.eval.bootstrap import bootstrap_intervals, interval_scalars, with_intervals
-from vascdist.eval.calibration import (calibrate_split, calibration_slope_intercept, render_reliability, save_png,
+from vascdist.eval.calibration import (calibrate_split, calibration_caveat, calibration_fits, reliability_figure,
                                       with_temperature)
 from vascdist.eval.evaluate import split_metrics
 from vascdist.eval.metrics import LEVELS, level_predictions, split_counts
@@ -70,58 +70,101 @@ def level_arrays(arrays: dict[str, np.ndarray], per_beat: bool) -> dict[str, tup
     return level_predictions(arrays["probs"], arrays["y"], arrays["recording"], arrays["patient"])
 
 
-def calibration_metrics(levels: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """'<level>/calibration_slope' and '<level>/calibration_intercept' (binary only; see calibration.py)."""
-    out = {}
-    for level, (probs, labels) in levels.items():
-        if probs.shape[1] == 2:
-            slope, intercept = calibration_slope_intercept(probs[:, 1], labels)
-            out.update({f"{level}/calibration_slope": slope, f"{level}/calibration_intercept": intercept})
-    return out
+def calibration_metrics(arrays: dict[str, np.ndarray], per_beat: bool, cfg: EvalConfig,
+                        intervals: bool) -> tuple[dict[str, float], dict[str, tuple[float, float]], str]:
+    """Binary only (see calibration.py): ({'<level>/calibration_slope' | '_intercept': value}, their bootstrap
+    intervals over patients (only when `intervals` and the split has enough patients to show them), the caveat
+    ('' or why the report omits them: too few patients)). Multi-class: ({}, {}, '')."""
+    from vascdist.eval.bootstrap import level_items, patient_weights, percentile_interval
+    if np.asarray(arrays["probs"]).shape[1] != 2 or len(arrays["y"]) == 0:
+        return {}, {}, ""
+    if per_beat:  # beats carry no patients: each beat is its own unit (as in split_intervals)
+        ids = np.arange(len(arrays["y"]))
+        items, n_units = {"cycle": (np.asarray(arrays["probs"]), np.asarray(arrays["y"]), ids)}, len(ids)
+    else:
+        items, n_units = level_items(arrays["probs"], arrays["y"], arrays["recording"], arrays["patient"])
+    caveat = calibration_caveat(n_units)
+    resamples = cfg.bootstrap_resamples if intervals and not caveat else 0
+    weights = np.vstack([np.ones((1, n_units)), patient_weights(n_units, resamples, cfg.bootstrap_seed)])
+    values, bounds = {}, {}
+    for level, (probs, labels, patient) in items.items():
+        slopes, intercepts = calibration_fits(probs[:, 1], labels, weights[:, patient])
+        for name, fitted in (("calibration_slope", slopes), ("calibration_intercept", intercepts)):
+            values[f"{level}/{name}"] = float(fitted[0])
+            if resamples:
+                bounds[f"{level}/{name}"] = percentile_interval(fitted[1:], cfg.confidence)
+    return values, bounds, caveat
 
 
 def assess_split(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool, metrics: dict,
-                 cfg: EvalConfig) -> dict:
-    """{'intervals': {key: (lo, hi)}, 'counts': split_counts, 'calibration': calibration_metrics, 'levels':
-    level_arrays, 'record': metrics with {value, lo, hi} plus counts and calibration (the JSON form)}."""
+                 cfg: EvalConfig, calibration_intervals: bool = False) -> dict:
+    """{'intervals': {key: (lo, hi)}, 'counts': split_counts, 'calibration': calibration_metrics' values,
+    'levels': level_arrays, 'record': metrics and calibration with {value, lo, hi}, counts, confidence and
+    'calibration_caveat' (the JSON form)}. `calibration_intervals`: bootstrap the calibration slope and
+    intercept too (a logistic fit per resample: done for the test split, not at every validation)."""
     intervals = split_intervals(arrays, classes, per_beat, metrics, cfg)
     counts = split_counts(arrays, classes, per_beat)
     levels = level_arrays(arrays, per_beat)
-    calibration = calibration_metrics(levels)
-    record = {**with_intervals(metrics, intervals), **calibration, "counts": counts, "confidence": cfg.confidence}
+    calibration, calibration_bounds, caveat = calibration_metrics(arrays, per_beat, cfg, calibration_intervals)
+    intervals = {**intervals, **calibration_bounds}
+    record = {**with_intervals({**metrics, **calibration}, intervals), "counts": counts, "confidence": cfg.confidence}
+    if calibration:
+        record["calibration_caveat"] = caveat
     return {"intervals": intervals, "counts": counts, "calibration": calibration, "levels": levels, "record": record}
 
 
-def reliability_image(assessed: dict, metrics: dict, title: str) -> np.ndarray:
-    """The reliability diagram of an assessed split, each panel noting ECE, Brier, slope and intercept."""
+def calibration_note(record: dict, level: str) -> str:
+    """'slope 0.92 [0.70-1.15], intercept -0.10 [...]' of a record's level, or the caveat that omits them."""
+    if f"{level}/calibration_slope" not in record:
+        return ""
+    if record.get("calibration_caveat"):
+        return f"slope, intercept {record['calibration_caveat']}"
+    cell = lambda key: format_value(*_value_interval(record.get(f"{level}/{key}")))
+    return f"slope {cell('calibration_slope')}, intercept {cell('calibration_intercept')}"
+
+
+def _value_interval(v) -> tuple:
+    """(value, (lo, hi) or None) of a record entry ({value, lo, hi} or a bare value)."""
+    return (v["value"], (v["lo"], v["hi"])) if isinstance(v, dict) else (v, None)
+
+
+def reliability_image(levels: dict[str, tuple[np.ndarray, np.ndarray]], record: dict, title: str):
+    """The reliability diagram (a matplotlib Figure) of {level: (probs, labels)}, each panel noting the record's
+    ECE, Brier and calibration slope and intercept (or why they are omitted)."""
     notes = {}
-    for level in assessed["levels"]:
-        parts = [f"ECE {metrics.get(f'{level}/ece', float('nan')):.3f}",
-                 f"Brier {metrics.get(f'{level}/brier', float('nan')):.3f}"]
-        if f"{level}/calibration_slope" in assessed["calibration"]:
-            parts.append(f"slope {assessed['calibration'][f'{level}/calibration_slope']:.2f}")
-            parts.append(f"int. {assessed['calibration'][f'{level}/calibration_intercept']:.2f}")
-        notes[level] = "\n".join(["  ".join(parts[:2]), "  ".join(parts[2:])])
-    return render_reliability(assessed["levels"], title, notes)
+    for level in levels:
+        ece, brier = (_value_interval(record.get(f"{level}/{k}", float("nan")))[0] for k in ("ece", "brier"))
+        notes[level] = f"ECE {format_value(ece)}, Brier {format_value(brier)}"
+        slope = calibration_note(record, level)
+        if slope:
+            notes[level] += "\n" + slope
+    return reliability_figure(levels, title, notes)
 
 
 def log_split(log, step: int, split: str, arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool,
-              metrics: dict, cfg: EvalConfig, save_dir=None, **fields) -> dict:
+              metrics: dict, cfg: EvalConfig, save_dir=None, checkpoint_step: int | None = None, **fields) -> dict:
     """Assess a split and log it: TensorBoard scalars '<split>/<key>' (value) and '<split>/<key>/lo|hi', the
     calibration scalars, the image '<split>/reliability', and one metrics.jsonl record with {value, lo, hi} per
     metric. With `save_dir` (the main rank's run directory) also <split>_reliability.png and the predictions,
-    <split>_predictions.npz (probs, y, recording, patient; what `vascdist cv` pools and the report plots).
+    <split>_predictions.npz (probs, y, recording, patient; what `vascdist cv` pools and the report plots), and
+    the calibration intervals. `checkpoint_step`: the step of the weights that made the predictions when it is
+    not `step` (the test of the best checkpoint); it is recorded and named in the figure's title.
     Returns assess_split's result."""
-    assessed = assess_split(arrays, classes, per_beat, metrics, cfg)
+    from vascdist import plots
+    assessed = assess_split(arrays, classes, per_beat, metrics, cfg, calibration_intervals=save_dir is not None)
+    drawn_at = step if checkpoint_step is None else checkpoint_step
+    if checkpoint_step is not None:
+        assessed["record"]["checkpoint_step"] = checkpoint_step
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
     scalars.update(interval_scalars(metrics, assessed["intervals"]))
     scalars.update(assessed["calibration"])
     log.scalars(step, {f"{split}/{k}": v for k, v in scalars.items()})
     if log.active or save_dir is not None:
-        image = reliability_image(assessed, metrics, f"{split}: reliability (step {step})")
-        log.image(f"{split}/reliability", step, image)
+        what = "best checkpoint, " if checkpoint_step is not None else ""
+        figure = reliability_image(assessed["levels"], assessed["record"], f"{split}: reliability ({what}step {drawn_at})")
+        log.image(f"{split}/reliability", step, plots.rgb_array(figure))
         if save_dir is not None:
-            save_png(image, Path(save_dir) / f"{split}_reliability.png")
+            plots.save_png(figure, Path(save_dir) / f"{split}_reliability.png")
             save_predictions(Path(save_dir) / f"{split}_predictions.npz", arrays)
     log.jsonl({"step": step, **fields, "split": split, **assessed["record"]})
     return assessed

@@ -15,8 +15,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-from scipy.optimize import minimize, minimize_scalar
+from scipy.optimize import minimize_scalar
 from scipy.special import expit
 
 _EPS = 1e-12
@@ -68,25 +67,92 @@ def with_temperature(arrays: dict[str, np.ndarray], temperature: float) -> dict[
 
 
 # --------------------------------------------------------------------------------------------- slope / intercept
-def calibration_slope_intercept(pos_probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(slope, intercept) of the logistic recalibration fit (module docstring); NaN with one class only."""
+CALIBRATION_MIN_PATIENTS = 30
+"""Below this many patients in a split the calibration slope and intercept are not shown as numbers (the report
+and the table say so instead): a logistic fit on a dozen patients swings by an order of magnitude between
+resamples (a slope of 18.6 from 12 patients), and their interval would be the only honest content."""
+
+
+def calibration_caveat(n_patients: int) -> str:
+    """'' when a split of `n_patients` patients is large enough for slope and intercept, else the reason."""
+    if n_patients >= CALIBRATION_MIN_PATIENTS:
+        return ""
+    return f"omitted: {n_patients} patients < {CALIBRATION_MIN_PATIENTS}"
+
+
+def _loss(x: np.ndarray, y: np.ndarray, w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Weighted negative log-likelihood of y ~ a + b x, one per row."""
+    eta = a[:, None] + b[:, None] * x
+    return (w * (np.logaddexp(0, eta) - y * eta)).sum(1)
+
+
+def _newton(x: np.ndarray, y: np.ndarray, w: np.ndarray, free_slope: bool,
+            iterations: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted logistic fits y ~ a + b x, one per row of the weights w [R, N], by Newton's method with step
+    halving (all rows at once, each until its gradient vanishes); b is fitted when `free_slope`, else fixed at
+    1. Returns (a [R], b [R]); NaN where a fit does not converge (separable data: the slope is infinite)."""
+    rows = w.shape[0]
+    a, b = np.zeros(rows), np.ones(rows)
+    active = np.arange(rows)
+    scale = np.maximum(w.sum(1), 1.0)
+    done = np.zeros(rows, bool)
+    for _ in range(iterations):
+        wa, ra, rb = w[active], a[active], b[active]
+        p = expit(ra[:, None] + rb[:, None] * x)
+        r, v = wa * (p - y), wa * p * (1 - p)
+        g_a, h_aa = r.sum(1), v.sum(1) + 1e-12
+        if free_slope:
+            g_b, h_ab, h_bb = (r * x).sum(1), (v * x).sum(1), (v * x * x).sum(1) + 1e-12
+            det = np.maximum(h_aa * h_bb - h_ab ** 2, 1e-12)
+            step_a, step_b = (h_bb * g_a - h_ab * g_b) / det, (h_aa * g_b - h_ab * g_a) / det
+            converged = np.abs(g_a) + np.abs(g_b) < 1e-7 * scale[active]
+        else:
+            step_a, step_b = g_a / h_aa, np.zeros(len(active))
+            converged = np.abs(g_a) < 1e-7 * scale[active]
+        done[active[converged]] = True
+        keep = ~converged
+        active, wa, ra, rb, step_a, step_b = (active[keep], wa[keep], ra[keep], rb[keep], step_a[keep],
+                                              step_b[keep])
+        if not active.size:
+            break
+        before = _loss(x, y, wa, ra, rb)
+        t = np.ones(len(active))
+        for _ in range(30):  # halve the step of each row until its loss does not rise
+            worse = _loss(x, y, wa, ra - t * step_a, rb - t * step_b) > before + 1e-12 * np.abs(before)
+            if not worse.any():
+                break
+            t[worse] /= 2
+        a[active], b[active] = ra - t * step_a, rb - t * step_b
+    return np.where(done, a, np.nan), np.where(done, b, np.nan)
+
+
+def calibration_fits(pos_probs: np.ndarray, labels: np.ndarray,
+                     weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(slopes, intercepts) of the logistic recalibration fit (module docstring), one per row of `weights`
+    [R, N] (item multiplicities of bootstrap resamples; None: the data as it is, R = 1). NaN where a row
+    holds one class only, its classes are separable by the score (the slope would be infinite) or its fit does not
+    converge."""
     y = (np.asarray(labels).astype(np.int64) == 1).astype(np.float64)
-    if y.size == 0 or y.min() == y.max():
-        return float("nan"), float("nan")
     p = np.clip(np.asarray(pos_probs, dtype=np.float64), 1e-6, 1 - 1e-6)
     x = np.log(p / (1 - p))
+    w = np.ones((1, y.size)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if y.size == 0:
+        return np.full(len(w), np.nan), np.full(len(w), np.nan)
+    positives = (w * y).sum(1)
+    both = (positives > 0) & (positives < w.sum(1))
+    # Separable rows (every negative below every positive) have no finite slope: NaN, not a huge number.
+    drawn = w > 0
+    separable = (np.where(drawn & (y == 0), x, -np.inf).max(1) <= np.where(drawn & (y == 1), x, np.inf).min(1))
+    _, slope = _newton(x, y, w, free_slope=True)
+    slope = np.where(separable, np.nan, slope)
+    intercept, _ = _newton(x, y, w, free_slope=False)
+    return np.where(both, slope, np.nan), np.where(both, intercept, np.nan)
 
-    def nll(params: np.ndarray, slope: float | None) -> tuple[float, np.ndarray]:
-        a, b = (params[0], params[1]) if slope is None else (params[0], slope)
-        eta = a + b * x
-        loss = float(np.sum(np.logaddexp(0, eta) - y * eta))
-        r = expit(eta) - y  # 1 / (1 + exp(-eta)) without overflow (the line search tries large steps)
-        grad = np.array([r.sum(), (r * x).sum()]) if slope is None else np.array([r.sum()])
-        return loss, grad
 
-    full = minimize(nll, np.array([0.0, 1.0]), args=(None,), jac=True, method="BFGS")
-    offset = minimize(nll, np.array([0.0]), args=(1.0,), jac=True, method="BFGS")
-    return float(full.x[1]), float(offset.x[0])
+def calibration_slope_intercept(pos_probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(slope, intercept) of the logistic recalibration fit (module docstring); NaN with one class only."""
+    slope, intercept = calibration_fits(pos_probs, labels)
+    return float(slope[0]), float(intercept[0])
 
 
 # --------------------------------------------------------------------------------------------- reliability
@@ -108,47 +174,10 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = RELIAB
     return {"edges": edges, "count": count, "mean_pred": mean_pred, "observed": observed}
 
 
-def render_reliability(levels: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "",
-                       notes: dict[str, str] | None = None) -> np.ndarray:
-    """One reliability panel per level side by side, as an HxWx3 uint8 image: observed frequency (dots, area ~
-    count) against mean prediction, the diagonal, and a histogram of the predictions along the bottom."""
-    font = ImageFont.load_default(size=13)
-    size, pad, top = 260, 44, 40
-    image = Image.new("RGB", (len(levels) * (size + pad) + pad, size + top + 2 * pad + 30), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((pad, 8), title, fill="black", font=font)
-    for i, (level, (probs, labels)) in enumerate(levels.items()):
-        binary = np.asarray(probs).shape[1] == 2
-        r = reliability_bins(probs, labels)
-        x0, y0 = pad + i * (size + pad), top + 20
-        to_xy = lambda u, v: (x0 + u * size, y0 + (1 - v) * size)
-        draw.rectangle([x0, y0, x0 + size, y0 + size], outline=(90, 90, 90))
-        draw.line([to_xy(0, 0), to_xy(1, 1)], fill=(170, 170, 170), width=1)
-        for tick in (0, 0.5, 1):
-            draw.text((to_xy(tick, 0)[0], y0 + size + 4), f"{tick:g}", fill="black", font=font, anchor="ma")
-            draw.text((x0 - 4, to_xy(0, tick)[1]), f"{tick:g}", fill="black", font=font, anchor="rm")
-        total = max(r["count"].sum(), 1)
-        for k in range(len(r["count"])):  # histogram of predictions, up to a fifth of the panel
-            h = 0.2 * size * r["count"][k] / total
-            lo, hi = r["edges"][k], r["edges"][k + 1]
-            draw.rectangle([to_xy(lo, 0)[0] + 1, y0 + size - h, to_xy(hi, 0)[0] - 1, y0 + size], fill=(205, 220, 240))
-        points = [(to_xy(m, o), c) for m, o, c in zip(r["mean_pred"], r["observed"], r["count"]) if c > 0]
-        if len(points) > 1:
-            draw.line([p for p, _ in points], fill=(30, 90, 180), width=2)
-        for (px, py), c in points:
-            radius = 2 + 6 * math.sqrt(c / total)
-            draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=(30, 90, 180))
-        xlabel = "mean P(positive)" if binary else "mean confidence"
-        ylabel = "observed positive fraction" if binary else "accuracy"
-        draw.text((x0 + size / 2, y0 + size + 20), xlabel, fill="black", font=font, anchor="ma")
-        draw.text((x0, y0 - 18), f"{level}: {ylabel} (n={int(r['count'].sum())})", fill="black", font=font)
-        if notes and level in notes:
-            draw.text((x0 + 6, y0 + 6), notes[level], fill=(60, 60, 60), font=font)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def save_png(image: np.ndarray, path) -> None:
-    """An HxWx3 uint8 image as a PNG file."""
-    from pathlib import Path
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+def reliability_figure(levels: dict[str, tuple[np.ndarray, np.ndarray]], title: str,
+                       notes: dict[str, str] | None = None):
+    """The reliability diagram (vascdist.plots.reliability) of {level: (probs, labels)}."""
+    from vascdist import plots
+    bins = {level: {**reliability_bins(probs, labels), "binary": np.asarray(probs).shape[1] == 2}
+            for level, (probs, labels) in levels.items()}
+    return plots.reliability(bins, title, notes)

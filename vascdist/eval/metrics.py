@@ -21,10 +21,7 @@ Conventions (the same everywhere in this module):
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 from sklearn import metrics as skm
 
 from vascdist.errors import VascdistError
@@ -325,44 +322,3 @@ def thresholds_from(results: dict[str, float | list]) -> dict[str, float]:
     if "threshold_rule" in results:  # how they were chosen, for the test table
         chosen["rule"] = results["threshold_rule"]
     return chosen
-
-
-# --------------------------------------------------------------------------------------------- pictures
-def render_confusion_matrix(cm: np.ndarray, class_names: list[str], title: str = "") -> np.ndarray:
-    """The confusion matrix as an HxWx3 uint8 image: rows true, columns predicted, cells shaded by the
-    row-normalised value (white 0 .. blue 1), the count and row percentage written in each cell."""
-    cm = np.asarray(cm, dtype=np.int64)
-    n = cm.shape[0]
-    font = ImageFont.load_default(size=14)
-    pad = 8
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max(measure.textlength(name, font=font) for name in [*class_names, "true \\ predicted"])
-    cell = max(72, int(max(measure.textlength(name, font=font) for name in class_names)) + 2 * pad)
-    left, top = int(label_w) + 2 * pad, 3 * (14 + pad) + pad
-    width = max(left + n * cell + pad, int(measure.textlength(title, font=font)) + 2 * pad)
-    image = Image.new("RGB", (width, top + n * cell + pad), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((pad, pad), title, fill="black", font=font)
-    draw.text((pad, top - 14 - pad), "true \\ predicted", fill="black", font=font)
-    row_sum = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, row_sum, out=np.zeros(cm.shape), where=row_sum > 0)
-    for j, name in enumerate(class_names):  # column headers, one per predicted class
-        draw.text((left + j * cell + cell / 2, top - pad), name, fill="black", font=font, anchor="md")
-    for i, name in enumerate(class_names):
-        y = top + i * cell
-        draw.text((left - pad, y + cell / 2), name, fill="black", font=font, anchor="rm")
-        for j in range(n):
-            x = left + j * cell
-            shade = (int(255 * (1 - 0.8 * norm[i, j])), int(255 * (1 - 0.6 * norm[i, j])), 255)
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=shade, outline=(128, 128, 128))
-            ink = "white" if norm[i, j] > 0.6 else "black"
-            text = f"{cm[i, j]}\n{100 * norm[i, j]:.0f}%"
-            draw.multiline_text((x + cell / 2, y + cell / 2), text, fill=ink, font=font, anchor="mm", align="center")
-    return np.asarray(image, dtype=np.uint8)
-
-
-def save_confusion_png(cm: np.ndarray, class_names: list[str], path: str | Path, title: str = "") -> None:
-    """Write render_confusion_matrix's image as a PNG file (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(render_confusion_matrix(cm, class_names, title)).save(path)

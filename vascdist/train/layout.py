@@ -8,6 +8,7 @@ run directories before, or without, loading torch).
     RUN/test_confusion.png       RUN/test_reliability.png  RUN/test_predictions.npz
     RUN/report.html              `vascdist report RUN`
     RUN/eval-SPLIT.json          `vascdist evaluate RUN --split SPLIT`
+    RUN/export/model.onnx, model_card.json   `vascdist export RUN`
     RUN/checkpoints/step-00000040.pt, best.pt, deepspeed/step-00000040/   (train/state.py keeps them consistent)
     RUN/.lock                    flock'ed by the one training writing RUN (vascdist.lockfile: pid, host, start time)
 """
@@ -57,6 +58,7 @@ class RunLayout:
         self.report = self.root / "report.html"
         self.checkpoints = self.root / "checkpoints"
         self.lock = self.root / ".lock"
+        self.export = self.root / "export"
 
     def eval_json(self, split: str) -> Path:
         """Where `vascdist evaluate` writes its metrics by default."""

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 
+from vascdist import plots
 from vascdist.config import Config, batch_sizes, to_dict
 from vascdist.data.build import build_loaders
 from vascdist.data.dataloader import WorkerLoader
@@ -30,7 +31,7 @@ from vascdist.dist import DistEnv, any_rank, barrier, global_mean, main_print, r
 from vascdist.errors import VascdistError
 from vascdist.eval.assess import log_split, test_metrics, validation_metrics
 from vascdist.eval.evaluate import improves, predict_arrays, validation_loss
-from vascdist.eval.metrics import render_confusion_matrix, save_confusion_png, thresholds_from
+from vascdist.eval.metrics import thresholds_from
 from vascdist.models import build_model
 from vascdist.progress import ProgressReporter
 from vascdist.train.engines import Engine, TorchEngine, prepare_module
@@ -212,7 +213,9 @@ def validate(run: Run) -> dict:
     run.state.scheduler.after_eval(value)
     log = run.log
     level = "cycle" if run.per_beat else "recording"
-    log.image("val/confusion", progress.step, render_confusion_matrix(np.array(metrics[f"{level}/confusion"]), classes))
+    if log.active:
+        figure = plots.confusion(np.array(metrics[f"{level}/confusion"]), classes, f"val, per {level} (step {progress.step})")
+        log.image("val/confusion", progress.step, plots.rgb_array(figure))
     if len(classes) == 2 and np.isfinite(arrays["probs"]).all():
         log.pr_curve("val/pr_cycle", progress.step, arrays["y"], arrays["probs"][:, 1])
     log_split(log, progress.step, "val", arrays, classes, run.per_beat, metrics, cfg.eval, epoch=progress.epoch)
@@ -263,11 +266,12 @@ def test(run: Run, run_dir: Path) -> dict:
     check_finite_predictions(run, arrays, "test")
     arrays, test = test_metrics(arrays, classes, run.per_beat, progress.val_thresholds, progress.temperature)
     assessed = log_split(run.log, progress.step, "test", arrays, classes, run.per_beat, test, cfg.eval,
-                         save_dir=run_dir if env.is_main else None)
+                         save_dir=run_dir if env.is_main else None, checkpoint_step=progress.best_step)
     if env.is_main:
         level = "cycle" if run.per_beat else "recording"
-        save_confusion_png(np.array(test[f"{level}/confusion"]), classes, run.state.layout.test_confusion,
-                           title=f"test, per {level}")
+        plots.save_png(plots.confusion(np.array(test[f"{level}/confusion"]), classes,
+                                       f"test, per {level} (best checkpoint, step {progress.best_step})"),
+                       run.state.layout.test_confusion)
         final = {f"final/{k}": v for k, v in test.items() if isinstance(v, float) and not math.isnan(v)}
         run.log.hparams(to_dict(cfg), final)
     return {"stopped": False, "step": progress.step, "best_step": progress.best_step, "best_val": progress.best_metric,
