@@ -9,10 +9,10 @@ python3 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 # The build backend in the same resolve: one setuptools version that torch (setuptools<82) and the build accept.
 backend=$(python3 -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"])')
-"$venv/bin/pip" install -q -e ".[test]" $backend
+"$venv/bin/pip" install -q -e ".[test,export]" $backend
 {
   echo "# The tested environment: every package .ci/run installs, at the version CI tested (Python 3.11, x86-64 Linux)."
-  echo "# Install with:  pip install -c requirements/lock.txt -e \".[test]\"  (or a built wheel instead of -e ...)"
+  echo "# Install with:  pip install -c requirements/lock.txt -e \".[test,export]\"  (or a built wheel instead of -e ...)"
   echo "# Build the wheel with:  PIP_CONSTRAINT=requirements/lock.txt pip wheel --no-deps -w dist ."
   echo "# Refresh after changing pyproject.toml: requirements/refresh-lock.sh (a brand-new venv, then pip freeze)."
   "$venv/bin/pip" freeze --exclude-editable

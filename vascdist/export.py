@@ -18,6 +18,7 @@ import datetime
 import importlib.util
 import io
 import warnings
+from contextlib import redirect_stdout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,7 +132,6 @@ def to_onnx(module: Deployable, example: torch.Tensor, opset: int) -> bytes:
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), io.StringIO() as chatter:
         warnings.simplefilter("ignore")
-        from contextlib import redirect_stdout
         with redirect_stdout(chatter):  # the exporter narrates its steps on stdout
             program = torch.onnx.export(module, (example,), None, input_names=[INPUT], output_names=[OUTPUT],
                                         opset_version=opset, dynamic_shapes={"x": {0: batch}}, dynamo=True,

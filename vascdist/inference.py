@@ -93,7 +93,8 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
     level = "cycle" if index["kind"] == "beats" else "recording"
     best_step = state["progress"].get("best_step", -1)
     plots.save_png(plots.confusion(np.array(metrics[f"{level}/confusion"]), index["classes"],
-                                   f"{split}, per {level} ({checkpoint.name}, step {state['progress'].get('step', '?')})"),
+                                   f"{split}, per {level} ({checkpoint.name}, "
+                                   f"step {state['progress'].get('step', '?')})"),
                    out_path.with_suffix(".png"))
     return {"metrics": metrics, "intervals": assessed["intervals"], "counts": assessed["counts"],
             "confidence": cfg.eval.confidence, "classes": index["classes"], "json": str(out_path), "png": str(out_path.with_suffix(".png")),

@@ -148,6 +148,11 @@ def versions() -> str:
     return "<ul>" + "".join(f"<li>{k}: {html.escape(str(v))}</li>" for k, v in items.items()) + "</ul>"
 
 
+def config_and_versions(config: str) -> str:
+    """The config (folded: it is long) and the versions list."""
+    return f"<details><summary>config</summary><pre>{html.escape(config)}</pre></details>{versions()}"
+
+
 def page(title: str, sections: list[tuple[str, str]]) -> str:
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
@@ -213,7 +218,8 @@ def run_report(run_dir: Path) -> str:
     confusions = [png_tag(plots.confusion(np.array(record[f"{lv}/confusion"]), classes,
                                           f"test, per {lv} ({drawn})"), f"confusion {lv}")
                   for lv in LEVELS if f"{lv}/confusion" in record]
-    notes = [f"<p>threshold rule: {html.escape(str(record['threshold_rule']))}</p>"] if "threshold_rule" in record else []
+    notes = [f"<p>threshold rule: {html.escape(str(record['threshold_rule']))}</p>"] \
+        if "threshold_rule" in record else []
     if "temperature" in record:
         notes.append(f"<p>temperature scaling: T = {record['temperature']:.3f} (fitted on validation)</p>")
     if any(calibration_note(record, lv) for lv in LEVELS):
@@ -237,7 +243,7 @@ def run_report(run_dir: Path) -> str:
         sections.append(("per-site", "<p>Test metrics per site (recording level; intervals from a bootstrap over the "
                                      "site's patients), at the thresholds of the whole test set</p>"
                          + sites_table(record["sites"], None, "recording", classes, warning)))
-    sections.append(("config-and-versions", f"<details><summary>config</summary><pre>{html.escape(config)}</pre></details>{versions()}"))
+    sections.append(("config-and-versions", config_and_versions(config)))
     return page(f"vascdist run {run_dir}", sections)
 
 
@@ -311,7 +317,7 @@ def cv_report(cv_dir: Path) -> str:
            "point of the pooled metrics (each prediction at its own fold's threshold); each fold's own operating "
            "point is in its report.</p>"),
         ("folds", f"<ul>{folds}</ul>"),
-        ("config-and-versions", f"<details><summary>config</summary><pre>{html.escape(config)}</pre></details>{versions()}"),
+        ("config-and-versions", config_and_versions(config)),
     ]
     return page(f"vascdist cross-validation {cv_dir}", sections)
 

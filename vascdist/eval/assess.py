@@ -161,7 +161,8 @@ def log_split(log, step: int, split: str, arrays: dict[str, np.ndarray], classes
     log.scalars(step, {f"{split}/{k}": v for k, v in scalars.items()})
     if log.active or save_dir is not None:
         what = "best checkpoint, " if checkpoint_step is not None else ""
-        figure = reliability_image(assessed["levels"], assessed["record"], f"{split}: reliability ({what}step {drawn_at})")
+        figure = reliability_image(assessed["levels"], assessed["record"],
+                                   f"{split}: reliability ({what}step {drawn_at})")
         log.image(f"{split}/reliability", step, plots.rgb_array(figure))
         if save_dir is not None:
             plots.save_png(figure, Path(save_dir) / f"{split}_reliability.png")

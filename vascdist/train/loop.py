@@ -214,7 +214,8 @@ def validate(run: Run) -> dict:
     log = run.log
     level = "cycle" if run.per_beat else "recording"
     if log.active:
-        figure = plots.confusion(np.array(metrics[f"{level}/confusion"]), classes, f"val, per {level} (step {progress.step})")
+        figure = plots.confusion(np.array(metrics[f"{level}/confusion"]), classes,
+                                 f"val, per {level} (step {progress.step})")
         log.image("val/confusion", progress.step, plots.rgb_array(figure))
     if len(classes) == 2 and np.isfinite(arrays["probs"]).all():
         log.pr_curve("val/pr_cycle", progress.step, arrays["y"], arrays["probs"][:, 1])
