@@ -15,7 +15,8 @@ import shutil
 import stat
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from contextlib import contextmanager
+from typing import Any, BinaryIO, Callable, Iterator
 
 def not_a_readable_file(path: str | Path) -> str | None:
     """Why `path` cannot be read as a regular file, in a few words (None: it can): not found, a broken link, a
@@ -101,6 +102,18 @@ def disk_full_message(path: str | Path, needed: int | None = None) -> str:
     free = shutil.disk_usage(probe).free
     need = f"needs {_megabytes(needed)}, " if needed is not None else ""
     return f"{path}: no space left on device ({need}{_megabytes(free)} free); free some space or write elsewhere"
+
+
+@contextmanager
+def said_if_disk_full(path: str | Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk while writing `path` into one VascdistError line (`disk_full_message`); other errors pass."""
+    try:
+        yield
+    except OSError as exc:
+        if disk_full(exc):
+            from vascdist.errors import VascdistError
+            raise VascdistError(disk_full_message(path, needed)) from None
+        raise
 
 
 def _megabytes(n: int) -> str:

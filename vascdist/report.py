@@ -324,11 +324,12 @@ def cv_report(cv_dir: Path) -> str:
 
 def write_report(directory: str | Path) -> Path:
     """Write DIR/report.html for a run or CV directory; returns its path."""
-    from vascdist.fileio import atomic_write_text
+    from vascdist.fileio import atomic_write_text, said_if_disk_full
     directory = Path(directory)
     text = cv_report(directory) if (directory / "cv.json").is_file() else run_report(directory)
     out = directory / "report.html"
-    atomic_write_text(out, text)
+    with said_if_disk_full(out, len(text.encode())):
+        atomic_write_text(out, text)
     return out
 
 

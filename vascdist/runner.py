@@ -13,7 +13,7 @@ from vascdist.config import DEFAULT_CONFIG, Config, batch_sizes, load_config, sa
 from vascdist.config.checks import check_against_index, check_config
 from vascdist.config.drift import check_resume, effective_config, record_changes
 from vascdist.errors import VascdistError
-from vascdist.fileio import atomic_write_json
+from vascdist.fileio import atomic_write_json, said_if_disk_full
 from vascdist.lockfile import exclusive
 from vascdist.preemption import StopSignals, requeue_slurm_job
 from vascdist.train.layout import RunLayout, saved_step_of
@@ -204,6 +204,11 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
             summary = train(cfg, env, path, resume=resume_from, quiet=quiet,
                             stop_requested=lambda: signals.requested() or stop_requested())
         summary["signal"] = signals.received.name if signals.received else None
+        if summary.get("complete"):
+            if env.is_main:
+                print(f"{layout.root}: the run is complete ({summary['finished']}); its test table is in "
+                      f"{layout.test_metrics}, its report in {layout.report}", flush=True)
+            return summary
         if env.is_main and summary["stopped"]:  # rank 0 alone reports and requeues
             print(f"stopped at step {summary['step']} ({signals.received.name if signals.received else 'requested'}); "
                   f"checkpoint saved in {layout.checkpoints}; continue with --resume auto", flush=True)
@@ -217,7 +222,8 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
             summary["test_record"].update(excluded)
             if index["kind"] == "spectrogram":
                 summary["test_record"]["sites"] = sites_of_test(layout, index, summary["test"], cfg)
-            atomic_write_json(layout.test_metrics, summary["test_record"])
+            with said_if_disk_full(layout.test_metrics):
+                atomic_write_json(layout.test_metrics, summary["test_record"])
             print(format_summary({**summary, "show_run_dir": False}), flush=True)  # printed once, at the start
             from vascdist.report import write_report
             print(f"report: {write_report(path)}", flush=True)

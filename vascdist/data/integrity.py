@@ -21,8 +21,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vascdist.data.shard_format import (CRC_FIELDS, DIGEST_KEY, HEADER_ATTRS, INDEX, SHARD_GLOB, chunk_crcs,
-                                        data_checksum, index_digest, load_index, read_shard, sample_sums)
+from vascdist.data.shard_format import (CRC_FIELDS, DIGEST_KEY, HDF5_ERRORS, HEADER_ATTRS, INDEX, SHARD_GLOB,
+                                        chunk_crcs, data_checksum, index_digest, load_index, read_shard, sample_sums)
 from vascdist.errors import DataError
 
 
@@ -84,7 +84,7 @@ def _check_header(path: Path, entry: dict, index: dict) -> None:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
             shapes = {k: f[k].shape for k in ("x", "y", "x_sum", "chunk_crc32") if k in f}
-    except OSError as exc:
+    except HDF5_ERRORS as exc:
         raise DataError(f"{path}: unreadable shard ({exc})") from None
     if attrs.get("schema_version") != index["schema_version"]:
         raise DataError(f"{path}: schema {attrs.get('schema_version')}, {INDEX} says {index['schema_version']}")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from vascdist.data.integrity import check_labels
-from vascdist.data.shard_format import CRC_FIELDS, sample_sums
+from vascdist.data.shard_format import CRC_FIELDS, HDF5_ERRORS, sample_sums
 from vascdist.errors import DataError
 
 INT_FIELDS = ("y", "patient", "recording", "cycle")
@@ -111,7 +111,7 @@ class ChunkLayout:
                     chunks = (ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks()))
                     layout[name] = {c.chunk_offset[0]: c.byte_offset for c in chunks}
                 return layout
-        except OSError as exc:
+        except HDF5_ERRORS as exc:
             raise DataError(f"{path}: cannot read the shard ({exc}); check the shard set with "
                             f"`vascdist shards verify {self.root}`") from None
 

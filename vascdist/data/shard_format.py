@@ -118,10 +118,15 @@ def schema_mismatch(version, package_version=None) -> str:
             f"never overwritten in place)")
 
 
+# What h5py raises for a damaged file: OSError for most, KeyError for an object header it cannot open (a flipped
+# byte there), ValueError or RuntimeError for some damaged dataspaces and chunk indexes. Every reader catches these.
+HDF5_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
+
+
 def read_shard(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """A whole shard: its datasets (FIELDS, x_sum, chunk_crc32) and its attributes."""
     try:
         with h5py.File(path, "r") as f:
             return {k: f[k][...] for k in (*FIELDS, "x_sum", "chunk_crc32") if k in f}, dict(f.attrs)
-    except (OSError, KeyError) as exc:
+    except HDF5_ERRORS as exc:
         raise DataError(f"{path}: unreadable shard ({exc})") from None

@@ -277,7 +277,20 @@ def submit_jobs(executor, job: TrainingJob, grid: list[list[str]]) -> list:
                 return [executor.submit(job, grid[0])]
             return executor.map_array(job, grid)
     except FailedJobError as exc:
-        raise VascdistError(" | ".join(str(exc).strip().splitlines()) or "sbatch failed") from None
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        if any(sign in line for sign in NO_CONTROLLER for line in lines):
+            conf = os.environ.get("SLURM_CONF")
+            where = f"SLURM_CONF={conf}" if conf else "SLURM_CONF is not set and no slurm.conf was found"
+            said = lines[-1].removeprefix("sbatch: ")
+            raise VascdistError(f"no SLURM controller answered ({where}; sbatch: {said}); point at your cluster "
+                                "with `export SLURM_CONF=/path/to/slurm.conf` (the local test cluster: "
+                                "slurm/local-cluster.sh start prints it)") from None
+        raise VascdistError(" | ".join(lines) or "sbatch failed") from None
+
+
+# What sbatch says when it reaches no controller: no configuration (DNS SRV lookup), an unresolvable or silent host.
+NO_CONTROLLER = ("Could not establish a configuration source", "DNS SRV lookup failed",
+                 "Unable to contact slurm controller", "Unable to establish control machine address")
 
 
 def main(argv: list[str]) -> int:

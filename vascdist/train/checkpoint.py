@@ -14,6 +14,7 @@ the safe unpickler would refuse at resume time (a numpy scalar, a slice, a defau
 from __future__ import annotations
 
 import collections
+import io
 import os
 import random
 import re
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from vascdist.errors import VascdistError
-from vascdist.fileio import atomic_write, fsync_dir
+from vascdist.fileio import atomic_write, fsync_dir, said_if_disk_full
 
 
 # Types the safe unpickler of torch.load(weights_only=True) accepts without add_safe_globals (checked on
@@ -40,8 +41,15 @@ _SAFE_SEQUENCES = (list, tuple, set)
 
 # --------------------------------------------------------------------------------------------- atomic writes
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj, path)`` that either fully replaces `path` or leaves it untouched (no temp file left)."""
-    atomic_write(Path(path), lambda f: torch.save(obj, f))
+    """``torch.save(obj, path)`` that either fully replaces `path` or leaves it untouched (no temp file left).
+
+    Serialised in memory first and written with one plain write: torch's own file writer turns a full disk into
+    a RuntimeError of its C++ internals; a plain write is an OSError, said in one line naming the file."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    image = buffer.getbuffer()
+    with said_if_disk_full(path, len(image)):
+        atomic_write(Path(path), lambda f: f.write(image))
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
@@ -49,7 +57,8 @@ def atomic_copy(src: Path, dst: Path) -> None:
     def write(f: BinaryIO) -> None:
         with open(src, "rb") as s:
             shutil.copyfileobj(s, f, length=16 * 1024 * 1024)
-    atomic_write(dst, write)
+    with said_if_disk_full(dst, src.stat().st_size):
+        atomic_write(dst, write)
 
 
 # --------------------------------------------------------------------------------------------- RNG state

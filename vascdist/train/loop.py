@@ -125,7 +125,18 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     try:
         if progress.step == 0:
             log_examples(run)
-        stopped = finished = False
+        planned = cfg.train.planned_steps(len(loader))
+        if progress.finished and not progress.can_train_on(planned):
+            main_print(env, f"the run finished at step {progress.step} ({progress.finished}): not training on")
+            if run_on_main(env, lambda: run.state.layout.test_metrics.is_file() and run.state.layout.report.is_file()):
+                return {"stopped": False, "complete": True, "step": progress.step, "finished": progress.finished,
+                        "run_dir": str(run_dir)}
+            return test(run, run_dir)  # what a kill during the final test (or before the report) left undone
+        if progress.finished:
+            main_print(env, f"the run finished at step {progress.step} ({progress.finished}); the config now plans "
+                            f"{planned} steps: training on")
+            progress.finished = ""
+        stopped, finished = False, at_step_limit(run)  # resumed from the limit step's evaluation checkpoint
         while progress.epoch < cfg.train.epochs and not (stopped or finished):
             loader.set_epoch(progress.epoch)
             meter = Throughput(cfg.data.batch_size)
@@ -136,7 +147,7 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
                     validate(run)
                 elif cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
                     save(run)
-                finished = bool(cfg.train.max_steps) and progress.step >= cfg.train.max_steps
+                finished = at_step_limit(run)
                 stopped = any_rank(stop_requested(), env)
                 if finished or stopped:
                     break
@@ -144,12 +155,15 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
                 progress.epoch += 1
                 state.scheduler.after_epoch()
                 if not cfg.train.eval_every:
-                    validate(run)
-                finished = should_stop_early(run)
-        if stopped or finished:
-            save(run)  # the exact state to resume from (mid-epoch included)
+                    validate(run, decide_early_stop=True)  # its checkpoint records the decision
+                    finished = progress.stopped_early
+                else:
+                    finished = should_stop_early(run)
         if stopped:
+            save(run)  # the exact state to resume from (mid-epoch included; finished too if this was the last step)
             return {"stopped": True, "step": progress.step}
+        progress.finished = progress.finished or f"reached the last step of train.epochs={cfg.train.epochs}"
+        save(run)  # "finished" is checkpointed: a kill from here on resumes into the test, never into training
         return test(run, run_dir)
     finally:
         bar.close()
@@ -189,9 +203,10 @@ def train_step(run: Run, batch: dict, want_norm: bool) -> tuple[float, float]:
     return step_loss, grad_norm
 
 
-def validate(run: Run) -> dict:
+def validate(run: Run, decide_early_stop: bool = False) -> dict:
     """Metrics on the validation split; picks the best checkpoint (ties of a saturated metric go to the lower
-    validation loss), steps a plateau schedule, logs and saves."""
+    validation loss), steps a plateau schedule, logs and saves (with `decide_early_stop`, after deciding it: a
+    kill after this save resumes into the test, not into another epoch)."""
     cfg, progress, classes = run.cfg, run.state.progress, run.classes
     arrays = predict_arrays(run.state.engine.module, run.val_loader, run.env, cfg.train.precision, cfg.train.channels_last)
     check_finite_predictions(run, arrays, "validation")
@@ -221,6 +236,8 @@ def validate(run: Run) -> dict:
         log.pr_curve("val/pr_cycle", progress.step, arrays["y"], arrays["probs"][:, 1])
     log_split(log, progress.step, "val", arrays, classes, run.per_beat, metrics, cfg.eval, epoch=progress.epoch)
     progress.history.append({"step": progress.step, "metric": value})
+    if decide_early_stop:
+        should_stop_early(run)
     save(run, is_best=improved)
     return metrics
 
@@ -247,11 +264,23 @@ def last_finite_checkpoint(run: Run) -> str:
     return f"last finite checkpoint kept: {files[-1][1]}" if files else "no checkpoint was saved before it"
 
 
+def at_step_limit(run: Run) -> bool:
+    """Whether train.max_steps is reached; records it as the reason the run finished."""
+    cfg, progress = run.cfg, run.state.progress
+    if cfg.train.max_steps and progress.step >= cfg.train.max_steps:
+        progress.finished = f"reached train.max_steps={cfg.train.max_steps}"
+        return True
+    return False
+
+
 def should_stop_early(run: Run) -> bool:
+    """Whether train.early_stop_patience evaluations passed without improvement; records why in the progress."""
     cfg, progress = run.cfg, run.state.progress
     if cfg.train.early_stop_patience and progress.evals_without_improvement >= cfg.train.early_stop_patience:
-        main_print(run.env, f"early stop: {cfg.train.early_stop_metric} did not improve for "
-                            f"{progress.evals_without_improvement} evaluations")
+        progress.finished = (f"early stop: {cfg.train.early_stop_metric} did not improve for "
+                             f"{progress.evals_without_improvement} evaluations")
+        progress.stopped_early = True
+        main_print(run.env, progress.finished)
         return True
     return False
 

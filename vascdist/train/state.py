@@ -245,6 +245,12 @@ class Progress:
     val_thresholds: dict | None = None
     temperature: float = 1.0  # eval.calibrate=temperature: fitted on validation at the best step
     history: list = field(default_factory=list)
+    finished: str = ""  # why training ended ('' while it goes on): a resume of a finished run tests, never trains on
+    stopped_early: bool = False  # the end was early stopping (no longer step limit brings it back to training)
+
+    def can_train_on(self, planned_steps: int) -> bool:
+        """Whether a resumed run trains: not finished, or finished at a step limit that the resumed config raised."""
+        return not self.finished or (not self.stopped_early and self.step < planned_steps)
 
     def state_dict(self) -> dict:
         return dict(vars(self))
