@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from vascdist.data.reader import Chunk
+from vascdist.data.shard_format import HDF5_ERRORS
 from vascdist.data.shards import load_index
 from vascdist.errors import DataError
 from vascdist.fileio import atomic_write_text
@@ -111,8 +112,11 @@ def site_assignment(index: dict, seed: int, val_fraction: float) -> list[dict]:
 # --------------------------------------------------------------------------------------------- rows of patients
 @lru_cache(maxsize=8)
 def _shard_patients(root: str, file: str, samples: int) -> np.ndarray:
-    with h5py.File(Path(root) / file, "r") as f:
-        return f["patient"][:] if samples else np.zeros(0, np.int64)
+    try:
+        with h5py.File(Path(root) / file, "r") as f:
+            return f["patient"][:] if samples else np.zeros(0, np.int64)
+    except HDF5_ERRORS as exc:
+        raise DataError(f"{Path(root) / file}: unreadable shard ({exc})") from None
 
 
 def patient_segments(root: str | Path, index: dict, patients: list[str]) -> list[Chunk]:
@@ -146,13 +150,16 @@ def train_normalization(root: str | Path, index: dict, segments: list[Chunk]) ->
     for s in segments:
         by_file.setdefault(s.file, []).append(s)
     for file, parts in by_file.items():
-        with h5py.File(Path(root) / file, "r") as f:
-            for s in parts:
-                x = f["x"][s.start:s.stop].astype(np.float64)
-                axes = tuple(i for i in range(x.ndim) if i != 1 + axis) if axis >= 0 else None
-                total = total + x.sum(axis=axes)
-                total_sq = total_sq + (x * x).sum(axis=axes)
-                count += x.size // np.size(total)
+        try:
+            with h5py.File(Path(root) / file, "r") as f:
+                for s in parts:
+                    x = f["x"][s.start:s.stop].astype(np.float64)
+                    axes = tuple(i for i in range(x.ndim) if i != 1 + axis) if axis >= 0 else None
+                    total = total + x.sum(axis=axes)
+                    total_sq = total_sq + (x * x).sum(axis=axes)
+                    count += x.size // np.size(total)
+        except HDF5_ERRORS as exc:
+            raise DataError(f"{Path(root) / file}: unreadable shard ({exc})") from None
     if count == 0:
         raise DataError(f"{root}: the fold's training patients hold no samples")
     mean = np.atleast_1d(total / count)
