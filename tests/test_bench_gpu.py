@@ -84,7 +84,7 @@ def test_a_failing_part_is_recorded_and_the_next_one_runs(tmp_path, capsys, monk
     parts = json.loads((tmp_path / "a" / JSON_NAME).read_text())["parts"]
     assert list(parts) == ["dist", "resume"]
     for part in parts.values():
-        assert not part["ok"] and "holds no shards" in part["error"], part["error"]
+        assert not part["ok"] and "holds no shard set" in part["error"], part["error"]
     assert "dist: FAILED" in capsys.readouterr().out
     # A spent budget: the parts are recorded as skipped, none runs.
     assert main(["gpu", "--device", "cpu", "--parts", "env,train", "--budget-s", "1", "--out", str(tmp_path / "b")]) == 1

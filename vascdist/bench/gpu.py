@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from vascdist.bench.common import machine, table
+from vascdist.bench.makeshards import samples_for_steps
 from vascdist.errors import VascdistError
 
 JSON_NAME, TEXT_NAME = "gpu-check.json", "gpu-check.txt"
@@ -161,21 +161,20 @@ class GpuCheck:
                 "train.eval_every=100000", *s.dist_overrides, *extra, "--run-dir", str(run_dir), "--quiet"]
 
     # ------------------------------------------------------------------------------------------ parts
-    def part_env(self, deadline: float) -> dict:
+    def part_env(self, deadline: float, out: dict) -> None:
         proc = run_proc(self.vascdist("env"), deadline - time.perf_counter(), what="vascdist env")
         lines = proc.stdout.splitlines()
         backends = next((line for line in lines if line.startswith("backends")), "")
         cuda = next((line.split(None, 1)[1] for line in lines if line.startswith("cuda ")), "")
         devices = [line.strip() for line in lines if line.startswith("cuda:")]
-        result = {"rc": proc.rc, "lines": lines, "problems": proc.stderr.strip().splitlines(),
-                  "cuda": cuda, "cuda_devices": devices, "nccl": "nccl yes" in backends, "gloo": "gloo yes" in backends}
-        needed = (bool(devices) and result["nccl"]) if self.device == "cuda" else result["gloo"]
+        out.update({"rc": proc.rc, "lines": lines, "problems": proc.stderr.strip().splitlines(), "cuda": cuda,
+                    "cuda_devices": devices, "nccl": "nccl yes" in backends, "gloo": "gloo yes" in backends})
+        needed = (bool(devices) and out["nccl"]) if self.device == "cuda" else out["gloo"]
         if proc.rc != 0 or not needed:
-            result["error"] = (f"vascdist env exited {proc.rc}" if proc.rc else
-                               "no CUDA device or no NCCL seen" if self.device == "cuda" else "gloo not seen")
-        return result
+            raise PartFailed(f"vascdist env exited {proc.rc}" if proc.rc else
+                             "no CUDA device or no NCCL seen" if self.device == "cuda" else "gloo not seen")
 
-    def part_data(self, deadline: float) -> dict:
+    def part_data(self, deadline: float, out: dict) -> None:
         s = self.sizes
         recordings = self.quickstart.parent / "recordings"
         steps = [(self.vascdist("synth", "--out", str(recordings), "--patients", str(s.synth_patients), "--seed", "0"),
@@ -186,19 +185,17 @@ class GpuCheck:
                  (self.vascdist("bench", "make-shards", "--samples", str(self.bench_samples()), "--out",
                                 str(self.bench_shards), "--shard-size", "4096", "--chunk-size", "64"),
                   "vascdist bench make-shards", 1)]
-        walls = {}
+        out.update({"patients": s.synth_patients, "bench_samples": self.bench_samples()})
         for i, (cmd, what, weight) in enumerate(steps):
             proc = checked(run_proc(cmd, share(deadline, weight, sum(w for *_, w in steps[i:])), what=what), what)
-            walls[what.split()[-1] + "_s"] = round(proc.wall_s, 1)
-        return {"patients": s.synth_patients, "bench_samples": self.bench_samples(), **walls}
+            out[what.split()[-1] + "_s"] = round(proc.wall_s, 1)
 
     def bench_samples(self) -> int:
-        """Enough random samples for one epoch of the bench's steps (80 % are the train split), as bench train makes."""
-        return math.ceil(self.sizes.bench_batch * (self.sizes.bench_steps + 4) / 0.8) + 20
+        """As many random samples as `bench train` makes for itself."""
+        return samples_for_steps(self.sizes.bench_batch, self.sizes.bench_steps)
 
-    def part_main_job(self, deadline: float) -> dict:
+    def part_main_job(self, deadline: float, out: dict) -> None:
         """The quickstart on DEVICE, then on the CPU (the same data, config and seed)."""
-        out = {}
         runs = [("device_run", self.device, 1, 3), ("cpu_run", "cpu", 2, 2)]
         for key, device, weight, weights_left in runs[:1] if self.device == "cpu" else runs:
             run_dir = self.work / "main" / key
@@ -214,14 +211,13 @@ class GpuCheck:
             out[key] = {"device": device, "wall_s": round(proc.wall_s, 1), "table": "\n".join(lines[first:last + 1])}
         out.setdefault("cpu_run", out["device_run"])  # --device cpu: the device run is the CPU run
         out["speedup"] = out["cpu_run"]["wall_s"] / out["device_run"]["wall_s"]
-        return out
 
-    def part_dist(self, deadline: float) -> dict:
+    def part_dist(self, deadline: float, out: dict) -> None:
         """One process, DDP on a one-rank group under torchrun, DeepSpeed ZeRO-2 under torchrun: the same losses."""
         runs = {"single": (self.vascdist, ()), "ddp": (self.torchrun, ("dist.ddp_one_rank=true",)),
                 "deepspeed": (self.torchrun, ("dist.engine=deepspeed", "dist.zero_stage=2"))}
         nccl_log = {"NCCL_DEBUG": "INFO"} if self.device == "cuda" else {}
-        out: dict = {"backend": "nccl" if self.device == "cuda" else "gloo", "steps": self.sizes.dist_steps}
+        out.update({"backend": "nccl" if self.device == "cuda" else "gloo", "steps": self.sizes.dist_steps})
         losses = {}
         for i, (name, (launcher, extra)) in enumerate(runs.items()):
             run_dir = self.work / "dist" / name
@@ -241,10 +237,9 @@ class GpuCheck:
         if self.device == "cuda" and not out["ddp"].get("nccl_log_lines"):
             bad.append("ddp (no NCCL in its log)")
         if bad:
-            out["error"] = f"loss differs from the one-process run by more than {LOSS_REL_TOLERANCE:g}: {', '.join(bad)}"
-        return out
+            raise PartFailed(f"loss differs from the one-process run by more than {LOSS_REL_TOLERANCE:g}: {', '.join(bad)}")
 
-    def part_resume(self, deadline: float) -> dict:
+    def part_resume(self, deadline: float, out: dict) -> None:
         """Kill a run (SIGKILL, its whole process group) once its first periodic checkpoint exists, resume it."""
         from vascdist.train.checkpoint import load_file
         from vascdist.train.layout import RunLayout
@@ -286,25 +281,34 @@ class GpuCheck:
         theirs = model_weights(load_file(final[1]))
         import torch
         weights_equal = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
-        out = {"killed_with_checkpoints": saved, "resumed_at_step": int(match.group(1)) if match else None,
-               "final_step": final[0], "losses": losses, "weights_bitwise": weights_equal}
+        out.update({"killed_with_checkpoints": saved, "resumed_at_step": int(match.group(1)) if match else None,
+                    "final_step": final[0], "losses": losses, "weights_bitwise": weights_equal})
         if not (losses["bitwise"] and weights_equal and match):
-            out["error"] = ("not resumed from a checkpoint" if not match else
-                            f"resumed run differs from the uninterrupted one (losses bitwise {losses['bitwise']}, "
-                            f"max rel diff {losses['max_rel_diff']:.2e}; final weights bitwise {weights_equal})")
-        return out
+            raise PartFailed("not resumed from a checkpoint" if not match else
+                             f"resumed run differs from the uninterrupted one (losses bitwise {losses['bitwise']}, "
+                             f"max rel diff {losses['max_rel_diff']:.2e}; final weights bitwise {weights_equal})")
 
-    def part_train(self, deadline: float) -> dict:
+    def part_train(self, deadline: float, out: dict) -> None:
         """`vascdist bench train`, one subprocess per model for the eager variants and one per compiled variant
-        (a failed compile loses only its own row); compiled runs skip the bare loop (a second compile)."""
+        (a failed compile loses only its own row); compiled runs skip the bare loop (a second compile). The last
+        model first (ResNet-50: the FLOP-utilisation target is about it), so that a budget spent early loses the
+        smaller model's rows. Each subprocess gets a share of the part's time left by its weight: one per eager
+        variant, three per compiled one (a compile takes about as long as three eager rows)."""
         s = self.sizes
         groups = []
-        for model in s.bench_models:
+        for model in reversed(s.bench_models):
             eager = [v for v in s.bench_variants if "compile" not in v.split("+")]
             if eager:
-                groups.append((model, eager, s.bench_bare_steps, 1))
-            groups += [(model, [v], 0, 2) for v in s.bench_variants if v not in eager]
-        rows, errors, peak = [], [], None
+                groups.append((model, eager, s.bench_bare_steps, len(eager)))
+            groups += [(model, [v], 0, 3) for v in s.bench_variants if v not in eager]
+        rows: list[dict] = []
+        errors = []
+        out.update({"rows": rows, "peak_tflops": None, "peak_dtype": "bf16" if self.device == "cuda" else "fp32",
+                    "flops": "models.count_flops: torch.utils.flop_counter.FlopCounterMode over one forward of one "
+                             "sample (convolutions and matmuls, 2 FLOPs per multiply-add), once per model; x3 for "
+                             "forward + backward; TFLOP/s = samples/s x that",
+                    "samples_s": "median 10-step window after step 10 of the real loop (metrics.jsonl)",
+                    "memory": "torch.cuda.max_memory_allocated over the real loop (None on a CPU)"})
         for i, (model, variants, bare_steps, weight) in enumerate(groups):
             out_json = self.work / "train" / f"{i}.json"
             cmd = self.vascdist("bench", "train", "--device", self.device, "--models", model, "--variants",
@@ -319,19 +323,12 @@ class GpuCheck:
                 errors.append(str(exc))
                 continue
             result = json.loads(out_json.read_text())
-            peak = peak or result["peak_tflops"]
+            out["peak_tflops"] = out["peak_tflops"] or result["peak_tflops"]
             rows += [{k: r.get(k) for k in ("model", "variant", "batch", "full_s", "data_wait", "cuda_peak_mb",
                                             "gflop_per_sample", "tflops", "utilisation", "bare_s", "ratio")}
                      for r in result["rows"]]
-        out = {"rows": rows, "peak_tflops": peak, "peak_dtype": "bf16" if self.device == "cuda" else "fp32",
-               "flops": "models.count_flops: torch.utils.flop_counter.FlopCounterMode over one forward of one sample "
-                        "(convolutions and matmuls, 2 FLOPs per multiply-add), once per model; x3 for forward + "
-                        "backward; TFLOP/s = samples/s x that",
-               "samples_s": "median 10-step window after step 10 of the real loop (metrics.jsonl)",
-               "memory": "torch.cuda.max_memory_allocated over the real loop (None on a CPU)"}
         if errors:
-            out["error"] = "; ".join(errors)
-        return out
+            raise PartFailed("; ".join(errors))
 
 
 # ------------------------------------------------------------------------------------------ running the parts
@@ -340,7 +337,7 @@ def run_check(a: argparse.Namespace) -> dict:
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="vascdist-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     check = GpuCheck(a, sizes, work)
-    parts: list[tuple[str, Callable[[float], dict]]] = [
+    parts: list[tuple[str, Callable[[float, dict], None]]] = [
         ("env", check.part_env), ("data", check.part_data), ("main_job", check.part_main_job),
         ("dist", check.part_dist), ("resume", check.part_resume), ("train", check.part_train)]
     wanted = a.parts.split(",") if a.parts else [name for name, _ in parts]
@@ -371,16 +368,18 @@ def run_check(a: argparse.Namespace) -> dict:
     return result
 
 
-def run_part(fn: Callable[[float], dict], budget_s: float) -> dict:
-    """{'ok', 'error', 'seconds', 'budget_s', ...the part's fields}; any exception is the part's error."""
+def run_part(fn: Callable[[float, dict], None], budget_s: float) -> dict:
+    """{'ok', 'error', 'seconds', 'budget_s', ...the part's fields}. The part fills its fields as it goes, so what
+    it measured before an exception is kept; the exception is the part's one-line error."""
     t0 = time.perf_counter()
+    fields: dict = {}
+    error = None
     try:
-        fields = fn(t0 + budget_s)
+        fn(t0 + budget_s, fields)
     except Exception as exc:  # fail soft: record it, go on with the next part
         message = str(exc).strip().splitlines()
-        fields = {"error": f"{'' if isinstance(exc, PartFailed) else type(exc).__name__ + ': '}"
-                           f"{message[-1] if message else ''}"[:600]}
-    error = fields.pop("error", None)
+        error = (f"{'' if isinstance(exc, PartFailed) else type(exc).__name__ + ': '}"
+                 f"{message[-1] if message else ''}")[:600]
     return {"ok": error is None, "error": error, "seconds": round(time.perf_counter() - t0, 1),
             "budget_s": round(budget_s), **fields}
 
@@ -401,9 +400,16 @@ def write_results(out: Path, result: dict) -> None:
 
 
 def summary_line(name: str, r: dict) -> str:
-    """The one result a part's row of the table shows."""
-    if not r["ok"] and not any(k not in ("ok", "error", "seconds", "budget_s") for k in r):
+    """The one result a part's row of the table shows; its error where the part ended before that result."""
+    if not r["ok"]:
+        return r["error"] or ""  # what it measured before is in the JSON
+    try:
+        return _summary(name, r)
+    except (KeyError, TypeError, IndexError):
         return r["error"] or ""
+
+
+def _summary(name: str, r: dict) -> str:
     if name == "env":
         return f"{'; '.join(r['cuda_devices']) or 'no CUDA device'}; CUDA {r['cuda'] or '-'}; " \
                f"nccl {'yes' if r['nccl'] else 'no'}, gloo {'yes' if r['gloo'] else 'no'}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +31,15 @@ def check_disk(out: Path, samples: int, margin_gb: float = 2.0) -> None:
     if need > free:
         raise DataError(f"{out}: {samples:,} samples need {need / 2**30:.1f} GiB with margin but only "
                         f"{free / 2**30:.1f} GiB are free; choose a smaller --samples")
+
+
+def samples_for_steps(batch: int, steps: int) -> int:
+    """Samples for one epoch of `steps` training steps at `batch` (80 % are the train split; 4 steps spare), and
+    at least enough that validation and test each hold two patients, so both classes (labels alternate by
+    patient): `vascdist train` refuses a split whose metrics are undefined."""
+    val_fraction = dict(SPLIT_FRACTIONS)["val"]
+    two_patients = math.ceil((RECORDINGS_PER_PATIENT * CYCLES_PER_RECORDING + 1) / val_fraction)
+    return max(math.ceil(batch * (steps + 4) / dict(SPLIT_FRACTIONS)["train"]) + 20, two_patients)
 
 
 def split_sizes(samples: int) -> dict[str, int]:

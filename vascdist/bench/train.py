@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import statistics
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from vascdist.bench.common import TreeMemory, machine_line, table, write_json
-from vascdist.bench.makeshards import make_shards
+from vascdist.bench.makeshards import make_shards, samples_for_steps
 from vascdist.config import load_config
 from vascdist.dist import DistEnv
 from vascdist.models import build_model, count_flops
@@ -56,7 +55,8 @@ def overrides(a: argparse.Namespace, shards: Path, name: str, stem: str, variant
             f"model.name={name}", f"model.stem={stem}", f"model.width={a.width}",
             f"train.max_steps={a.steps}", "train.epochs=1", f"train.device={a.device}",
             f"train.precision={variant['precision']}", f"train.channels_last={str(variant['channels_last']).lower()}",
-            f"train.compile={str(variant['compile']).lower()}", f"run.out_dir={out_dir}", "run.name=bench"]
+            f"train.compile={str(variant['compile']).lower()}", f"run.out_dir={out_dir}", "run.name=bench",
+            "eval.bootstrap_resamples=0"]  # the end-of-run test table is not timed: no intervals, less waiting
 
 
 def sync(device: torch.device) -> None:
@@ -171,8 +171,8 @@ def bench_train(a: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="vascdist-bench-train-") as tmp:
         tmp = Path(tmp)
         shards = Path(a.shards) if a.shards else tmp / "shards"
-        if not a.shards:  # just enough samples for one epoch of --steps (80 % train split)
-            make_shards(shards, math.ceil(a.batch * (a.steps + 4) / 0.8) + 20, chunk_size=64, shard_size=4096)
+        if not a.shards:  # just enough samples for one epoch of --steps
+            make_shards(shards, samples_for_steps(a.batch, a.steps), chunk_size=64, shard_size=4096)
         for spec in a.models.split(","):
             name, _, stem = spec.partition(":")
             model_cfg = load_config("quickstart", [f"model.name={name}", f"model.stem={stem or 'small'}",
