@@ -1,23 +1,34 @@
-"""Shared fixtures: one small synthetic data set and its shards, made once per test session."""
+"""Shared fixtures (one small synthetic data set and its shards, made once per test session; the real
+recordings; a local cross-validation) and the markers of the test tiers. Helper functions are in helpers.py."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import REPO, cv_args, run_cli
 from slurm_cluster import stop_started_cluster_at_exit  # noqa: F401 (session teardown of a started SLURM cluster)
 from vascdist.config import PreprocessConfig
 from vascdist.data.preprocess import preprocess
 from vascdist.data.synth import synthesize
 
-REPO = Path(__file__).resolve().parent.parent
 # The shared real recordings: ../shared/realdata beside the checkout (two stethoscope recordings of one
 # hemodialysis access, arterial and venous side, with their README), present on the project's machines only.
 REALDATA = REPO.parent / "shared" / "realdata" / "vascular-access"
+
+MARKERS = {
+    "slurm": "runs jobs on the local two-node SLURM cluster (slurm/local-cluster.sh)",
+    "dist": "starts several training processes (torchrun, DeepSpeed ranks)",
+    "slow": "trains or runs many processes; `pytest -m \"not slow\"` is the fast tier",
+}
+
+
+def pytest_configure(config) -> None:
+    """Register the markers, so that a misspelt one is a warning (and `pytest --markers` lists them)."""
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
 
 
 @pytest.fixture
@@ -49,20 +60,10 @@ def shards_dir(synth_dir, tmp_path_factory) -> Path:
     return out
 
 
-def stream_with_a_broken_shard(shards_dir: Path, tmp_path: Path, batch_size: int):
-    """A training ShardStream over a copy of `shards_dir` whose last-read shard is no HDF5 file; and its name."""
-    import shutil
-
-    from vascdist.data.loader import ShardStream
-    copy = tmp_path / "shards"
-    shutil.copytree(shards_dir, copy)
-    stream = ShardStream(copy, "train", batch_size, seed=3, shuffle_chunks=1)
-    victim = stream.chunks[-1].file
-    (copy / victim).write_bytes(b"not hdf5")
-    return stream, victim
-
-
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `vascdist ARGS` in a real subprocess."""
-    return subprocess.run([sys.executable, "-m", "vascdist.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
+@pytest.fixture(scope="module")
+def local_cv(shards_dir, tmp_path_factory):
+    """A local 3-fold `vascdist cv` of the test shards (test_cv and, against its SLURM array, test_slurm_cv)."""
+    out = tmp_path_factory.mktemp("cv") / "local"
+    result = run_cli(*cv_args(shards_dir, out), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result

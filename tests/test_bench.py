@@ -8,7 +8,7 @@ from vascdist.bench import main
 from vascdist.bench.paper import efficiency
 from vascdist.data import shards
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 @pytest.fixture(scope="module")

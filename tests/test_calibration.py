@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from conftest import run_cli
+from helpers import run_cli
 from vascdist.errors import ConfigError
 from vascdist.eval import calibration
 from vascdist.eval.evaluate import split_metrics

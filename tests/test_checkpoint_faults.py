@@ -10,10 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_cli
+from helpers import run_cli
 from vascdist.errors import VascdistError
 from vascdist.runner import run_training
 from vascdist.train.state import CheckpointManager, model_weights
+
+pytestmark = pytest.mark.slow
 
 
 def overrides(shards_dir, *extra):

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def _tree(root) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import shutil
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def _class_tree(synth_dir, root):

@@ -15,7 +15,9 @@ import termios
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
+
+pytestmark = pytest.mark.slow
 
 
 def _train_args(shards, out_dir, *extra):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 
 def test_config_prints_every_key_with_its_docstring():

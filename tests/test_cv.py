@@ -4,42 +4,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from helpers import check_folds, run_cli
 from vascdist.data.shards import load_index
 
-FAST = ["data.batch_size=16", "data.reader_threads=0", "model.width=0.125", "model.norm=group", "train.epochs=1",
-        "train.max_steps=20", "train.eval_every=10", "eval.bootstrap_resamples=200", "eval.min_patients_per_class=1",
-        "train.device=cpu"]
-
-
-def cv_args(shards_dir, out, *extra):
-    return ["cv", "quickstart", "--folds", "3", "--seed", "1", "--out", str(out), f"data.shards={shards_dir}",
-            "data.synth_patients=0", *FAST, *extra]
-
-
-def check_folds(out: Path, shards_dir: Path) -> None:
-    patients = set(load_index(shards_dir)["patients"])
-    plan = json.loads((out / "cv.json").read_text())
-    tested = []
-    for entry in plan["entries"]:
-        parts = json.loads(Path(entry["split_file"]).read_text())
-        train, val, test = (set(parts[s]) for s in ("train", "val", "test"))
-        assert not (train & val or train & test or val & test), entry["name"]  # no patient in two parts
-        assert train | val | test == patients
-        tested += parts["test"]
-    assert sorted(tested) == sorted(patients)  # every patient tested exactly once
-
-
-@pytest.fixture(scope="module")
-def local_cv(shards_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cv") / "local"
-    result = run_cli(*cv_args(shards_dir, out), env={"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result
+pytestmark = pytest.mark.slow
 
 
 def test_local_cv_folds_runs_and_aggregate(local_cv, shards_dir):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import REPO, run_cli, stream_with_a_broken_shard
+from helpers import REPO, run_cli, stream_with_a_broken_shard
 from vascdist.data.dataloader import ShardBatches, WorkerLoader
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.errors import VascdistError

@@ -19,10 +19,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 from vascdist.config import load_config
 from vascdist.errors import ConfigError
 from vascdist.train.deepspeed_engine import build_deepspeed_config
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 STEPS = 12
 CPU = torch.device("cpu")

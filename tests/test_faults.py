@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO, run_cli
-from test_preprocess import _assert_fails, _bad_wav, _good_rows, _manifest
+from helpers import REPO, assert_preprocess_fails, bad_wav, good_rows, run_cli, write_manifest
 from vascdist.config import PreprocessConfig
 from vascdist.data import shards as shardlib
 from vascdist.data.manifest import read_manifest
@@ -82,14 +81,14 @@ def many(synth_dir, tmp_path_factory) -> Path:
             link = root / f"{copy}-{Path(r['path']).name}"
             os.link(synth_dir / r["path"], link)
             rows.append([str(link), r["label"], f"{copy}-{r['patient_id']}", f"{copy}-{r['recording_id']}"])
-    return _manifest(root, rows)
+    return write_manifest(root, rows)
 
 
 @pytest.fixture()
 def old_set(synth_dir, tmp_path) -> tuple[Path, str]:
     """A finished set of 6 recordings in tmp_path/out, and its index.json text (what must survive)."""
     out = tmp_path / "out"
-    result = run_cli("preprocess", "--manifest", str(_manifest(tmp_path, _good_rows(synth_dir))), "--out", str(out),
+    result = run_cli("preprocess", "--manifest", str(write_manifest(tmp_path, good_rows(synth_dir))), "--out", str(out),
                      "--quiet", *SMALL)
     assert result.returncode == 0, result.stderr
     return out, (out / "index.json").read_text()
@@ -104,13 +103,13 @@ def _intact(out: Path, index_text: str) -> None:
 # --------------------------------------------------------------------------------------------- 3: overwrite
 def test_overwrite_with_a_bad_recording_keeps_the_old_set(synth_dir, old_set, tmp_path):
     out, index_text = old_set
-    rows = _good_rows(synth_dir, 9)
-    rows[7][0] = str(_bad_wav(tmp_path, "silent"))
-    result = run_cli("preprocess", "--manifest", str(_manifest(tmp_path, rows)), "--out", str(out), "--quiet",
+    rows = good_rows(synth_dir, 9)
+    rows[7][0] = str(bad_wav(tmp_path, "silent"))
+    result = run_cli("preprocess", "--manifest", str(write_manifest(tmp_path, rows)), "--out", str(out), "--quiet",
                      "--overwrite", *SMALL)
     assert result.returncode == 2 and "silent recording" in result.stderr
     _intact(out, index_text)
-    good = run_cli("preprocess", "--manifest", str(_manifest(tmp_path, _good_rows(synth_dir, 9))), "--out", str(out),
+    good = run_cli("preprocess", "--manifest", str(write_manifest(tmp_path, good_rows(synth_dir, 9))), "--out", str(out),
                    "--quiet", "--overwrite", *SMALL)
     assert good.returncode == 0, good.stderr
     assert len(shardlib.verify(out)["recordings"]) == 9 and not _build_dirs(out)
@@ -128,7 +127,7 @@ def test_kill_9_mid_overwrite_keeps_the_old_set_and_workers_die(many, synth_dir,
     assert (out / "index.json").read_text() == index_text
     shardlib.verify(out)
     assert _build_dirs(out)  # the killed run's half-built set, beside the old one ...
-    rerun = run_cli("preprocess", "--manifest", str(_manifest(tmp_path, _good_rows(synth_dir, 3))),
+    rerun = run_cli("preprocess", "--manifest", str(write_manifest(tmp_path, good_rows(synth_dir, 3))),
                     "--out", str(out), "--quiet", "--overwrite", *SMALL)
     assert rerun.returncode == 0, rerun.stderr
     assert not _build_dirs(out)  # ... removed by the next run
@@ -169,7 +168,7 @@ def tmpfs(tmp_path):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_full_disk_during_preprocess_is_one_line_and_keeps_the_old_set(synth_dir, tmpfs, tmp_path, workers):
     out = tmpfs / "shards"
-    first = run_cli("preprocess", "--manifest", str(_manifest(tmp_path, _good_rows(synth_dir, 3))), "--out", str(out),
+    first = run_cli("preprocess", "--manifest", str(write_manifest(tmp_path, good_rows(synth_dir, 3))), "--out", str(out),
                     "--quiet", *SMALL)
     assert first.returncode == 0, first.stderr
     index_text = (out / "index.json").read_text()
@@ -213,7 +212,7 @@ except VascdistError as exc:
 
 # --------------------------------------------------------------------------------------------- 11: smaller
 def test_manifest_with_a_utf8_bom_is_read(synth_dir, tmp_path):
-    plain = _manifest(tmp_path, _good_rows(synth_dir))
+    plain = write_manifest(tmp_path, good_rows(synth_dir))
     bom = tmp_path / "bom.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
     classes = PreprocessConfig().classes
@@ -221,10 +220,10 @@ def test_manifest_with_a_utf8_bom_is_read(synth_dir, tmp_path):
 
 
 def test_latin1_manifest_names_file_and_line(synth_dir, tmp_path):
-    rows = _good_rows(synth_dir)
+    rows = good_rows(synth_dir)
     rows[2][2] = "Müller"
     path = tmp_path / "latin1.csv"
-    path.write_bytes(_manifest(tmp_path, rows).read_text().encode("latin-1"))
+    path.write_bytes(write_manifest(tmp_path, rows).read_text().encode("latin-1"))
     result = run_cli("preprocess", "--manifest", str(path), "--out", str(tmp_path / "out"), "--quiet")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -233,12 +232,12 @@ def test_latin1_manifest_names_file_and_line(synth_dir, tmp_path):
 
 
 def test_truncated_wav_is_named(synth_dir, tmp_path):
-    rows = _good_rows(synth_dir)
+    rows = good_rows(synth_dir)
     whole = Path(rows[2][0]).read_bytes()
     cut = tmp_path / "cut.wav"
     cut.write_bytes(whole[: len(whole) * 2 // 3])
     rows[2][0] = str(cut)
-    line = _assert_fails(tmp_path, _manifest(tmp_path, rows), f"{cut}: truncated WAV file: its header promises")
+    line = assert_preprocess_fails(tmp_path, write_manifest(tmp_path, rows), f"{cut}: truncated WAV file: its header promises")
     assert "manifest row 4" in line
 
 
@@ -251,13 +250,13 @@ def test_info_into_a_closed_pipe_is_quiet(shards_dir, tmp_path):
 
 
 def test_skipped_patients_count_in_no_split(synth_dir, tmp_path):
-    rows = _good_rows(synth_dir, 12)  # several recordings of a few patients
+    rows = good_rows(synth_dir, 12)  # several recordings of a few patients
     bad_patient = rows[0][2]
     for row in rows:
         if row[2] == bad_patient:
-            row[0] = str(_bad_wav(tmp_path, "silent").rename(tmp_path / f"silent-{row[3]}.wav"))
+            row[0] = str(bad_wav(tmp_path, "silent").rename(tmp_path / f"silent-{row[3]}.wav"))
     out = tmp_path / "out"
-    result = run_cli("preprocess", "--manifest", str(_manifest(tmp_path, rows)), "--out", str(out), "--quiet",
+    result = run_cli("preprocess", "--manifest", str(write_manifest(tmp_path, rows)), "--out", str(out), "--quiet",
                      "--skip-bad", "preprocess.split.val_fraction=0.34", "preprocess.split.test_fraction=0.0")
     assert result.returncode == 0, result.stderr
     index = shardlib.verify(out)
@@ -265,7 +264,7 @@ def test_skipped_patients_count_in_no_split(synth_dir, tmp_path):
     patients = sorted({r[2] for r in good})
     assert index["patients"] == patients and bad_patient not in patients
     assert sum(c["patients"] for c in index["splits"].values()) == len(patients)
-    expected = assign_splits(read_manifest(_manifest(tmp_path, good), PreprocessConfig().classes),
+    expected = assign_splits(read_manifest(write_manifest(tmp_path, good), PreprocessConfig().classes),
                              type(PreprocessConfig().split)(val_fraction=0.34, test_fraction=0.0))
     assert {r["patient"]: r["split"] for r in index["recordings"]} == expected
     assert len(list(csv.DictReader(open(out / "skipped.csv")))) == len(rows) - len(good)

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from vascdist.data import shards as shardlib
 from vascdist.data.shard_format import seal_index
 from vascdist.data.loader import ShardStream, StreamingLoader

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import stream_with_a_broken_shard
+from helpers import stream_with_a_broken_shard
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.data.shards import load_index
 from vascdist.data.transform import InputTransform

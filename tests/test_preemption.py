@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from test_torchrun import all_losses, torchrun, train_args
+from helpers import all_losses, torchrun, train_args
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
 def start(args, torchrun_ranks=0):

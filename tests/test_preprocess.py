@@ -7,11 +7,10 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 import torchaudio
 
-from conftest import run_cli
+from helpers import assert_preprocess_fails, bad_wav, good_rows, run_cli, write_manifest
 from vascdist.config import PreprocessConfig
 from vascdist.data import shards as shardlib
 from vascdist.data.audio import load_audio
@@ -133,58 +132,20 @@ def test_info_prints_counts(shards_dir):
 
 
 # ------------------------------------------------------------------------------------------- bad input
-def _manifest(tmp_path, rows, columns=("path", "label", "patient_id", "recording_id")):
-    path = tmp_path / "manifest.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(columns)
-        w.writerows(rows)
-    return path
-
-
-def _good_rows(synth_dir, n=6):
-    rows = list(csv.DictReader(open(synth_dir / "manifest.csv")))[:n]
-    return [[str(synth_dir / r["path"]), r["label"], r["patient_id"], r["recording_id"]] for r in rows]
-
-
-def _assert_fails(tmp_path, manifest, expected, extra=()):
-    out = tmp_path / "out"
-    result = run_cli("preprocess", "--manifest", str(manifest), "--out", str(out), "--quiet", *extra)
-    assert result.returncode != 0, result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], result.stderr
-    assert not list(out.glob("shard-*.h5")) and not (out / "index.json").exists()  # nothing half-written
-    return lines[0]
-
-
-def _bad_wav(tmp_path, kind):
-    path = tmp_path / f"{kind}.wav"
-    if kind == "corrupt":
-        path.write_bytes(b"RIFF" + np.random.default_rng(0).bytes(5000))
-    elif kind == "empty":
-        sf.write(path, np.zeros(0, np.float32), 4000, subtype="PCM_16")
-    elif kind == "silent":
-        sf.write(path, np.zeros(4000 * 20, np.float32), 4000, subtype="PCM_16")
-    elif kind == "short":
-        # 0.3 s: even padded, a 1-s window would be 70 % padding (preprocess.cycles.pad_fraction is 0.5)
-        sf.write(path, np.random.default_rng(0).normal(0, 0.1, 1200).astype(np.float32), 4000, subtype="PCM_16")
-    return path
-
-
 @pytest.mark.parametrize("kind", ["missing", "corrupt", "empty", "silent", "short"])
 def test_bad_recording_is_named(synth_dir, tmp_path, kind):
-    rows = _good_rows(synth_dir)
-    bad = _bad_wav(tmp_path, kind)
+    rows = good_rows(synth_dir)
+    bad = bad_wav(tmp_path, kind)
     rows[3][0] = str(bad)
-    line = _assert_fails(tmp_path, _manifest(tmp_path, rows), str(bad))
+    line = assert_preprocess_fails(tmp_path, write_manifest(tmp_path, rows), str(bad))
     assert "manifest row 5" in line
 
 
 def test_skip_bad_goes_on_and_lists_skipped(synth_dir, tmp_path):
-    rows = _good_rows(synth_dir, 9)
-    rows[2][0] = str(_bad_wav(tmp_path, "silent"))
+    rows = good_rows(synth_dir, 9)
+    rows[2][0] = str(bad_wav(tmp_path, "silent"))
     out = tmp_path / "out"
-    result = run_cli("preprocess", "--manifest", str(_manifest(tmp_path, rows)), "--out", str(out), "--quiet", "--skip-bad")
+    result = run_cli("preprocess", "--manifest", str(write_manifest(tmp_path, rows)), "--out", str(out), "--quiet", "--skip-bad")
     assert result.returncode == 0, result.stderr
     skipped = list(csv.DictReader(open(out / "skipped.csv")))
     assert len(skipped) == 1 and "silent" in skipped[0]["path"] and skipped[0]["reason"]
@@ -206,23 +167,23 @@ def test_skip_bad_goes_on_and_lists_skipped(synth_dir, tmp_path):
     (lambda rows: rows[0].__setitem__(1, "stenosis" if rows[1][1] == "normal" else "normal"), "labelled"),
 ])
 def test_bad_manifest_rows(synth_dir, tmp_path, mutate, expected):
-    rows = _good_rows(synth_dir)
+    rows = good_rows(synth_dir)
     rows[1][2] = rows[0][2]  # rows 0 and 1: the same patient
     rows[1][1] = rows[0][1]
     mutate(rows)
-    _assert_fails(tmp_path, _manifest(tmp_path, rows), expected)
+    assert_preprocess_fails(tmp_path, write_manifest(tmp_path, rows), expected)
 
 
 def test_missing_manifest_column(synth_dir, tmp_path):
-    rows = [r[:3] for r in _good_rows(synth_dir)]
-    _assert_fails(tmp_path, _manifest(tmp_path, rows, ("path", "label", "patient_id")), "missing column(s) recording_id")
+    rows = [r[:3] for r in good_rows(synth_dir)]
+    assert_preprocess_fails(tmp_path, write_manifest(tmp_path, rows, ("path", "label", "patient_id")), "missing column(s) recording_id")
 
 
 def test_output_dir_of_another_schema_is_refused(synth_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "index.json").write_text(json.dumps({"schema_version": 0, "kind": "spectrogram"}))
-    manifest = _manifest(tmp_path, _good_rows(synth_dir))
+    manifest = write_manifest(tmp_path, good_rows(synth_dir))
     result = run_cli("preprocess", "--manifest", str(manifest), "--out", str(out), "--quiet")
     assert result.returncode != 0 and "holds shards of another schema" in result.stderr
     assert json.loads((out / "index.json").read_text())["schema_version"] == 0  # untouched
@@ -234,26 +195,26 @@ def test_interrupted_run_leaves_no_visible_shard_and_reruns(synth_dir, tmp_path)
     (out / ".shard-00000.h5.tmp").write_bytes(b"partial")  # what a kill mid-write leaves
     (out / "shard-00003.h5").write_bytes(b"from an interrupted run, never indexed")
     cfg = PreprocessConfig(shard_size=256, chunk_size=64)
-    index = preprocess(_manifest(tmp_path, _good_rows(synth_dir, 9)), out, cfg, progress=False)
+    index = preprocess(write_manifest(tmp_path, good_rows(synth_dir, 9)), out, cfg, progress=False)
     assert sorted(p.name for p in out.glob("*shard*")) == sorted(e["file"] for e in index["shards"])
     shardlib.verify(out)
     with pytest.raises(DataError, match="already holds a finished shard set; pass --overwrite"):
-        preprocess(_manifest(tmp_path, _good_rows(synth_dir, 9)), out, cfg, progress=False)
+        preprocess(write_manifest(tmp_path, good_rows(synth_dir, 9)), out, cfg, progress=False)
 
 
 def test_manifest_fixed_split_must_not_split_a_patient(synth_dir, tmp_path):
-    rows = _good_rows(synth_dir)
+    rows = good_rows(synth_dir)
     rows[1][2] = rows[0][2]
     rows[1][1] = rows[0][1]
     rows = [r + [s] for r, s in zip(rows, ["train", "test", "train", "val", "train", "train"])]
-    _assert_fails(tmp_path, _manifest(tmp_path, rows, ("path", "label", "patient_id", "recording_id", "split")),
+    assert_preprocess_fails(tmp_path, write_manifest(tmp_path, rows, ("path", "label", "patient_id", "recording_id", "split")),
                   "must stay in one split")
 
 
 # ------------------------------------------------------------------------------------------- manifest builder
 def test_manifest_from_class_folders(synth_dir, tmp_path):
     root = tmp_path / "collection"
-    for row in _good_rows(synth_dir, 6):
+    for row in good_rows(synth_dir, 6):
         (root / row[1]).mkdir(parents=True, exist_ok=True)
         shutil.copy(row[0], root / row[1] / f"{row[2]}_{row[3].split('_', 1)[1]}.wav")
     out = tmp_path / "m.csv"
@@ -261,20 +222,20 @@ def test_manifest_from_class_folders(synth_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     recs = read_manifest(out, ["normal", "stenosis"])
     assert len(recs) == 6 and all(r.path.is_file() for r in recs)
-    assert {r.patient_id for r in recs} == {row[2] for row in _good_rows(synth_dir, 6)}
+    assert {r.patient_id for r in recs} == {row[2] for row in good_rows(synth_dir, 6)}
 
 
 def test_manifest_from_physionet_reference(synth_dir, tmp_path):
     root = tmp_path / "physionet"
     root.mkdir()
     lines = []
-    for i, row in enumerate(_good_rows(synth_dir, 4)):
+    for i, row in enumerate(good_rows(synth_dir, 4)):
         shutil.copy(row[0], root / f"a{i:04d}.wav")
         lines.append(f"a{i:04d},{'1' if row[1] == 'stenosis' else '-1'}")
     (root / "REFERENCE.csv").write_text("\n".join(lines) + "\n")
     n = build_manifest(root, tmp_path / "m.csv", ["normal", "stenosis"])
     recs = read_manifest(tmp_path / "m.csv", ["normal", "stenosis"])
-    assert n == 4 and [r.label for r in recs] == [int(r[1] == "stenosis") for r in _good_rows(synth_dir, 4)]
+    assert n == 4 and [r.label for r in recs] == [int(r[1] == "stenosis") for r in good_rows(synth_dir, 4)]
 
 
 def test_manifest_unknown_class_folder(tmp_path):

@@ -9,9 +9,11 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from conftest import run_cli
+from helpers import run_cli
 from vascdist.inference import predict_files
 from vascdist.runner import run_training
+
+pytestmark = pytest.mark.slow
 
 REAL_NAMES = ["arterial_20190923.wav", "venous_20190923.wav"]
 GAINS_DB = (-20.0, -12.0, -6.0, 6.0, 12.0)

@@ -9,8 +9,11 @@ import json
 from html.parser import HTMLParser
 
 from PIL import Image
+import pytest
 
-from conftest import run_cli
+from helpers import run_cli
+
+pytestmark = pytest.mark.slow
 
 RUN_SECTIONS = {"data-summary", "learning-curves", "ROC-and-PR-curves", "reliability-diagram", "confusion-matrices",
                 "metrics", "per-site", "config-and-versions"}  # per-site: the synthetic manifest has a site column

@@ -9,7 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from slurm_cluster import SCRIPT, ensure_cluster, job_info, submit, wait_job
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 ALLREDUCE = """
 import os, torch, torch.distributed as dist

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import re
 
-from conftest import run_cli
-from test_cv import check_folds, cv_args, local_cv  # noqa: F401  (local_cv is a fixture)
+import pytest
+
+from helpers import check_folds, cv_args, run_cli
 from test_sites import check_site_folds, local_site_cv, site_cv_args, site_shards  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def test_slurm_array_aggregate_equals_local(local_cv, shards_dir, tmp_path):

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from slurm_cluster import SCRIPT, cluster_env, ensure_cluster
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 TAG = "# vascdist local SLURM cluster"
 CHILD_TEST = '''

@@ -18,7 +18,9 @@ import pytest
 
 from conftest import run_cli
 from slurm_cluster import REPO, ensure_cluster, job_info, wait_job
-from test_torchrun import STEPS, all_losses, free_port, train_args
+from helpers import STEPS, all_losses, free_port, train_args
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SBATCH = REPO / "vascdist" / "launch" / "train.sbatch"
 

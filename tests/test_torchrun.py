@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,28 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-STEPS = 50
+from helpers import STEPS, all_losses, free_port, torchrun, train_args
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_args(shards_dir, run_dir, *extra):
-    return ["train", "quickstart", f"data.shards={shards_dir}", "data.batch_size=16", "data.reader_threads=0",
-            "model.name=resnet18", "model.width=0.125", "model.stem=imagenet", "model.norm=group",
-            "optim.lr=0.01", "sched.name=cosine", "sched.warmup_steps=5", "train.epochs=3", f"train.max_steps={STEPS}",
-            "train.device=cpu", "train.eval_every=1000", "data.synth_patients=0", "--run-dir", str(run_dir),
-            "--quiet", *extra]
-
-
-def torchrun(*args, nproc=2, nnodes=1, node_rank=0, port=None, extra=()):
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port or free_port()}", f"--node-rank={node_rank}",
-            *extra, "-m", "vascdist.cli", *args]
-
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 def env():
     # one intra-op thread per rank: several ranks share these 2 cores
@@ -53,14 +33,6 @@ def losses(run_dir) -> dict[int, float]:
         if record.get("split") == "train" and "train/loss" in record:
             out[record["step"]] = record["train/loss"]
     return out
-
-
-def all_losses(run_dir) -> list[float]:
-    """train/loss of every step, from TensorBoard's event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [e.value for e in acc.Scalars("train/loss")]
 
 
 @pytest.fixture(scope="module")

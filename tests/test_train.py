@@ -9,10 +9,12 @@ import soundfile as sf
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_cli
+from helpers import run_cli
 from vascdist.errors import VascdistError
 from vascdist.runner import run_training
 from vascdist.train.state import CheckpointManager
+
+pytestmark = pytest.mark.slow
 
 BATCH = 16
 
