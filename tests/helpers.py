@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import soundfile as sf
 
@@ -106,6 +107,24 @@ def bad_wav(tmp_path, kind):
         # 0.3 s: even padded, a 1-s window would be 70 % padding (preprocess.cycles.pad_fraction is 0.5)
         sf.write(path, np.random.default_rng(0).normal(0, 0.1, 1200).astype(np.float32), 4000, subtype="PCM_16")
     return path
+
+
+def flip_byte(root, field, sample=70, split="val"):
+    """Flip one byte of `field` at `sample` of the first shard of `split`, found through HDF5's chunk index."""
+    entry = next(e for e in json.loads((root / "index.json").read_text())["shards"] if e["split"] == split)
+    path = root / entry["file"]
+    with h5py.File(path, "r") as f:
+        ds = f[field]
+        chunk = ds.chunks[0]
+        info = ds.id.get_chunk_info_by_coord((sample // chunk * chunk,) + (0,) * (ds.ndim - 1))
+        row_bytes = ds.dtype.itemsize * int(np.prod(ds.shape[1:]))
+        offset = info.byte_offset + (sample % chunk) * row_bytes + row_bytes // 2 * (field == "x")
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    return path, sample // chunk * chunk, min(sample // chunk * chunk + chunk, entry["samples"])
 
 
 # ------------------------------------------------------------------------------------------- cross-validation

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 
-import h5py
-import numpy as np
 import pytest
 
-from helpers import run_cli
+from helpers import flip_byte, run_cli
 from vascdist.data import shards as shardlib
-from vascdist.data.shard_format import seal_index
 from vascdist.data.loader import ShardStream, StreamingLoader
+from vascdist.data.shard_format import seal_index
 from vascdist.errors import DataError, VascdistError
 from vascdist.runner import run_training
 
@@ -113,24 +111,6 @@ def test_an_older_set_is_refused_with_one_line_saying_what_it_lacks(shards_dir, 
 
 
 # --------------------------------------------------------------------------------------------- chunks
-def _flip(root, field, sample=70, split="val"):
-    """Flip one byte of `field` at `sample` of the first shard of `split`, found through HDF5's chunk index."""
-    entry = next(e for e in _index(root)["shards"] if e["split"] == split)
-    path = root / entry["file"]
-    with h5py.File(path, "r") as f:
-        ds = f[field]
-        chunk = ds.chunks[0]
-        info = ds.id.get_chunk_info_by_coord((sample // chunk * chunk,) + (0,) * (ds.ndim - 1))
-        row_bytes = ds.dtype.itemsize * int(np.prod(ds.shape[1:]))
-        offset = info.byte_offset + (sample % chunk) * row_bytes + row_bytes // 2 * (field == "x")
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        byte = fh.read(1)
-        fh.seek(offset)
-        fh.write(bytes([byte[0] ^ 0x10]))
-    return path, sample // chunk * chunk, min(sample // chunk * chunk + chunk, entry["samples"])
-
-
 def _read_all(root, split="val"):
     for _ in StreamingLoader(ShardStream(root, split, 16, train=False)):
         pass
@@ -139,7 +119,7 @@ def _read_all(root, split="val"):
 @pytest.mark.parametrize("field", ["x", "y", "patient", "recording", "cycle"])
 def test_a_flipped_byte_is_caught_while_reading(shards_dir, tmp_path, field):
     root = _copy(shards_dir, tmp_path)
-    path, lo, hi = _flip(root, field)
+    path, lo, hi = flip_byte(root, field)
     shardlib.verify_files(root)  # the start-up check reads headers only: it cannot see this
     with pytest.raises(DataError) as caught:
         _read_all(root)
@@ -164,7 +144,7 @@ def test_a_label_outside_the_classes_is_one_line(shards_dir, tmp_path):
 
 def test_training_catches_a_corrupted_chunk_with_the_start_up_check_off(shards_dir, tmp_path):
     root = _copy(shards_dir, tmp_path)
-    path, lo, hi = _flip(root, "x")  # a val sample: evaluation reads every one
+    path, lo, hi = flip_byte(root, "x")  # a val sample: evaluation reads every one
     result = run_cli("train", *_train_overrides(root, tmp_path, "data.verify_checksums=false", "train.max_steps=2"), "--quiet")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -193,7 +173,7 @@ def test_evaluate_refuses_a_tampered_or_corrupted_set(tiny_run, shards_dir, tmp_
 
     shutil.rmtree(root)
     root = _copy(shards_dir, tmp_path)
-    path, _, _ = _flip(root, "recording", sample=3, split="test")
+    path, _, _ = flip_byte(root, "recording", sample=3, split="test")
     result = run_cli("evaluate", str(tiny_run), "--shards", str(root), "--out", str(tmp_path / "e.json"))
     assert result.returncode == 2 and not (tmp_path / "e.json").exists()
     lines = result.stderr.strip().splitlines()

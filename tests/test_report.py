@@ -77,7 +77,7 @@ def test_train_writes_a_run_report(shards_dir, tmp_path):
 
 
 def test_cv_report(shards_dir, tmp_path):
-    from test_cv import cv_args
+    from helpers import cv_args
     out = tmp_path / "cv"
     result = run_cli(*[a if a != "train.max_steps=20" else "train.max_steps=10" for a in cv_args(shards_dir, out)],
                      env={"OMP_NUM_THREADS": "1"})

@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import run_cli
+from helpers import flip_byte, run_cli
 from vascdist.errors import VascdistError
 from vascdist.runner import run_training
 from vascdist.train.state import CheckpointManager
@@ -161,10 +161,9 @@ def test_train_cli_end_to_end_with_synthesis(tmp_path):
 def test_corrupt_shard_stops_training_with_one_line(shards_dir, tmp_path):
     import shutil
 
-    from test_integrity import _flip
     copy = tmp_path / "shards"
     shutil.copytree(shards_dir, copy)
-    target, lo, hi = _flip(copy, "y", sample=10)  # a val shard: every sample is read at the evaluation
+    target, lo, hi = flip_byte(copy, "y", sample=10)  # a val shard: every sample is read at the evaluation
     result = run_cli("train", "quickstart", f"data.shards={copy}", f"run.out_dir={tmp_path}/runs", "data.synth_patients=0",
                      "train.max_steps=2")
     assert result.returncode == 2  # the start-up check reads headers only; the reader's chunk checksums catch it
