@@ -54,7 +54,7 @@ def test_config_errors_and_models_do_not_import_torch(tmp_path):
 
 def test_model_names_read_from_the_source_match_the_registry():
     from vascdist.model_names import registered_models
-    from vascdist.models import _accepted_ranks, list_models
+    from vascdist.models.registry import _accepted_ranks, list_models
     assert sorted(registered_models()) == list_models()
     assert all(registered_models()[n] == _accepted_ranks(n) for n in list_models())
     assert run_cli("models", "resnet*").stdout.split() == list_models("resnet*")

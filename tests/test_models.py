@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-import vascdist.models as models
+import vascdist.models.registry as models
 from vascdist.cli import main
 from vascdist.config import ModelConfig
 from vascdist.errors import ConfigError

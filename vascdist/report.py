@@ -23,7 +23,7 @@ import numpy as np
 from vascdist import plots
 from vascdist.errors import VascdistError
 from vascdist.fileio import read_jsonl
-from vascdist.train.layout import RunLayout
+from vascdist.train.layout import CvLayout, RunLayout
 
 
 def png_tag(image, alt: str) -> str:
@@ -195,7 +195,7 @@ def run_report(run_dir: Path) -> str:
     from vascdist.eval.metrics import LEVELS
     layout = RunLayout(run_dir)
     if not layout.test_metrics.is_file():
-        raise VascdistError(f"{run_dir}: no test_metrics.json (the run has not finished)")
+        raise VascdistError(f"{run_dir}: no {layout.test_metrics.name} (the run has not finished)")
     record = json.loads(layout.test_metrics.read_text())
     records = read_jsonl(layout.metrics) if layout.metrics.is_file() else []  # a half-written last line is left out
     val = [r for r in records if r["split"] == "val"]
@@ -284,7 +284,8 @@ def aggregate_tables(result: dict) -> str:
 
 def cv_report(cv_dir: Path) -> str:
     from vascdist.cv.aggregate import load_plan
-    aggregate_path = cv_dir / "aggregate.json"
+    layout = CvLayout(cv_dir)
+    aggregate_path = layout.aggregate
     if not aggregate_path.is_file():
         from vascdist.cv.aggregate import aggregate
         aggregate(cv_dir)
@@ -295,11 +296,11 @@ def cv_report(cv_dir: Path) -> str:
     for repeat, pooled in result["pooled"].items():
         parts = []
         for name in pooled["folds"]:
-            with np.load(RunLayout(cv_dir / name).test_predictions) as npz:
+            with np.load(layout.fold(name).test_predictions) as npz:
                 parts.append({k: npz[k] for k in npz.files})
         arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         pooled_html += curves(arrays, classes, pooled["metrics"], f"out-of-fold, repeat {repeat}", folds=parts)
-    folds = "".join(f'<li><a href="{e["dir"]}/report.html">{e["name"]}</a> '
+    folds = "".join(f'<li><a href="{e["dir"]}/{RunLayout(e["dir"]).report.name}">{e["name"]}</a> '
                     f'({"finished" if e["name"] in result["finished"] else "MISSING"})</li>' for e in plan["entries"])
     config = json.dumps({k: plan[k] for k in ("config", "overrides", "folds", "repeats", "seed", "shards")}
                         | {"group_by": plan.get("group_by", "patient")}, indent=1)
@@ -326,8 +327,9 @@ def write_report(directory: str | Path) -> Path:
     """Write DIR/report.html for a run or CV directory; returns its path."""
     from vascdist.fileio import atomic_write_text, said_if_disk_full
     directory = Path(directory)
-    text = cv_report(directory) if (directory / "cv.json").is_file() else run_report(directory)
-    out = directory / "report.html"
+    is_cv = CvLayout.is_cv_dir(directory)
+    text = cv_report(directory) if is_cv else run_report(directory)
+    out = CvLayout(directory).report if is_cv else RunLayout(directory).report
     with said_if_disk_full(out, len(text.encode())):
         atomic_write_text(out, text)
     return out

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 from vascdist.config import DEFAULT_CONFIG, Config, batch_sizes, load_config, save_config
 from vascdist.config.checks import check_against_index, check_config
 from vascdist.config.drift import check_resume, effective_config, record_changes
+from vascdist.data.shard_format import INDEX
 from vascdist.errors import VascdistError
 from vascdist.fileio import atomic_write_json, said_if_disk_full
 from vascdist.lockfile import exclusive
@@ -33,7 +34,7 @@ def ensure_data(cfg: Config, quiet: bool, may_synthesise: bool = True) -> None:
     `synthesis_requested`), synthesise and preprocess them (cached). Anything else without a shard set is refused
     in one line; a directory of shard files without index.json is never written into."""
     shards = Path(cfg.data.shards)
-    if (shards / "index.json").exists():
+    if (shards / INDEX).exists():
         return
     if shards.is_dir() and any(shards.glob("shard-*.h5")):
         raise VascdistError(f"data.shards '{shards}' holds shard files but no index.json (preprocessing did not "
@@ -134,8 +135,8 @@ def format_summary(summary: dict) -> str:
              format_table(summary["test"], summary["classes"], summary.get("test_intervals"), summary.get("test_counts"),
                           summary.get("test_record", {}).get("confidence", 0.95)),
              *site_lines(summary.get("test_record", {})),
-             f"run directory: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']}/tb)"
-             if summary.get("show_run_dir", True) else f"tensorboard --logdir {summary['run_dir']}/tb"]
+             f"run directory: {summary['run_dir']}  (tensorboard --logdir {RunLayout(summary['run_dir']).tensorboard})"
+             if summary.get("show_run_dir", True) else f"tensorboard --logdir {RunLayout(summary['run_dir']).tensorboard}"]
     return "\n".join(lines)
 
 

@@ -18,9 +18,7 @@ from vascdist.config.loader import _merge, apply_renames, to_dict
 from vascdist.config.schema import Config
 from vascdist.errors import ConfigError
 from vascdist.fileio import atomic_write_text
-
-CONFIG_FILE = "config.yaml"  # the resolved config the run started with
-HISTORY_FILE = "config_history.jsonl"  # one line per resume that changed a safe key
+from vascdist.train.layout import RunLayout
 
 # The one list of keys a resume may change; every other key is part of the experiment's definition.
 RESUME_SAFE = frozenset({
@@ -53,11 +51,12 @@ def config_diff(old: dict, new: dict) -> dict[str, tuple]:
 
 def effective_config(run_dir: Path) -> dict | None:
     """The config a run last trained with: its config.yaml with the history's changes applied; None if absent."""
-    path = run_dir / CONFIG_FILE
+    layout = RunLayout(run_dir)
+    path = layout.config
     if not path.is_file():
         return None
     flat = flatten(yaml.safe_load(path.read_text()) or {})
-    history = run_dir / HISTORY_FILE
+    history = layout.history
     if history.is_file():
         for line in history.read_text().splitlines():
             if line.strip():
@@ -91,11 +90,11 @@ def record_changes(run_dir: Path, step: int, changes: dict[str, tuple]) -> None:
     """Append one line {step, time, changes} to the run's config history (nothing when there are no changes)."""
     if not changes:
         return
-    path = run_dir / HISTORY_FILE
+    path = RunLayout(run_dir).history
     line = json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                        "changes": {k: list(v) for k, v in changes.items()}})
     atomic_write_text(path, (path.read_text() if path.is_file() else "") + line + "\n")
 
 
-__all__ = ["CONFIG_FILE", "HISTORY_FILE", "RESUME_SAFE", "check_resume", "config_diff", "effective_config",
+__all__ = ["RESUME_SAFE", "check_resume", "config_diff", "effective_config",
            "flatten", "record_changes"]

@@ -73,10 +73,10 @@ def main(argv: list[str]) -> int:
         print(f"vascdist cv: {warning}", file=sys.stderr, flush=True)
     if args.submit:
         from vascdist.launch.cv_jobs import submit_folds, wait_and_name_failures
-        from vascdist.cv.aggregate import FAILURES
         from vascdist.fileio import atomic_write_json
-        from vascdist.train.layout import RunLayout
-        todo = [e for e in plan["entries"] if not RunLayout(cv_dir / e["dir"]).test_metrics.is_file()]
+        from vascdist.train.layout import CvLayout
+        layout = CvLayout(cv_dir)
+        todo = [e for e in plan["entries"] if not layout.fold(e["dir"]).test_metrics.is_file()]
         if not todo:
             print("every fold has finished already")
         else:
@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
                 return 0
             from vascdist.config import load_config
             metric = load_config(plan["config"], plan["overrides"]).train.early_stop_metric
-            atomic_write_json(cv_dir / FAILURES, wait_and_name_failures(jobs, todo, cv_dir, metric))
+            atomic_write_json(layout.failures, wait_and_name_failures(jobs, todo, cv_dir, metric))
     else:
         run_local(cv_dir, plan, quiet=not args.verbose)
     return 0 if not report(cv_dir)["missing"] else 1

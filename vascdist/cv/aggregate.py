@@ -22,32 +22,29 @@ from vascdist.errors import VascdistError
 from vascdist.eval.assess import format_table
 from vascdist.eval.bootstrap import level_items, patient_weights, percentile_interval, resampled_metrics
 from vascdist.eval.metrics import LEVELS, split_counts
-from vascdist.train.layout import RunLayout
-
-PLAN = "cv.json"
-FAILURES = "failures.json"
-
+from vascdist.train.layout import CvLayout
 
 def load_plan(cv_dir: str | Path) -> dict:
-    path = Path(cv_dir) / PLAN
+    path = CvLayout(cv_dir).plan
     if not path.is_file():
-        raise VascdistError(f"{cv_dir}: no {PLAN} (not a directory made by `vascdist cv`)")
+        raise VascdistError(f"{cv_dir}: no {path.name} (not a directory made by `vascdist cv`)")
     return json.loads(path.read_text())
 
 
 def fold_status(cv_dir: Path, plan: dict) -> tuple[list[dict], list[dict]]:
     """(finished folds with their metrics and predictions, missing folds with a reason)."""
-    failures = json.loads((cv_dir / FAILURES).read_text()) if (cv_dir / FAILURES).is_file() else {}
+    layout = CvLayout(cv_dir)
+    failures = json.loads(layout.failures.read_text()) if layout.failures.is_file() else {}
     done, missing = [], []
     for entry in plan["entries"]:
-        run = cv_dir / entry["dir"]
-        metrics_path, preds_path = RunLayout(run).test_metrics, RunLayout(run).test_predictions
+        run = layout.fold(entry["dir"])
+        metrics_path, preds_path = run.test_metrics, run.test_predictions
         if metrics_path.is_file() and preds_path.is_file():
             with np.load(preds_path) as npz:
                 done.append({**entry, "metrics": json.loads(metrics_path.read_text()),
                              "predictions": {k: npz[k] for k in npz.files}})
         else:
-            reason = failures.get(entry["name"]) or f"no test_metrics.json in {run} (still running, or failed: see its log)"
+            reason = failures.get(entry["name"]) or f"no {metrics_path.name} in {run.root} (still running, or failed: see its log)"
             missing.append({**entry, "reason": reason})
     return done, missing
 
@@ -146,7 +143,7 @@ def aggregate(cv_dir: str | Path) -> dict:
     result["sites"], result["site_warning"] = per_site(done, plan, cfg) if done else ({}, "")
     result["confidence"] = cfg.eval.confidence
     from vascdist.fileio import atomic_write_json
-    atomic_write_json(cv_dir / "aggregate.json", result)
+    atomic_write_json(CvLayout(cv_dir).aggregate, result)
     return result
 
 

@@ -21,10 +21,9 @@ import traceback
 from pathlib import Path
 
 from vascdist.config import DEFAULT_CONFIG, load_config
-from vascdist.cv.aggregate import FAILURES, PLAN
 from vascdist.errors import VascdistError
 from vascdist.fileio import atomic_write_json
-from vascdist.train.layout import RunLayout
+from vascdist.train.layout import CvLayout
 
 
 GROUPINGS = ("patient", "site")  # --group-by: what a fold holds out
@@ -54,8 +53,9 @@ def make_plan(config: str | None, overrides: list[str], folds: int, repeats: int
     cv_dir = cv_dir.resolve()
     wanted = {"config": config, "overrides": list(overrides), "folds": folds, "repeats": repeats, "seed": seed,
               "group_by": group_by}
-    if (cv_dir / PLAN).is_file():
-        plan = json.loads((cv_dir / PLAN).read_text())
+    layout = CvLayout(cv_dir)
+    if layout.plan.is_file():
+        plan = json.loads(layout.plan.read_text())
         plan.setdefault("group_by", "patient")  # plans written before --group-by existed
         if group_by == "site":
             wanted.update(folds=plan["folds"], repeats=1)  # set by the shards' sites
@@ -79,14 +79,14 @@ def make_plan(config: str | None, overrides: list[str], folds: int, repeats: int
     entries = []
     for part in parts:
         name = fold_name(part["repeat"], part["fold"], part.get("site"))
-        split_file = cv_dir / "splits" / f"{name}.json"
+        split_file = layout.split_file(name)
         write_split_file(split_file, cfg.data.shards, part)
         entries.append({"name": name, "repeat": part["repeat"], "fold": part["fold"], "dir": name,
                         "split_file": str(split_file), "patients": {s: len(part[s]) for s in ("train", "val", "test")},
                         **({"site": part["site"]} if "site" in part else {})})
     plan = {**wanted, "classes": index["classes"], "shards": str(Path(cfg.data.shards).resolve()), "entries": entries}
     cv_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cv_dir / PLAN, plan)
+    atomic_write_json(layout.plan, plan)
     return cv_dir, plan
 
 
@@ -97,11 +97,11 @@ def fold_overrides(plan: dict, entry: dict) -> list[str]:
 def run_local(cv_dir: Path, plan: dict, quiet: bool = True) -> None:
     """Every unfinished fold in this process, one after another; a failing fold is recorded and skipped."""
     from vascdist.runner import run_training
-    failures_path = cv_dir / FAILURES
-    failures = json.loads(failures_path.read_text()) if failures_path.is_file() else {}
+    layout = CvLayout(cv_dir)
+    failures = json.loads(layout.failures.read_text()) if layout.failures.is_file() else {}
     for entry in plan["entries"]:
-        run_dir = cv_dir / entry["dir"]
-        if RunLayout(run_dir).test_metrics.is_file():
+        run_dir = layout.fold(entry["dir"]).root
+        if layout.fold(entry["dir"]).test_metrics.is_file():
             print(f"{entry['name']}: finished before, kept", flush=True)
             continue
         print(f"{entry['name']}: training ({entry['patients']['train']} train / {entry['patients']['val']} val / "
@@ -119,4 +119,4 @@ def run_local(cv_dir: Path, plan: dict, quiet: bool = True) -> None:
                 failures[entry["name"]] = f"stopped at step {summary['step']}; re-run `vascdist cv` to resume"
             else:
                 failures.pop(entry["name"], None)
-        atomic_write_json(failures_path, failures)
+        atomic_write_json(layout.failures, failures)

@@ -16,6 +16,7 @@ from vascdist.eval.calibration import (calibrate_split, calibration_caveat, cali
 from vascdist.eval.evaluate import split_metrics
 from vascdist.eval.metrics import LEVELS, level_predictions, split_counts
 from vascdist.eval.thresholds import ThresholdRule
+from vascdist.train.layout import RunLayout
 
 
 def split_intervals(arrays: dict[str, np.ndarray], classes: list[str], per_beat: bool, metrics: dict,
@@ -165,8 +166,9 @@ def log_split(log, step: int, split: str, arrays: dict[str, np.ndarray], classes
                                    f"{split}: reliability ({what}step {drawn_at})")
         log.image(f"{split}/reliability", step, plots.rgb_array(figure))
         if save_dir is not None:
-            plots.save_png(figure, Path(save_dir) / f"{split}_reliability.png")
-            save_predictions(Path(save_dir) / f"{split}_predictions.npz", arrays)
+            layout = RunLayout(save_dir)
+            plots.save_png(figure, layout.reliability(split))
+            save_predictions(layout.predictions(split), arrays)
     log.jsonl({"step": step, **fields, "split": split, **assessed["record"]})
     return assessed
 

@@ -19,6 +19,7 @@ from submitit.core.utils import DelayedSubmission, FailedJobError
 from vascdist.errors import VascdistError
 from vascdist.launch.submit import (OPTIONS, TrainingJob, clean_job_env, job_summary, make_executor, require_slurm,
                                     snapshot_code, use_squeue_fallback, wait_for)
+from vascdist.train.layout import CvLayout
 
 
 @dataclass
@@ -52,14 +53,14 @@ def submit_folds(args: argparse.Namespace, cv_dir: Path, plan: dict, entries: li
     if args.signal_delay >= args.time * 60:
         raise VascdistError(f"--signal-delay {args.signal_delay} s must be shorter than --time {args.time} min")
     require_slurm()
-    log_dir = Path(args.log_dir).resolve() if args.log_dir else cv_dir / "submitit"
+    log_dir = Path(args.log_dir).resolve() if args.log_dir else CvLayout(cv_dir).submitit
     code = log_dir / f"code-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     config = snapshot_code(code, plan["config"])
     job = FoldJob(config, [], str(cv_dir), cfg.dist.max_requeues, cfg.dist.requeue_signal, resume="auto",
                   quiet=args.quiet)
     executor = make_executor(args, log_dir, cfg.dist.max_requeues, cfg.dist.requeue_signal, code)
     use_squeue_fallback()
-    dirs = [str(cv_dir / e["dir"]) for e in entries]
+    dirs = [str(CvLayout(cv_dir).fold(e["dir"]).root) for e in entries]
     overrides = [fold_overrides(plan, e) for e in entries]
     stderr = io.StringIO()
     try:
@@ -70,7 +71,7 @@ def submit_folds(args: argparse.Namespace, cv_dir: Path, plan: dict, entries: li
     print(f"code snapshot: {code}")
     for j, e in zip(jobs, entries):
         print(f"submitted job {j.job_id} for fold {e['name']}\n  logs: {j.paths.folder}  (task 0: {j.paths.stdout})\n"
-              f"  run dir: {cv_dir / e['dir']}", flush=True)
+              f"  run dir: {CvLayout(cv_dir).fold(e['dir']).root}", flush=True)
     return jobs
 
 
@@ -81,7 +82,7 @@ def wait_and_name_failures(jobs: list, entries: list[dict], cv_dir: Path, metric
     failures = {}
     for j, e in zip(jobs, entries):
         state = states[j.job_id]
-        print(job_summary(j, state, cv_dir / e["dir"], metric, e["name"]), flush=True)
+        print(job_summary(j, state, CvLayout(cv_dir).fold(e["dir"]).root, metric, e["name"]), flush=True)
         if state != "COMPLETED" and state != "ENDED":
             failures[e["name"]] = f"SLURM job {j.job_id} ended {state} (log: {j.paths.stdout})"
     return failures

@@ -37,6 +37,7 @@ from vascdist.compat.submitit_internals import (FINAL_STATES, DelayedSubmission,
                                                 job_states, submitit, use_squeue_fallback)
 from vascdist.errors import VascdistError
 from vascdist.preemption import killed_by_requeue
+from vascdist.train.layout import RunLayout
 
 
 # ---------------------------------------------------------------------------------------------- in the job
@@ -124,7 +125,6 @@ def wait_for(jobs: list, poll_s: float = 5.0) -> dict[str, str]:
 def job_summary(job, state: str, run_dir: str | Path, metric: str, label: str = "") -> str:
     """One line for a finished job: its state and, when it completed, the test `metric` with its interval and
     the run directory; when it did not, the last line of its error log (where the reason usually is)."""
-    from vascdist.train.layout import RunLayout
     head = f"job {job.job_id}" + (f" ({label})" if label else "") + f": {state}"
     layout = RunLayout(run_dir)
     if state == "COMPLETED" and layout.test_metrics.is_file():
@@ -328,7 +328,7 @@ def main(argv: list[str]) -> int:
               + (f" with {' '.join(point)}" if point else ""))
         print(f"  logs: {j.paths.folder}  (task 0: {j.paths.stdout})")
         print(f"  run dir: {where}")
-    board = run_dir.format(job_id=jobs[0].job_id) + "/tb" if len(jobs) == 1 else str(Path(run_dir).parent)
+    board = RunLayout(run_dir.format(job_id=jobs[0].job_id)).tensorboard if len(jobs) == 1 else Path(run_dir).parent
     print(f"tensorboard --logdir {board}", flush=True)
     if not args.wait:
         return 0

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from vascdist.models import check_options, register_model, scaled
+from vascdist.models.registry import check_options, register_model, scaled
 
 # Per-sample rank -> (conv, batch norm, max-pool, adaptive average pool) of that dimensionality.
 _LAYERS = {

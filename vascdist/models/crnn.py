@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vascdist.models import check_options, register_model, scaled
+from vascdist.models.registry import check_options, register_model, scaled
 
 
 def _conv_block(in_ch: int, out_ch: int, pool: tuple[int, int]) -> nn.Sequential:

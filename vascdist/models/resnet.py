@@ -14,7 +14,7 @@ from torch import nn
 from vascdist.compat import import_torchvision_resnet
 from vascdist.errors import ConfigError
 from vascdist.model_names import NORMS, STEMS
-from vascdist.models import check_options, register_model, scaled
+from vascdist.models.registry import check_options, register_model, scaled
 
 _tv = import_torchvision_resnet()
 BasicBlock, Bottleneck, ResNet = _tv.BasicBlock, _tv.Bottleneck, _tv.ResNet

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vascdist.models import check_options, register_model, scaled
+from vascdist.models.registry import check_options, register_model, scaled
 
 
 class Bottleneck1d(nn.Module):

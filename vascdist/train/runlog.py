@@ -24,6 +24,7 @@ import torch
 
 from vascdist.errors import VascdistError
 from vascdist.fileio import disk_full, disk_full_message, drop_partial_last_line
+from vascdist.train.layout import RunLayout
 
 
 def _quiet_disk_full_in_tensorboard(args) -> None:
@@ -106,7 +107,8 @@ class RunLogger:
 
         if threading.excepthook is not _quiet_disk_full_in_tensorboard:
             threading.excepthook = _quiet_disk_full_in_tensorboard
-        self._tb, self._jsonl_path = self.run_dir / "tb", self.run_dir / "metrics.jsonl"
+        layout = RunLayout(self.run_dir)
+        self._tb, self._jsonl_path = layout.tensorboard, layout.metrics
         with self._writing(self._tb):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(log_dir=str(self._tb), purge_step=purge_step)

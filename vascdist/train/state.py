@@ -20,7 +20,6 @@ consistent after a kill at any instant:
 from __future__ import annotations
 
 import math
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -31,12 +30,10 @@ import torch
 
 from vascdist.errors import VascdistError
 from vascdist.fileio import temp_target
-from vascdist.train.layout import BEST_FILE, STEP_FILE, RunLayout, step_files, step_stem
 from vascdist.train.checkpoint import (atomic_copy, atomic_torch_save, capture_rng_state, check_weights_only, load_file,
                                        restore_rng_state, try_load)
+from vascdist.train.layout import BEST_FILE, DEEPSPEED_DIR, STEP_FILE, STEP_TAG, RunLayout, step_files, step_stem
 
-DEEPSPEED_DIR = "deepspeed"
-DEEPSPEED_TAG = re.compile(r"^step-(\d+)$")
 
 
 # --------------------------------------------------------------------------------------------- layout
@@ -197,7 +194,7 @@ def prune_deepspeed_tags(manager: CheckpointManager) -> list[Path]:
     kept = {path.stem for _, path in manager.step_files()}
     removed = []
     for path in sorted(root.iterdir()):
-        if DEEPSPEED_TAG.match(path.name) and path.is_dir() and path.name not in kept:
+        if STEP_TAG.match(path.name) and path.is_dir() and path.name not in kept:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
