@@ -164,9 +164,12 @@ def _add_train(sub) -> None:
         config, overrides = a.config, list(a.overrides)
         if config is not None and "=" in config:  # `vascdist train optim.lr=0.1`: overrides only
             config, overrides = None, [config] + overrides
+        from vascdist.launch.requeue import requeue_from_environment
         from vascdist.runner import run_training
-        summary = run_training(config, overrides, resume=a.resume, run_dir=a.run_dir, quiet=a.quiet)
-        if summary["stopped"] and summary["signal"] == "SIGTERM" and os.environ.get("VASCDIST_REQUEUE") != "scontrol":
+        after_stop = requeue_from_environment()
+        summary = run_training(config, overrides, resume=a.resume, run_dir=a.run_dir, quiet=a.quiet,
+                               after_stop=after_stop)
+        if summary["stopped"] and summary["signal"] == "SIGTERM" and after_stop is None:
             return 143  # checkpointed, not finished: `timeout` and scripts must not take it for a finished run
         return 0
     p.set_defaults(func=run)

@@ -32,6 +32,7 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     launcher: str = "single"  # 'single', 'torchrun' or 'slurm'
+    local_world_size: int = 1  # ranks on this host (they share its memory)
 
     @property
     def is_main(self) -> bool:
@@ -63,6 +64,12 @@ def first_slurm_host(nodelist: str) -> str:
 def slurm_master_port(job_id: str) -> int:
     """A port every task of the job derives alike (the submitit convention), in 20000-29999."""
     return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 10000
+
+
+def local_world_size(environ: dict | None = None) -> int:
+    """Ranks on this host: torchrun's LOCAL_WORLD_SIZE, else SLURM's SLURM_NTASKS_PER_NODE, else 1."""
+    env = os.environ if environ is None else environ
+    return int(env.get("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1")) or 1)
 
 
 def read_launch_env(environ: dict | None = None) -> tuple[str, int, int, int]:
@@ -114,7 +121,7 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> D
         except Exception as exc:  # a rendezvous that never completes ends here after the timeout
             raise VascdistError(f"rank {rank}/{world_size}: process group init failed via "
                                 f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({exc})") from None
-    return DistEnv(rank, world_size, local_rank, device, launcher)
+    return DistEnv(rank, world_size, local_rank, device, launcher, local_world_size())
 
 
 def _init_process_group(backend: str, **kwargs) -> None:

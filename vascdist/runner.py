@@ -4,7 +4,6 @@ resolve the config, make sure the data exist, pick the run directory, train, rep
 from __future__ import annotations
 
 import difflib
-import os
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -16,7 +15,7 @@ from vascdist.data.shard_format import INDEX
 from vascdist.errors import VascdistError
 from vascdist.fileio import atomic_write_json, said_if_disk_full
 from vascdist.lockfile import exclusive
-from vascdist.preemption import StopSignals, requeue_slurm_job
+from vascdist.preemption import StopSignals
 from vascdist.train.layout import RunLayout, saved_step_of
 
 if TYPE_CHECKING:  # vascdist.dist imports torch (seconds): loaded only once the config has passed its checks
@@ -165,8 +164,11 @@ def prepare_run_dir(cfg: Config, layout: RunLayout, resume: str | None) -> str |
 
 def run_training(config: str | None, overrides: list[str], resume: str | None = None, run_dir: str | None = None,
                  quiet: bool = False, stop_requested: Callable[[], bool] = lambda: False,
-                 env: DistEnv | None = None) -> dict:
+                 env: DistEnv | None = None, after_stop: Callable[[int], str] | None = None) -> dict:
     """Check, parse, build, train, report; the process group is torn down on every exit path.
+
+    `after_stop` is the launcher's requeue policy (vascdist.launch.requeue): after a stop signal, once the
+    checkpoint is saved, global rank 0 calls it with dist.max_requeues and logs the line it returns.
 
     Everything that needs only the config is checked before anything is imported, synthesised or written;
     what needs the shards' index right after it is read, before the run directory exists.
@@ -191,7 +193,7 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
         check_splits(cfg, index, env)
         if cfg.train.check_memory:
             from vascdist.train.memory import check_memory
-            check_memory(cfg, index, env.device, env.world_size)
+            check_memory(cfg, index, env)
         layout = RunLayout(run_on_main(env, lambda: str(claim_run_dir(cfg, resume, run_dir, lock))))
         try:
             resume_from = run_on_main(env, lambda: prepare_run_dir(cfg, layout, resume))  # every rank stops alike
@@ -213,8 +215,8 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
         if env.is_main and summary["stopped"]:  # rank 0 alone reports and requeues
             print(f"stopped at step {summary['step']} ({signals.received.name if signals.received else 'requested'}); "
                   f"checkpoint saved in {layout.checkpoints}; continue with --resume auto", flush=True)
-            if os.environ.get("VASCDIST_REQUEUE") == "scontrol":  # set by the sbatch template (vascdist/launch/train.sbatch)
-                print(requeue_slurm_job(cfg.dist.max_requeues), flush=True)
+            if after_stop is not None:
+                print(after_stop(cfg.dist.max_requeues), flush=True)
         if env.is_main and not summary["stopped"]:
             from vascdist.data.folds import split_index
             from vascdist.data.shards import excluded_counts

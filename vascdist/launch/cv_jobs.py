@@ -7,18 +7,11 @@ directory and split-file override as its arguments, so a requeued task resumes i
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import os
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from submitit.core.utils import DelayedSubmission, FailedJobError
-
-from vascdist.errors import VascdistError
-from vascdist.launch.submit import (OPTIONS, TrainingJob, clean_job_env, job_summary, make_executor, require_slurm,
-                                    snapshot_code, use_squeue_fallback, wait_for)
+from vascdist.compat.submitit_internals import DelayedSubmission
+from vascdist.launch.submit import OPTIONS, TrainingJob, check_submission, job_summary, submit_training, wait_for
 from vascdist.train.layout import CvLayout
 
 
@@ -50,28 +43,20 @@ def submit_folds(args: argparse.Namespace, cv_dir: Path, plan: dict, entries: li
     from vascdist.config import load_config
     from vascdist.cv.run import fold_overrides
     cfg = load_config(plan["config"], plan["overrides"])
-    if args.signal_delay >= args.time * 60:
-        raise VascdistError(f"--signal-delay {args.signal_delay} s must be shorter than --time {args.time} min")
-    require_slurm()
-    log_dir = Path(args.log_dir).resolve() if args.log_dir else CvLayout(cv_dir).submitit
-    code = log_dir / f"code-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    config = snapshot_code(code, plan["config"])
-    job = FoldJob(config, [], str(cv_dir), cfg.dist.max_requeues, cfg.dist.requeue_signal, resume="auto",
-                  quiet=args.quiet)
-    executor = make_executor(args, log_dir, cfg.dist.max_requeues, cfg.dist.requeue_signal, code)
-    use_squeue_fallback()
-    dirs = [str(CvLayout(cv_dir).fold(e["dir"]).root) for e in entries]
-    overrides = [fold_overrides(plan, e) for e in entries]
-    stderr = io.StringIO()
-    try:
-        with clean_job_env(), contextlib.redirect_stderr(stderr):
-            jobs = executor.map_array(job, dirs, overrides)
-    except FailedJobError as exc:
-        raise VascdistError(" | ".join(str(exc).strip().splitlines()) or "sbatch failed") from None
-    print(f"code snapshot: {code}")
+    check_submission(args)
+    layout = CvLayout(cv_dir)
+    log_dir = Path(args.log_dir).resolve() if args.log_dir else layout.submitit
+
+    def make_job(config: str | None) -> FoldJob:
+        return FoldJob(config, [], str(cv_dir), cfg.dist.max_requeues, cfg.dist.requeue_signal, resume="auto",
+                       quiet=args.quiet)
+
+    calls = [(str(layout.fold(e["dir"]).root), fold_overrides(plan, e)) for e in entries]
+    jobs = submit_training(args, log_dir, plan["config"], cfg.dist.max_requeues, cfg.dist.requeue_signal, make_job,
+                           calls, array=True)
     for j, e in zip(jobs, entries):
         print(f"submitted job {j.job_id} for fold {e['name']}\n  logs: {j.paths.folder}  (task 0: {j.paths.stdout})\n"
-              f"  run dir: {CvLayout(cv_dir).fold(e['dir']).root}", flush=True)
+              f"  run dir: {layout.fold(e['dir']).root}", flush=True)
     return jobs
 
 

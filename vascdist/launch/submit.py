@@ -32,11 +32,12 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from vascdist.compat.submitit_internals import (FINAL_STATES, DelayedSubmission, FailedJobError, SignalHandler,
                                                 job_states, submitit, use_squeue_fallback)
 from vascdist.errors import VascdistError
-from vascdist.preemption import killed_by_requeue
+from vascdist.launch.requeue import killed_by_requeue
 from vascdist.train.layout import RunLayout
 
 
@@ -66,7 +67,6 @@ class TrainingJob(submitit.helpers.Checkpointable):
         from vascdist.preemption import StopSignals, signal_number
 
         job = submitit.JobEnvironment()
-        os.environ.pop("VASCDIST_REQUEUE", None)  # that is train.sbatch's requeue path; submitit requeues here
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         # submitit's handler, made now (its clock times this attempt) from the submission being run; it is
         # called below, after the checkpoint, never from a signal.
@@ -268,14 +268,22 @@ def clean_job_env():
                 os.environ.pop(k, None)
 
 
-def submit_jobs(executor, job: TrainingJob, grid: list[list[str]]) -> list:
-    """Submit (an array when the grid has several points); sbatch's refusal becomes one verbatim line."""
+def check_submission(args: argparse.Namespace) -> None:
+    """What every submission checks first: the signal comes before the time limit, and SLURM's tools are here."""
+    if args.signal_delay >= args.time * 60:
+        raise VascdistError(f"--signal-delay {args.signal_delay} s must be shorter than --time {args.time} min")
+    require_slurm()
+
+
+def submit_jobs(executor, job: TrainingJob, calls: list[tuple], array: bool) -> list:
+    """Submit `job` once per argument tuple of `calls` (one job array when `array`, else the single call);
+    sbatch's refusal becomes one verbatim line."""
     stderr = io.StringIO()
     try:
         with clean_job_env(), contextlib.redirect_stderr(stderr):  # submitit echoes sbatch's stderr
-            if len(grid) == 1:
-                return [executor.submit(job, grid[0])]
-            return executor.map_array(job, grid)
+            if not array:
+                return [executor.submit(job, *calls[0])]
+            return executor.map_array(job, *zip(*calls))
     except FailedJobError as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         if any(sign in line for sign in NO_CONTROLLER for line in lines):
@@ -293,6 +301,19 @@ NO_CONTROLLER = ("Could not establish a configuration source", "DNS SRV lookup f
                  "Unable to contact slurm controller", "Unable to establish control machine address")
 
 
+def submit_training(args: argparse.Namespace, log_dir: Path, config: str | None, max_requeues: int, signal: str,
+                    make_job: Callable[[str | None], TrainingJob], calls: list[tuple], array: bool) -> list:
+    """The one submission path of `vascdist submit` and `vascdist cv --submit`: snapshot the code and the config
+    into log_dir, make the job from the snapshot's config (`make_job`), submit it once per call; returns the jobs."""
+    code = log_dir / f"code-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    job = make_job(snapshot_code(code, config))
+    executor = make_executor(args, log_dir, max_requeues, signal, code)
+    use_squeue_fallback()  # before submitting: the jobs register with the watcher as they are made
+    jobs = submit_jobs(executor, job, calls, array)
+    print(f"code snapshot: {code}")
+    return jobs
+
+
 def main(argv: list[str]) -> int:
     """`vascdist submit ...`; returns the exit code."""
     from vascdist.config import DEFAULT_CONFIG, load_config
@@ -304,24 +325,20 @@ def main(argv: list[str]) -> int:
     cfg = configs[0]
     if len({c.dist.max_requeues for c in configs}) > 1 or len({c.dist.requeue_signal for c in configs}) > 1:
         raise VascdistError("--sweep may not vary dist.max_requeues or dist.requeue_signal")
-    if args.signal_delay >= args.time * 60:
-        raise VascdistError(f"--signal-delay {args.signal_delay} s must be shorter than --time {args.time} min")
-    require_slurm()
+    check_submission(args)
     name_dir = Path(cfg.run.out_dir).resolve() / cfg.run.name
     log_dir = Path(args.log_dir).resolve() if args.log_dir else name_dir / "submitit"
     run_dir = str(Path(args.run_dir).resolve()) if args.run_dir else str(name_dir / "slurm-{job_id}")
     if len(grid) > 1 and "{job_id}" not in run_dir:
         raise VascdistError(f"--run-dir '{args.run_dir}' must contain {{job_id}} when --sweep makes a job array")
 
-    code = log_dir / f"code-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    config = snapshot_code(code, args.config)
-    job = TrainingJob(config, list(args.overrides), run_dir, cfg.dist.max_requeues, cfg.dist.requeue_signal,
-                      quiet=args.quiet)
-    executor = make_executor(args, log_dir, cfg.dist.max_requeues, cfg.dist.requeue_signal, code)
-    use_squeue_fallback()  # before submitting: the jobs register with the watcher as they are made
-    jobs = submit_jobs(executor, job, grid)
+    def make_job(config: str | None) -> TrainingJob:
+        return TrainingJob(config, list(args.overrides), run_dir, cfg.dist.max_requeues, cfg.dist.requeue_signal,
+                           quiet=args.quiet)
+
+    jobs = submit_training(args, log_dir, args.config, cfg.dist.max_requeues, cfg.dist.requeue_signal, make_job,
+                           [(point,) for point in grid], array=len(grid) > 1)
     states = job_states(jobs)
-    print(f"code snapshot: {code}")
     for j, point in zip(jobs, grid):
         where = run_dir.format(job_id=j.job_id)
         print(f"submitted job {j.job_id} ({states[j.job_id]}; {args.nodes} node(s) x {args.tasks_per_node} task(s))"

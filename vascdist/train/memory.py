@@ -11,12 +11,12 @@ hair may still fail; `train.check_memory=false` skips the check.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import nn
 
 from vascdist.config import Config, batch_sizes
+from vascdist.dist import DistEnv
 from vascdist.errors import ConfigError
 from vascdist.train.precision import uses_bf16
 
@@ -58,26 +58,26 @@ def step_bytes(cfg: Config, model: nn.Module, input_shape: tuple[int, ...], micr
     return saved_bytes_per_sample(model, input_shape, bf16) * micro_batch, 4 * n_params * (2 + states)
 
 
-def available_bytes(device: torch.device) -> tuple[int, str]:
-    """(free bytes this rank may use, where): free GPU memory, or the host's available memory shared by its ranks."""
+def available_bytes(device: torch.device, ranks_here: int = 1) -> tuple[int, str]:
+    """(free bytes this rank may use, where): free GPU memory, or the host's available memory shared by its
+    `ranks_here` ranks (DistEnv.local_world_size)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free), f"{torch.cuda.get_device_name(device)} ({device})"
     import psutil
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")) or 1)
     available = psutil.virtual_memory().available
     return available // max(1, ranks_here), "this host" + (f" / {ranks_here} ranks" if ranks_here > 1 else "")
 
 
-def check_memory(cfg: Config, index: dict, device: torch.device, world_size: int = 1) -> int:
+def check_memory(cfg: Config, index: dict, env: DistEnv) -> int:
     """Raise ConfigError when the estimated peak of a training step exceeds the free memory; returns the estimate."""
     from vascdist.models import build_model
     shape = tuple(index["sample_shape"])
-    micro = batch_sizes(cfg.data.batch_size, world_size, cfg.train.grad_accum).micro
+    micro = batch_sizes(cfg.data.batch_size, env.world_size, cfg.train.grad_accum).micro
     model = build_model(cfg.model, len(index["classes"]), shape)  # on the CPU: the estimate needs no device
-    activations, states = step_bytes(cfg, model, shape, micro, uses_bf16(cfg.train.precision, device))
+    activations, states = step_bytes(cfg, model, shape, micro, uses_bf16(cfg.train.precision, env.device))
     need = activations + states
-    free, where = available_bytes(device)
+    free, where = available_bytes(env.device, env.local_world_size)
     if need > free:
         raise ConfigError(f"a training step of model.name={cfg.model.name} (width {cfg.model.width:g}) at micro-batch "
                           f"{micro} needs about {need / GB:.1f} GB ({activations / GB:.1f} GB activations, "
