@@ -16,9 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import run_cli
+from helpers import STEPS, all_losses, free_port, run_cli, train_args
 from slurm_cluster import REPO, ensure_cluster, job_info, wait_job
-from helpers import STEPS, all_losses, free_port, train_args
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
