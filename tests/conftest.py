@@ -1,5 +1,5 @@
 """Shared fixtures (one small synthetic data set and its shards, made once per test session; the real
-recordings; a local cross-validation) and the markers of the test tiers. Helper functions are in helpers.py."""
+recordings; a local cross-validation). Helper functions are in helpers.py; the markers are in pyproject.toml."""
 
 from __future__ import annotations
 
@@ -17,18 +17,6 @@ from vascdist.data.synth import synthesize
 # The shared real recordings: ../shared/realdata beside the checkout (two stethoscope recordings of one
 # hemodialysis access, arterial and venous side, with their README), present on the project's machines only.
 REALDATA = REPO.parent / "shared" / "realdata" / "vascular-access"
-
-MARKERS = {
-    "slurm": "runs jobs on the local two-node SLURM cluster (slurm/local-cluster.sh)",
-    "dist": "starts several training processes (torchrun, DeepSpeed ranks)",
-    "slow": "trains or runs many processes; `pytest -m \"not slow\"` is the fast tier",
-}
-
-
-def pytest_configure(config) -> None:
-    """Register the markers, so that a misspelt one is a warning (and `pytest --markers` lists them)."""
-    for name, text in MARKERS.items():
-        config.addinivalue_line("markers", f"{name}: {text}")
 
 
 @pytest.fixture
