@@ -31,6 +31,7 @@ def test_make_shards_through_the_cli(tmp_path):
     assert "train=32, val=4, test=4" in proc.stdout
 
 
+@pytest.mark.slow
 def test_loader_bench_prints_all_four_loaders(bench_shards, capsys, tmp_path):
     argv = ["loader", "--shards", str(bench_shards), "--batch-sizes", "64", "--workers", "0,1", "--repeats", "1",
             "--naive-samples", "128", "--memory-samples", "256", "--json", str(tmp_path / "r.json")]
@@ -44,6 +45,7 @@ def test_loader_bench_prints_all_four_loaders(bench_shards, capsys, tmp_path):
     assert all(r["samples_s"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_train_bench_runs_the_real_loop_and_the_bare_loop(capsys):
     argv = ["--threads", "1", "train", "--models", "resnet18:imagenet", "--width", "0.125", "--batch", "16", "--steps", "20",
             "--bare-steps", "2", "--workers", "0"]
@@ -60,6 +62,7 @@ def test_train_bench_refuses_cuda_without_a_gpu(capsys):
     assert "no CUDA device" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_scaling_bench_measures_each_size(tmp_path, capsys):
     assert main(["scaling", "--root", str(tmp_path), "--sizes", "300,600", "--batch", "32", "--workers", "1",
                  "--repeats", "1", "--json", str(tmp_path / "r.json")]) == 0
@@ -69,6 +72,7 @@ def test_scaling_bench_measures_each_size(tmp_path, capsys):
     assert "us/sample from smallest to largest N" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_preprocess_and_checkpoint_benches(tmp_path, capsys):
     assert main(["preprocess", "--patients", "2", "--workers", "1", "--root", str(tmp_path)]) == 0
     assert main(["checkpoint", "--models", "resnet18", "--widths", "0.125", "--repeats", "1"]) == 0
@@ -76,6 +80,8 @@ def test_preprocess_and_checkpoint_benches(tmp_path, capsys):
     assert "cycles/s" in out and "audio s per s" in out and "resnet18 w0.125" in out
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_dist_bench_runs_one_and_two_processes(capsys):
     argv = ["dist", "--width", "0.125", "--batch", "4", "--steps", "2", "--repeats", "1",
             "--paper-models", "resnet18:imagenet"]
@@ -93,6 +99,7 @@ def test_ring_all_reduce_arithmetic():
     assert e["e_overlap"] == pytest.approx(e["e_serial"])  # one bucket: nothing overlaps the backward
 
 
+@pytest.mark.slow
 def test_bootstrap_bench_times_every_interval(tmp_path, capsys):
     assert main(["bootstrap", "--cycles", "600", "--patients", "30", "--resamples", "50", "--repeats", "1",
                  "--json", str(tmp_path / "b.json")]) == 0

@@ -145,6 +145,7 @@ def test_predict_applies_the_checkpoint_temperature():
     assert hot[0, 1] == pytest.approx(np.sqrt(0.8) / (np.sqrt(0.8) + np.sqrt(0.2)), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_training_with_temperature_and_a_sensitivity_target(shards_dir, tmp_path):
     run = tmp_path / "run"
     result = run_cli("train", "quickstart", f"data.shards={shards_dir}", "data.synth_patients=0", "data.batch_size=16",

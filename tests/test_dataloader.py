@@ -141,6 +141,7 @@ def train_losses(lines):
     return [(r["step"], r["train/loss"]) for r in lines if r.get("split") == "train"]
 
 
+@pytest.mark.slow
 def test_transform_runs_in_training_and_both_paths_agree(shards_dir, tmp_path):
     env = {**readme_transform(tmp_path), "OMP_NUM_THREADS": "1"}
     hook = "data.transform=my_augment:gain_and_shift"

@@ -115,6 +115,7 @@ def test_overwrite_with_a_bad_recording_keeps_the_old_set(synth_dir, old_set, tm
     assert len(shardlib.verify(out)["recordings"]) == 9 and not _build_dirs(out)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_overwrite_keeps_the_old_set_and_workers_die(many, synth_dir, old_set, tmp_path):
     out, index_text = old_set
     proc = _start(many, out, "--overwrite")
@@ -135,6 +136,7 @@ def test_kill_9_mid_overwrite_keeps_the_old_set_and_workers_die(many, synth_dir,
 
 
 # --------------------------------------------------------------------------------------------- 5, 6
+@pytest.mark.slow
 def test_second_run_refused_and_sigterm_cleans_up(many, old_set, tmp_path):
     out, index_text = old_set
     first = _start(many, out, "--overwrite")

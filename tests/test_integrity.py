@@ -74,6 +74,7 @@ def _drop_entry(root, index):
     (_relabel_val_as_train, "attribute 'split' is 'val' in the shard but 'train' in index.json"),
     (_drop_entry, "shard-00000.h5: shard not listed in index.json"),
 ])
+@pytest.mark.slow
 def test_training_refuses_what_verify_refuses(shards_dir, tmp_path, tamper, message):
     root = _copy(shards_dir, tmp_path)
     tamper(root, _index(root))
@@ -142,6 +143,7 @@ def test_a_label_outside_the_classes_is_one_line(shards_dir, tmp_path):
         _read_all(root)
 
 
+@pytest.mark.slow
 def test_training_catches_a_corrupted_chunk_with_the_start_up_check_off(shards_dir, tmp_path):
     root = _copy(shards_dir, tmp_path)
     path, lo, hi = flip_byte(root, "x")  # a val sample: evaluation reads every one
@@ -159,6 +161,7 @@ def tiny_run(shards_dir, tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_tampered_or_corrupted_set(tiny_run, shards_dir, tmp_path):
     root = _copy(shards_dir, tmp_path)
     ok = run_cli("evaluate", str(tiny_run), "--shards", str(root), "--out", str(tmp_path / "ok.json"))
