@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
+
+pytestmark = pytest.mark.slow  # builds and installs a wheel
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
+
+pytestmark = pytest.mark.slow  # real training runs
 
 SMALL = ["model.name=resnet18", "model.width=0.125", "model.stem=imagenet", "data.batch_size=16", "train.epochs=1",
          "train.device=cpu", "train.min_steps=0", "sched.name=none"]
