@@ -3,12 +3,14 @@ recordings; a local cross-validation). Helper functions are in helpers.py; the m
 
 from __future__ import annotations
 
+import csv
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, cv_args, run_cli
+from helpers import REPO, cv_args, run_cli, site_cv_args, synth_rows
 from slurm_cluster import stop_started_cluster_at_exit  # noqa: F401 (session teardown of a started SLURM cluster)
 from vascdist.config import PreprocessConfig
 from vascdist.data.preprocess import preprocess
@@ -53,5 +55,48 @@ def local_cv(shards_dir, tmp_path_factory):
     """A local 3-fold `vascdist cv` of the test shards (test_cv and, against its SLURM array, test_slurm_cv)."""
     out = tmp_path_factory.mktemp("cv") / "local"
     result = run_cli(*cv_args(shards_dir, out), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+@pytest.fixture()
+def tmpfs(tmp_path):
+    """A 2 MB tmpfs at tmp_path/full (root is needed to mount one)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'}): the full-disk case is untested")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture(scope="session")
+def site_shards(synth_dir, tmp_path_factory) -> Path:
+    """The synthetic recordings as two centres (patients alternate between them; each centre has both classes),
+    preprocessed with small shards and chunks."""
+    tmp = tmp_path_factory.mktemp("sites")
+    rows = synth_rows(synth_dir)
+    patients = sorted({r["patient_id"] for r in rows})
+    label = {r["patient_id"]: r["label"] for r in rows}
+    centre = {}
+    for klass in sorted(set(label.values())):
+        for i, p in enumerate(p for p in patients if label[p] == klass):
+            centre[p] = "centre-1" if i % 2 == 0 else "centre-2"
+    with open(tmp / "manifest.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "patient_id", "recording_id", "site"])
+        for r in rows:
+            writer.writerow([synth_dir / r["path"], r["label"], r["patient_id"], r["recording_id"], centre[r["patient_id"]]])
+    preprocess(tmp / "manifest.csv", tmp / "shards", PreprocessConfig(shard_size=512, chunk_size=64), workers=2,
+               progress=False)
+    return tmp / "shards"
+
+
+@pytest.fixture(scope="module")
+def local_site_cv(site_shards, tmp_path_factory):
+    """A local leave-one-site-out `vascdist cv` of site_shards (test_sites and, against its SLURM array, test_slurm_cv)."""
+    out = tmp_path_factory.mktemp("sitecv") / "local"
+    result = run_cli(*site_cv_args(site_shards, out), env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result

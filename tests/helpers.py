@@ -149,3 +149,42 @@ def check_folds(out: Path, shards_dir: Path) -> None:
         assert train | val | test == patients
         tested += parts["test"]
     assert sorted(tested) == sorted(patients)  # every patient tested exactly once
+
+
+# ------------------------------------------------------------------------------------------- run faults
+SMALL = ["model.name=resnet18", "model.width=0.125", "model.stem=imagenet", "data.batch_size=16", "train.epochs=1",
+         "train.device=cpu", "train.min_steps=0", "sched.name=none"]
+
+
+def one_error_line(result, command: str = "train") -> str:
+    """The single `vascdist COMMAND: error: ...` line of a failed run (no traceback)."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith(f"vascdist {command}: error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------------------- sites
+def synth_rows(synth_dir: Path) -> list[dict]:
+    """The rows of a synthetic set's manifest.csv."""
+    with open(synth_dir / "manifest.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def site_cv_args(shards, out, *extra):
+    return ["cv", "quickstart", "--group-by", "site", "--out", str(out), f"data.shards={shards}",
+            "data.synth_patients=0", *FAST, *extra]
+
+
+def check_site_folds(out: Path, shards: Path) -> None:
+    index = load_index(shards)
+    site = {r["patient"]: r["site"] for r in index["recordings"]}
+    plan = json.loads((out / "cv.json").read_text())
+    assert plan["group_by"] == "site" and [e["name"] for e in plan["entries"]] == ["site-centre-1", "site-centre-2"]
+    for entry in plan["entries"]:
+        parts = json.loads(Path(entry["split_file"]).read_text())
+        assert {site[p] for p in parts["test"]} == {entry["site"]}
+        assert sorted(parts["test"]) == sorted(p for p in site if site[p] == entry["site"])  # the whole site
+        assert entry["site"] not in {site[p] for p in parts["train"] + parts["val"]}  # validation from the others
+        assert parts["val"] and not set(parts["val"]) & set(parts["train"])

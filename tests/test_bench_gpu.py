@@ -5,9 +5,11 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from vascdist.bench import main
 from vascdist.bench.gpu import JSON_NAME, TEXT_NAME, TINY
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # the dry run trains, under torchrun too
 
 PARTS = ["env", "data", "main_job", "dist", "resume", "train"]
 

@@ -12,7 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
+
+pytestmark = pytest.mark.slow  # trains the run it exports
 
 pytest.importorskip("onnxruntime", reason="the 'export' extra is not installed (pip install -e '.[export]')")
 

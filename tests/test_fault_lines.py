@@ -16,10 +16,10 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import run_cli
-from test_faults import tmpfs  # noqa: F401 (fixture: a 2 MB tmpfs)
-from test_run_faults import SMALL, one_error_line
+from helpers import SMALL, one_error_line, run_cli
 from vascdist.train.state import CheckpointManager
+
+pytestmark = pytest.mark.slow  # real training runs
 
 
 def config_cases(tmp: Path) -> dict[str, tuple[Path, str]]:

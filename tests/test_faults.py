@@ -155,18 +155,6 @@ def test_second_run_refused_and_sigterm_cleans_up(many, old_set, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- 4: full disk
-@pytest.fixture()
-def tmpfs(tmp_path):
-    """A 2 MB tmpfs at tmp_path/full (root is needed to mount one)."""
-    mount = tmp_path / "full"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if result.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'}): the full-disk case is untested")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_full_disk_during_preprocess_is_one_line_and_keeps_the_old_set(synth_dir, tmpfs, tmp_path, workers):
     out = tmpfs / "shards"

@@ -8,7 +8,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from conftest import run_cli
+from helpers import run_cli
 from vascdist import plots
 
 

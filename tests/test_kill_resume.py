@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_run_faults import SMALL
+from helpers import SMALL
 from vascdist.train.state import CheckpointManager, model_weights
+
+pytestmark = pytest.mark.slow  # kills and resumes real training runs
 
 ENDS = {"last_step": ["train.max_steps=24", "train.eval_every=6"],
         "early_stop": ["train.epochs=6", "train.eval_every=0", "train.early_stop_patience=1",

@@ -18,21 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import SMALL, one_error_line, run_cli
 
 pytestmark = pytest.mark.slow  # real training runs
 
-SMALL = ["model.name=resnet18", "model.width=0.125", "model.stem=imagenet", "data.batch_size=16", "train.epochs=1",
-         "train.device=cpu", "train.min_steps=0", "sched.name=none"]
 
-
-def one_error_line(result, command: str = "train") -> str:
-    """The single `vascdist COMMAND: error: ...` line of a failed run (no traceback)."""
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith(f"vascdist {command}: error: ")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
 
 
 def tree(path: Path) -> dict[str, int]:

@@ -4,7 +4,6 @@ class-mix warning (tests/test_slurm_cv.py runs the same leave-one-site-out as a 
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -12,26 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
-from test_cv import FAST
+from helpers import check_site_folds, run_cli, site_cv_args, synth_rows
 from vascdist.data.manifest import build_manifest, read_manifest
-from vascdist.data.shards import load_index
 from vascdist.errors import DataError
 from vascdist.eval.sites import confound_warning
 
 CLASSES = ["normal", "abnormal"]
 
 
-def _synth_rows(synth_dir: Path) -> list[dict]:
-    with open(synth_dir / "manifest.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def _physionet_tree(synth_dir: Path, root: Path) -> dict[str, list[tuple[str, str]]]:
     """training-a/ and training-b/ with real WAV files (synthetic recordings) and a REFERENCE.csv each, as in
     the PhysioNet 2016 database (stenosis -> 1, normal -> -1); returns {folder: [(name, label)]}."""
     made: dict[str, list[tuple[str, str]]] = {"training-a": [], "training-b": []}
-    for i, row in enumerate(_synth_rows(synth_dir)[:10]):
+    for i, row in enumerate(synth_rows(synth_dir)[:10]):
         folder = "training-a" if i < 6 else "training-b"
         name = f"{folder[-1]}{i:04d}"
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -100,56 +92,7 @@ def test_confound_warning_rule():
 
 
 # --------------------------------------------------------------------------------------------- leave-one-site-out
-@pytest.fixture(scope="session")
-def site_shards(synth_dir, tmp_path_factory) -> Path:
-    """The synthetic recordings as two centres (patients alternate between them; each centre has both classes),
-    preprocessed with small shards and chunks."""
-    from vascdist.config import PreprocessConfig
-    from vascdist.data.preprocess import preprocess
-    tmp = tmp_path_factory.mktemp("sites")
-    rows = _synth_rows(synth_dir)
-    patients = sorted({r["patient_id"] for r in rows})
-    label = {r["patient_id"]: r["label"] for r in rows}
-    centre = {}
-    for klass in sorted(set(label.values())):
-        for i, p in enumerate(p for p in patients if label[p] == klass):
-            centre[p] = "centre-1" if i % 2 == 0 else "centre-2"
-    with open(tmp / "manifest.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label", "patient_id", "recording_id", "site"])
-        for r in rows:
-            writer.writerow([synth_dir / r["path"], r["label"], r["patient_id"], r["recording_id"], centre[r["patient_id"]]])
-    preprocess(tmp / "manifest.csv", tmp / "shards", PreprocessConfig(shard_size=512, chunk_size=64), workers=2,
-               progress=False)
-    return tmp / "shards"
-
-
-def site_cv_args(shards, out, *extra):
-    return ["cv", "quickstart", "--group-by", "site", "--out", str(out), f"data.shards={shards}",
-            "data.synth_patients=0", *FAST, *extra]
-
-
-def check_site_folds(out: Path, shards: Path) -> None:
-    index = load_index(shards)
-    site = {r["patient"]: r["site"] for r in index["recordings"]}
-    plan = json.loads((out / "cv.json").read_text())
-    assert plan["group_by"] == "site" and [e["name"] for e in plan["entries"]] == ["site-centre-1", "site-centre-2"]
-    for entry in plan["entries"]:
-        parts = json.loads(Path(entry["split_file"]).read_text())
-        assert {site[p] for p in parts["test"]} == {entry["site"]}
-        assert sorted(parts["test"]) == sorted(p for p in site if site[p] == entry["site"])  # the whole site
-        assert entry["site"] not in {site[p] for p in parts["train"] + parts["val"]}  # validation from the others
-        assert parts["val"] and not set(parts["val"]) & set(parts["train"])
-
-
-@pytest.fixture(scope="module")
-def local_site_cv(site_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sitecv") / "local"
-    result = run_cli(*site_cv_args(site_shards, out), env={"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result
-
-
+@pytest.mark.slow
 def test_leave_one_site_out_locally_with_per_site_intervals(local_site_cv, site_shards):
     out, result = local_site_cv
     check_site_folds(out, site_shards)
@@ -173,6 +116,7 @@ def test_leave_one_site_out_locally_with_per_site_intervals(local_site_cv, site_
     assert set(fold_record["sites"]) == {"centre-1"} and "intervals" in fold_record["sites"]["centre-1"]
 
 
+@pytest.mark.slow
 def test_evaluate_reports_sites_with_intervals(local_site_cv, tmp_path):
     out, _ = local_site_cv
     result = run_cli("evaluate", str(out / "site-centre-2"), "--split", "test", "--out", str(tmp_path / "e.json"))

@@ -8,8 +8,7 @@ import re
 
 import pytest
 
-from helpers import check_folds, cv_args, run_cli
-from test_sites import check_site_folds, local_site_cv, site_cv_args, site_shards  # noqa: F401  (fixtures)
+from helpers import check_folds, check_site_folds, cv_args, run_cli, site_cv_args
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
