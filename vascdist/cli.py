@@ -244,11 +244,10 @@ def _add_predict(sub) -> None:
             raise VascdistError(f"{bad[0][0]}: {bad[0][1]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1
                                                                else "") + "; --skip-bad goes on past bad files")
         import json
-        from vascdist.inference import predict_files
-        files, patients = _predict_patients(a)
+        from vascdist.inference import decision_rule, predict, resolve_patients
+        files, patients = resolve_patients(a.files, a.manifest, a.patient)
         skipped: list[dict] | None = [] if a.skip_bad else None
-        results = predict_files(a.checkpoint, files, skipped=skipped)
-        verdicts = _patient_verdicts(a.checkpoint, results, patients) if patients else []
+        results, verdicts = predict(a.checkpoint, files, patients, skipped=skipped)
         if a.json:
             print(json.dumps({"recordings": results, "patients": verdicts} if patients else results, indent=1))
         for r in [] if a.json else results:
@@ -270,35 +269,6 @@ def _add_predict(sub) -> None:
             print(f"vascdist predict: {len(skipped)} of {len(a.files)} files skipped", file=sys.stderr)
             return 1
     p.set_defaults(func=run)
-
-
-def _predict_patients(a) -> tuple[list[str], dict[str, str]]:
-    """predict's files and {file: patient id} from --patient / --manifest."""
-    from pathlib import Path
-    from vascdist.errors import VascdistError
-    from vascdist.inference import manifest_patients
-    files = list(a.files)
-    if a.manifest:
-        listed = manifest_patients(a.manifest)
-        if not files:
-            files = list(listed)
-        resolved = {f: str(Path(f).resolve()) for f in files}
-        by_resolved = {str(Path(k).resolve()): v for k, v in listed.items()}
-        patients = {f: by_resolved[resolved[f]] for f in files if resolved[f] in by_resolved}
-    elif a.patient:
-        patients = {f: a.patient for f in files}
-    else:
-        patients = {}
-    if not files:
-        raise VascdistError("predict: no recordings given (pass FILES or --manifest)")
-    return files, patients
-
-
-def _patient_verdicts(checkpoint: str, results: list[dict], patients: dict[str, str]) -> list[dict]:
-    from vascdist.inference import checkpoint_state, find_checkpoint, patient_verdicts
-    state = checkpoint_state(find_checkpoint(checkpoint))
-    thresholds = state.get("progress", {}).get("val_thresholds") or {}
-    return patient_verdicts(results, patients, state["data"]["classes"], thresholds.get("patient"))
 
 
 def _print_quality(r: dict) -> None:
@@ -325,21 +295,6 @@ def _add_inspect(sub) -> None:
         cfg = load_config(a.config, a.overrides)
         print(f"wrote {inspect_file(a.file, cfg.preprocess, a.out)}")
     p.set_defaults(func=run)
-
-
-def decision_rule(result: dict) -> str:
-    """The line that says how predict turned probabilities into verdicts: the threshold, where it came from and
-    by which rule (eval.threshold), and the temperature the probabilities were scaled by (eval.calibrate)."""
-    classes = list(result["probabilities"])
-    temperature = float(result.get("temperature", 1.0))
-    scaled = f"; probabilities after temperature scaling, T = {temperature:.3f}" if temperature != 1.0 else ""
-    if result["threshold"] is None:
-        return f"verdict: the class of highest mean probability ({', '.join(classes)}){scaled}"
-    where = "chosen on the validation set" if result.get("threshold_source") == "validation" else \
-        "the default: this checkpoint holds no validation threshold"
-    rule = f", rule {result['threshold_rule'].removesuffix(' on validation')}" if result.get("threshold_rule") else ""
-    return (f"verdict: {classes[1]} when the mean P({classes[1]}) over cycles >= {result['threshold']:.3f} "
-            f"(threshold {where}{rule}{scaled})")
 
 
 def _add_env(sub) -> None:

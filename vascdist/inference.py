@@ -113,9 +113,25 @@ def calibrated(probs: np.ndarray, state: dict) -> np.ndarray:
     return apply_temperature(probs, checkpoint_temperature(state)).astype(np.float32)
 
 
+def predict(checkpoint: str, files: list[str], patients: dict[str, str],
+            skipped: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
+    """`vascdist predict`: each recording's result (predict_files) and, for the files with a patient id, the
+    patients' verdicts (patient_verdicts); the checkpoint is read once."""
+    path = find_checkpoint(checkpoint)
+    loaded = load_model(path)
+    results = predict_files(path, files, skipped, loaded=loaded)
+    state = loaded[1]
+    thresholds = state.get("progress", {}).get("val_thresholds") or {}
+    verdicts = patient_verdicts(results, patients, state["data"]["classes"], thresholds.get("patient")) \
+        if patients else []
+    return results, verdicts
+
+
 @torch.no_grad()
-def predict_files(checkpoint: str, files: list[str], skipped: list[dict] | None = None) -> list[dict]:
-    """Per recording: per-cycle probabilities and the verdict, with the checkpoint's own preprocessing.
+def predict_files(checkpoint: str | Path, files: list[str], skipped: list[dict] | None = None,
+                  loaded: tuple[torch.nn.Module, dict, Config] | None = None) -> list[dict]:
+    """Per recording: per-cycle probabilities and the verdict, with the checkpoint's own preprocessing
+    (`loaded`: load_model's result for it, when the caller has it already).
 
     A bad file (unreadable, silent, too few cycles) raises VascdistError naming it; when a `skipped` list is given
     it is appended there as {'file', 'reason'} instead and the other files go on.
@@ -123,7 +139,7 @@ def predict_files(checkpoint: str, files: list[str], skipped: list[dict] | None 
     from vascdist.data.audio import load_audio_stats
     from vascdist.data.preprocess import analyse_recording
     path = find_checkpoint(checkpoint)
-    model, state, _ = load_model(path)
+    model, state, _ = loaded or load_model(path)
     info = state["data"]
     if info["kind"] != "spectrogram":
         raise VascdistError(f"{path}: predict takes recordings, but this model was trained on {info['kind']}")
@@ -203,3 +219,38 @@ def manifest_patients(manifest: str) -> dict[str, str]:
         if not reader.fieldnames or "path" not in reader.fieldnames or "patient_id" not in reader.fieldnames:
             raise VascdistError(f"{manifest}: needs the columns path and patient_id")
         return {str(root / row["path"]): row["patient_id"].strip() for row in reader}
+
+
+def resolve_patients(files: list[str], manifest: str | None, patient: str | None) -> tuple[list[str], dict[str, str]]:
+    """predict's files and {file: patient id}: from a manifest (whose recordings are the files when none are
+    given), or one patient id for all files."""
+    files = list(files)
+    if manifest:
+        listed = manifest_patients(manifest)
+        if not files:
+            files = list(listed)
+        resolved = {f: str(Path(f).resolve()) for f in files}
+        by_resolved = {str(Path(k).resolve()): v for k, v in listed.items()}
+        patients = {f: by_resolved[resolved[f]] for f in files if resolved[f] in by_resolved}
+    elif patient:
+        patients = {f: patient for f in files}
+    else:
+        patients = {}
+    if not files:
+        raise VascdistError("predict: no recordings given (pass FILES or --manifest)")
+    return files, patients
+
+
+def decision_rule(result: dict) -> str:
+    """The line that says how predict turned probabilities into verdicts: the threshold, where it came from and
+    by which rule (eval.threshold), and the temperature the probabilities were scaled by (eval.calibrate)."""
+    classes = list(result["probabilities"])
+    temperature = float(result.get("temperature", 1.0))
+    scaled = f"; probabilities after temperature scaling, T = {temperature:.3f}" if temperature != 1.0 else ""
+    if result["threshold"] is None:
+        return f"verdict: the class of highest mean probability ({', '.join(classes)}){scaled}"
+    where = "chosen on the validation set" if result.get("threshold_source") == "validation" else \
+        "the default: this checkpoint holds no validation threshold"
+    rule = f", rule {result['threshold_rule'].removesuffix(' on validation')}" if result.get("threshold_rule") else ""
+    return (f"verdict: {classes[1]} when the mean P({classes[1]}) over cycles >= {result['threshold']:.3f} "
+            f"(threshold {where}{rule}{scaled})")
