@@ -186,15 +186,11 @@ def _add_evaluate(sub) -> None:
         _require_path(a.run, "run directory or checkpoint")
         _refuse_a_live_run(a.run)
         from vascdist.inference import evaluate_checkpoint
-        from vascdist.runner import format_summary
+        from vascdist.eval.assess import split_summary
+        from vascdist.runner import where_to_look
         result = evaluate_checkpoint(a.run, a.shards, a.split, a.out)
-        classes = result["classes"]
-        text = format_summary({"test": result["metrics"], "classes": classes, "best_step": result["best_step"],
-                               "run_dir": result["run_dir"], "test_intervals": result["intervals"],
-                               "test_counts": result["counts"], "test_record": {"confidence": result["confidence"]}}).replace("test set", f"{a.split} set")
-        if a.split == "val":  # no thresholds from elsewhere: each level's is chosen on the validation set itself
-            text = text.replace("thresholds chosen on validation", "thresholds chosen on this set")
-        print(text)
+        print(split_summary(a.split, result["classes"], result["best_step"], result["metrics"], result["intervals"],
+                            result["counts"], result["confidence"]) + "\n" + where_to_look(result["run_dir"]))
         _print_sites(result["metrics"].get("sites", {}), result["confidence"])
         print(f"checkpoint: {result['checkpoint']}")
         print(f"wrote {result['json']} and {result['png']}")

@@ -127,16 +127,10 @@ def site_lines(record: dict) -> list[str]:
     return [format_sites(sites, record.get("confidence", 0.95))] + ([warning] if warning else [])
 
 
-def format_summary(summary: dict) -> str:
-    """The table a user sees at the end of training: test metrics per level, with intervals and the split's n."""
-    from vascdist.eval.assess import format_table
-    lines = [f"test set ({', '.join(summary['classes'])}), thresholds chosen on validation; best step {summary['best_step']}",
-             format_table(summary["test"], summary["classes"], summary.get("test_intervals"), summary.get("test_counts"),
-                          summary.get("test_record", {}).get("confidence", 0.95)),
-             *site_lines(summary.get("test_record", {})),
-             f"run directory: {summary['run_dir']}  (tensorboard --logdir {RunLayout(summary['run_dir']).tensorboard})"
-             if summary.get("show_run_dir", True) else f"tensorboard --logdir {RunLayout(summary['run_dir']).tensorboard}"]
-    return "\n".join(lines)
+def where_to_look(run_dir: str | Path, name_it: bool = True) -> str:
+    """The line after a summary: the run directory (unless it was printed already) and its TensorBoard command."""
+    board = f"tensorboard --logdir {RunLayout(run_dir).tensorboard}"
+    return f"run directory: {run_dir}  ({board})" if name_it else board
 
 
 def prepare_run_dir(cfg: Config, layout: RunLayout, resume: str | None) -> str | None:
@@ -227,7 +221,12 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
                 summary["test_record"]["sites"] = sites_of_test(layout, index, summary["test"], cfg)
             with said_if_disk_full(layout.test_metrics):
                 atomic_write_json(layout.test_metrics, summary["test_record"])
-            print(format_summary({**summary, "show_run_dir": False}), flush=True)  # printed once, at the start
+            from vascdist.eval.assess import split_summary
+            record = summary["test_record"]
+            table = split_summary("test", summary["classes"], summary["best_step"], summary["test"],
+                                  summary["test_intervals"], summary["test_counts"], record.get("confidence", 0.95))
+            # the run directory was printed once, at the start
+            print("\n".join([table, *site_lines(record), where_to_look(summary["run_dir"], name_it=False)]), flush=True)
             from vascdist.report import write_report
             print(f"report: {write_report(path)}", flush=True)
         return summary

@@ -212,6 +212,15 @@ def describe_excluded(metrics: dict) -> str:
             f"{metrics.get('patient/excluded', 0)} patients")
 
 
+def split_summary(split: str, classes: list[str], best_step: int, metrics: dict, intervals: dict | None,
+                  counts: dict | None, confidence: float) -> str:
+    """A split's header line and its table: what `vascdist train` prints for test and `vascdist evaluate` for any
+    split (validation's thresholds are its own; every other split's come from validation)."""
+    source = "this set" if split == "val" else "validation"
+    return "\n".join([f"{split} set ({', '.join(classes)}), thresholds chosen on {source}; best step {best_step}",
+                      format_table(metrics, classes, intervals, counts, confidence)])
+
+
 def format_table(metrics: dict, classes: list[str], intervals: dict | None = None, counts: dict | None = None,
                  confidence: float = 0.95) -> str:
     """Metrics as rows, levels as columns, each cell `value [lo-hi]`."""
