@@ -73,16 +73,18 @@ def tmpfs(tmp_path):
 
 @pytest.fixture(scope="session")
 def site_shards(synth_dir, tmp_path_factory) -> Path:
-    """The synthetic recordings as two centres (patients alternate between them; each centre has both classes),
-    preprocessed with small shards and chunks."""
+    """The synthetic recordings as two centres with different class mixes (each has at least two patients of
+    each class), preprocessed with small shards and chunks."""
     tmp = tmp_path_factory.mktemp("sites")
     rows = synth_rows(synth_dir)
     patients = sorted({r["patient_id"] for r in rows})
     label = {r["patient_id"]: r["label"] for r in rows}
-    centre = {}
+    centre = {}  # centre-1 gets a third of the normal patients and two thirds of the stenosis ones: a confound
     for klass in sorted(set(label.values())):
-        for i, p in enumerate(p for p in patients if label[p] == klass):
-            centre[p] = "centre-1" if i % 2 == 0 else "centre-2"
+        members = [p for p in patients if label[p] == klass]
+        share = 1 / 3 if klass == "normal" else 2 / 3
+        for i, p in enumerate(members):
+            centre[p] = "centre-1" if i < round(share * len(members)) else "centre-2"
     with open(tmp / "manifest.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "patient_id", "recording_id", "site"])

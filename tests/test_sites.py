@@ -109,9 +109,12 @@ def test_leave_one_site_out_locally_with_per_site_intervals(local_site_cv, site_
     assert "leave-one-site-out over 2 sites: 2 of 2 folds finished" in result.stdout
     assert "per site, recording level, tested when held out (out-of-site)" in result.stdout
     assert "pooled out-of-site predictions" in result.stdout
-    assert "warning: the share" not in result.stderr  # the centres have the same class mix
+    warning = [line for line in result.stderr.splitlines() if "warning: the share of" in line]
+    assert len(warning) == 1 and "more than 20 points apart" in warning[0]  # the confound, said once, at the start
+    assert aggregate["site_warning"].startswith("warning: the share of") and aggregate["site_warning"] in result.stdout
     page = (out / "report.html").read_text()
     assert 'id="per-site"' in page and "mean ± sd across sites" in page and "<th>centre-1</th>" in page
+    assert "warning: the share of" in page
     fold_record = json.loads((out / "site-centre-1" / "test_metrics.json").read_text())
     assert set(fold_record["sites"]) == {"centre-1"} and "intervals" in fold_record["sites"]["centre-1"]
 
