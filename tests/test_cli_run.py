@@ -111,9 +111,10 @@ def test_the_safe_keys_exist_in_the_config():
     assert RESUME_SAFE <= set(flatten(to_dict(Config())))
 
 
-def test_predict_skip_bad_goes_on_and_shows_the_threshold(tiny_run, synth_dir, tmp_path):
+def test_predict_skip_bad_goes_on_and_shows_the_threshold(tiny_run, shards_dir, tmp_path):
+    from vascdist.data.shards import load_index
     run, _ = tiny_run
-    good = sorted((synth_dir / "wav").glob("*.wav"))[:2]
+    good = [r["path"] for r in load_index(shards_dir)["recordings"] if r["quality"]["periodic"]][:2]
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"not audio at all")
     files = [str(good[0]), str(bad), str(good[1])]
@@ -122,8 +123,8 @@ def test_predict_skip_bad_goes_on_and_shows_the_threshold(tiny_run, synth_dir, t
 
     result = run_cli("predict", str(run), *files, "--skip-bad")
     assert result.returncode == 1, result.stderr  # some files were skipped
-    verdict_lines = [line for line in result.stdout.splitlines() if not line.startswith(" ")]  # quality lines are indented
-    assert [line.split(":")[0] for line in verdict_lines[:2]] == [str(good[0]), str(good[1])]
+    verdict_lines = [line for line in result.stdout.splitlines() if line.startswith(tuple(good))]
+    assert [line.split(":")[0] for line in verdict_lines] == [str(good[0]), str(good[1])]
     assert "verdict: stenosis when the mean P(stenosis) over cycles >= " in result.stdout
     assert "threshold chosen on the validation set" in result.stdout
     assert f"skipped {bad}: unreadable audio file" in result.stderr and "1 of 3 files skipped" in result.stderr

@@ -1,5 +1,6 @@
 """The front end on the two shared real recordings and on synthetic ones, through a real trained model:
-predictions independent of the recording gain, quality records and warnings, patient verdicts, `inspect`."""
+predictions independent of the recording gain, quality records, no verdict on real files from a synthetic model,
+patient verdicts, `inspect`."""
 
 import json
 from pathlib import Path
@@ -45,7 +46,8 @@ def test_probabilities_do_not_depend_on_gain(real_recordings, tiny_run, synth_di
     moved = {}
     for src in sources:
         copies = _gained(src, tmp_path)
-        results = predict_files(str(tiny_run), [str(src)] + [str(p) for p in copies])
+        # abstain=False: the model's own output, also where predict would give no verdict (real files)
+        results = predict_files(str(tiny_run), [str(src)] + [str(p) for p in copies], abstain=False)
         base = results[0]
         for r in results[1:]:
             assert len(r["cycles"]) == len(base["cycles"])
@@ -56,29 +58,31 @@ def test_probabilities_do_not_depend_on_gain(real_recordings, tiny_run, synth_di
     assert max(moved.values()) < 0.05
 
 
-def test_predict_reports_quality_warnings_and_a_patient_verdict(real_recordings, tiny_run, tmp_path):
-    result = run_cli("predict", str(tiny_run), *(str(real_recordings / n) for n in REAL_NAMES), "--patient", "P1", "--json")
-    assert result.returncode == 0, result.stderr
+def test_a_synthetic_model_gives_real_recordings_no_verdict_but_their_quality(real_recordings, tiny_run, tmp_path):
+    real_files = [str(real_recordings / n) for n in REAL_NAMES]
+    result = run_cli("predict", str(tiny_run), *real_files, "--patient", "P1", "--json")
+    assert result.returncode == 3, result.stderr  # read, but no verdict
     out = json.loads(result.stdout)
     for r in out["recordings"]:
         q = r["quality"]
         assert 65 <= q["heart_rate_bpm"] <= 72 and q["periodic"] and q["clipping_fraction"] == 0.0
         assert q["level_dbfs"] is not None and q["snr_db"] is not None
+        assert r["verdict"] is None and r["probabilities"] is None
+        assert "a real recording, and the model was trained on synthetic recordings (vascdist synth) only" \
+            in r["reasons"]
     (patient,) = out["patients"]
-    assert patient["patient"] == "P1" and len(patient["recordings"]) == 2
-    assert patient["verdict"] in ("normal", "stenosis")
-    mean = np.mean([r["probabilities"]["stenosis"] for r in out["recordings"]])
-    assert patient["probabilities"]["stenosis"] == pytest.approx(mean)
+    assert patient["patient"] == "P1" and patient["verdict"] is None
+    assert patient["left_out"] == real_files and patient["recordings"] == []
 
-    # A heart rate far outside the training data's is named on a warning line.
+    # A heart rate far outside the training data's is a reason of its own.
     rate = 4000
     t = np.arange(20 * rate) / rate
     fast = np.random.default_rng(0).standard_normal(len(t)) * (1.2 + np.sin(2 * np.pi * 2.4 * t)) * 0.05  # 144 bpm
     path = tmp_path / "fast.wav"
     sf.write(path, fast.astype(np.float32), rate)
     result = run_cli("predict", str(tiny_run), str(path))
-    assert result.returncode == 0, result.stderr
-    assert "warning: heart_rate_bpm 14" in result.stdout and "outside the training data's" in result.stdout
+    assert result.returncode == 3, result.stderr
+    assert "no verdict: heart_rate_bpm 14" in result.stdout and "outside the training data's" in result.stdout
 
 
 def test_metrics_count_exclusions_and_report_sites(tiny_run, tmp_path):

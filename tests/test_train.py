@@ -82,7 +82,7 @@ def test_tensorboard_events_read_back(straight_run):
     assert (run / "config.yaml").exists() and (run / "test_confusion.png").exists()
 
 
-def test_evaluate_and_predict_cli(straight_run, synth_dir, tmp_path):
+def test_evaluate_and_predict_cli(straight_run, shards_dir, tmp_path):
     run, summary = straight_run
     out = tmp_path / "eval.json"
     result = run_cli("evaluate", str(run), "--split", "test", "--out", str(out))
@@ -97,7 +97,8 @@ def test_evaluate_and_predict_cli(straight_run, synth_dir, tmp_path):
     assert f"best step {summary['best_step']}" in result.stdout  # the printed table names the run, not the file
     assert f"run directory: {run}  (tensorboard --logdir {run}/tb)" in result.stdout
 
-    wavs = sorted((synth_dir / "wav").glob("*.wav"))[:2]
+    from vascdist.data.shards import load_index
+    wavs = [r["path"] for r in load_index(shards_dir)["recordings"] if r["quality"]["periodic"]][:2]  # verdicts
     result = run_cli("predict", str(run / "checkpoints" / "best.pt"), *map(str, wavs), "--json")
     assert result.returncode == 0, result.stderr
     predictions = json.loads(result.stdout)
@@ -110,8 +111,8 @@ def test_evaluate_and_predict_cli(straight_run, synth_dir, tmp_path):
     # 0.3 s: a padded 1-s window would still be 70 % padding (preprocess.cycles.pad_fraction 0.5)
     sf.write(short, np.random.default_rng(0).normal(0, 0.1, 1200).astype(np.float32), 4000)
     result = run_cli("predict", str(run), str(short))
-    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
-    assert "short.wav" in result.stderr and "cycle" in result.stderr
+    assert result.returncode == 3 and result.stderr.strip() == "vascdist predict: NO VERDICT for 1 of 1 recordings"
+    assert f"{short}: NO VERDICT" in result.stdout and "cycle" in result.stdout
 
 
 def test_corrupt_newest_checkpoint_is_skipped_on_resume(straight_run, shards_dir, tmp_path, capfd):

@@ -7,8 +7,19 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from vascdist.abstain import AbstainRule
 from vascdist.errors import VascdistError
+from vascdist.fileio import not_a_readable_file
+
+if TYPE_CHECKING:
+    from vascdist.data.provenance import Provenance
+
+PREDICT_SKIPPED = 1
+"""predict's exit code when --skip-bad went past files it could not read."""
+PREDICT_NO_VERDICT = 3
+"""predict's exit code when every file was read but some recordings got NO VERDICT (abstain.py)."""
 
 
 def _require_path(path: str, what: str) -> None:
@@ -98,6 +109,9 @@ def _add_preprocess(sub) -> None:
         from vascdist.data.shards import site_summary
         if site_summary(index):
             print(site_summary(index))
+        if index.get("excluded"):
+            from vascdist.data.shards import excluded_summary
+            print(excluded_summary(index, a.out), file=sys.stderr)
     p.set_defaults(func=run)
 
 
@@ -193,6 +207,7 @@ def _add_evaluate(sub) -> None:
                             result["counts"], result["confidence"]) + "\n" + where_to_look(result["run_dir"]))
         _print_sites(result["metrics"].get("sites", {}), result["confidence"])
         print(f"checkpoint: {result['checkpoint']}")
+        print(result["provenance"])
         print(f"wrote {result['json']} and {result['png']}")
     p.set_defaults(func=run)
 
@@ -229,50 +244,84 @@ def _add_predict(sub) -> None:
     p.add_argument("--manifest", default=None,
                    help="manifest CSV (path,patient_id,...): patient ids of FILES (or, without FILES, its recordings)")
     p.add_argument("--skip-bad", action="store_true",
-                   help="go on past files that cannot be read or hold too few cycles; they are listed on stderr "
-                        "and the exit code is 1")
+                   help="go on past files that cannot be read; they are listed on stderr and the exit code is 1")
+    p.add_argument("--min-cycles", type=int, default=AbstainRule.min_cycles,
+                   help="fewest usable cycle windows a recording needs for a verdict (default %(default)s)")
+    p.add_argument("--spectral-margin", type=float, default=AbstainRule.spectral_margin,
+                   help="how far (x the farthest training recording's distance) a recording's per-band log-mel "
+                        "may lie from the training recordings' before it gets no verdict (default %(default)s)")
 
     def run(a):
         _require_path(a.checkpoint, "checkpoint or run directory")
-        from vascdist.fileio import not_a_readable_file
         bad = [(f, why) for f in a.files if (why := not_a_readable_file(f))]
         if bad and not a.skip_bad:
             raise VascdistError(f"{bad[0][0]}: {bad[0][1]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1
                                                                else "") + "; --skip-bad goes on past bad files")
-        import json
-        from vascdist.inference import decision_rule, predict, resolve_patients
+        if a.min_cycles < 1 or not a.spectral_margin > 0:
+            raise VascdistError("predict: --min-cycles must be >= 1 and --spectral-margin > 0")
+        from vascdist.inference import predict, resolve_patients
         files, patients = resolve_patients(a.files, a.manifest, a.patient)
         skipped: list[dict] | None = [] if a.skip_bad else None
-        results, verdicts = predict(a.checkpoint, files, patients, skipped=skipped)
-        if a.json:
-            print(json.dumps({"recordings": results, "patients": verdicts} if patients else results, indent=1))
-        for r in [] if a.json else results:
-            probs = "  ".join(f"P({k})={v:.3f}" for k, v in r["probabilities"].items())
-            per_cycle = " ".join(f"{list(c['probabilities'].values())[-1]:.2f}" for c in r["cycles"])
-            print(f"{r['file']}: {r['verdict'].upper()}  {probs}  ({len(r['cycles'])} cycles; "
-                  f"per-cycle P({list(r['probabilities'])[-1]}): {per_cycle})")
-            _print_quality(r)
-        for v in [] if a.json else verdicts:
-            probs = "  ".join(f"P({k})={p:.3f}" for k, p in v["probabilities"].items())
-            cut = "" if v["threshold"] is None else f", threshold {v['threshold']:.3f}"
-            print(f"patient {v['patient']}: {v['verdict'].upper()}  {probs}  ({len(v['recordings'])} recordings{cut}"
-                  + (f", {v['warnings']} quality warnings)" if v["warnings"] else ")"))
-        if results and not a.json:
-            print(decision_rule(results[0]))
+        results, verdicts, provenance = predict(a.checkpoint, files, patients, skipped,
+                                                AbstainRule(a.min_cycles, a.spectral_margin))
+        _print_predictions(provenance, results, verdicts, bool(patients), a.json)
         for s in skipped or []:
             print(f"vascdist predict: skipped {s['reason']}", file=sys.stderr)
         if skipped:
-            print(f"vascdist predict: {len(skipped)} of {len(a.files)} files skipped", file=sys.stderr)
-            return 1
+            print(f"vascdist predict: {len(skipped)} of {len(files)} files skipped", file=sys.stderr)
+            return PREDICT_SKIPPED
+        abstained = [r for r in results if r["verdict"] is None]
+        if abstained:
+            print(f"vascdist predict: NO VERDICT for {len(abstained)} of {len(results)} recordings", file=sys.stderr)
+            return PREDICT_NO_VERDICT
     p.set_defaults(func=run)
+
+
+def _print_predictions(provenance: Provenance, results: list[dict], verdicts: list[dict], with_patients: bool,
+                       as_json: bool) -> None:
+    """predict's output: JSON, or the model's provenance once, then a verdict (or NO VERDICT and its reasons)
+    per recording and per patient, and the decision rule."""
+    import json
+    if as_json:
+        print(json.dumps({"recordings": results, "patients": verdicts} if with_patients else results, indent=1))
+        return
+    from vascdist.data.provenance import DEMONSTRATION_NOTE
+    from vascdist.inference import decision_rule
+    print(provenance.describe())
+    for r in results:
+        note = f"  [{DEMONSTRATION_NOTE}]" if r.get("demonstration_model") else ""
+        if r["verdict"] is None:
+            print(f"{r['file']}: NO VERDICT{note}")
+            for reason in r["reasons"]:
+                print(f"  no verdict: {reason}")
+        else:
+            probs = "  ".join(f"P({k})={v:.3f}" for k, v in r["probabilities"].items())
+            per_cycle = " ".join(f"{list(c['probabilities'].values())[-1]:.2f}" for c in r["cycles"])
+            print(f"{r['file']}: {r['verdict'].upper()}  {probs}  ({len(r['cycles'])} cycles; "
+                  f"per-cycle P({list(r['probabilities'])[-1]}): {per_cycle}){note}")
+        _print_quality(r)
+    for v in verdicts:
+        left = f"; no verdict, left out: {', '.join(v['left_out'])}" if v["left_out"] else ""
+        if v["verdict"] is None:
+            print(f"patient {v['patient']}: NO VERDICT  (none of its {len(v['left_out'])} recordings got one)")
+            continue
+        probs = "  ".join(f"P({k})={p:.3f}" for k, p in v["probabilities"].items())
+        cut = "" if v["threshold"] is None else f", threshold {v['threshold']:.3f}"
+        warn = f", {v['warnings']} quality warnings" if v["warnings"] else ""
+        print(f"patient {v['patient']}: {v['verdict'].upper()}  {probs}  ({len(v['recordings'])} recordings{cut}"
+              f"{warn}{left})")
+    decided = [r for r in results if r["verdict"] is not None]
+    if decided:
+        print(decision_rule(decided[0]))
 
 
 def _print_quality(r: dict) -> None:
     """One quality line per recording; a warning line per reason to doubt it."""
     q = r.get("quality") or {}
-    hr = f"{q['heart_rate_bpm']:.0f} bpm" if q.get("heart_rate_bpm") else "no heart rate"
-    print(f"  quality: {hr}, periodicity {q.get('periodicity', float('nan')):.2f}, level {q.get('level_dbfs')} dBFS, "
-          f"SNR >= {q.get('snr_db')} dB, clipping {q.get('clipping_fraction')}")
+    if q:
+        hr = f"{q['heart_rate_bpm']:.0f} bpm" if q.get("heart_rate_bpm") else "no heart rate"
+        print(f"  quality: {hr}, periodicity {q.get('periodicity', float('nan')):.2f}, level {q.get('level_dbfs')} "
+              f"dBFS, SNR >= {q.get('snr_db')} dB, clipping {q.get('clipping_fraction')}, hum {q.get('hum_db')} dB")
     for w in r.get("warnings", []):
         print(f"  warning: {w}")
 

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vascdist.abstain import AbstainRule
 from vascdist.config import Config, PreprocessConfig, config_from_dict, from_dict
 from vascdist.data.loader import ShardStream, StreamingLoader
 from vascdist.data.integrity import check_shard_set
+from vascdist.data.provenance import Provenance, provenance_from_info
 from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv
 from vascdist.errors import VascdistError
@@ -99,7 +101,7 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
     return {"metrics": metrics, "intervals": assessed["intervals"], "counts": assessed["counts"],
             "confidence": cfg.eval.confidence, "classes": index["classes"], "json": str(out_path), "png": str(out_path.with_suffix(".png")),
             "best_step": best_step, "run_dir": str(layout.root),
-            "checkpoint": str(checkpoint)}
+            "checkpoint": str(checkpoint), "provenance": provenance_from_info(state["data"]).describe()}
 
 
 def checkpoint_temperature(state: dict) -> float:
@@ -113,31 +115,36 @@ def calibrated(probs: np.ndarray, state: dict) -> np.ndarray:
     return apply_temperature(probs, checkpoint_temperature(state)).astype(np.float32)
 
 
-def predict(checkpoint: str, files: list[str], patients: dict[str, str],
-            skipped: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
+def predict(checkpoint: str, files: list[str], patients: dict[str, str], skipped: list[dict] | None = None,
+            rule: AbstainRule | None = None) -> tuple[list[dict], list[dict], Provenance]:
     """`vascdist predict`: each recording's result (predict_files) and, for the files with a patient id, the
-    patients' verdicts (patient_verdicts); the checkpoint is read once."""
+    patients' verdicts (patient_verdicts), and what the model was trained on; the checkpoint is read once."""
     path = find_checkpoint(checkpoint)
     loaded = load_model(path)
-    results = predict_files(path, files, skipped, loaded=loaded)
+    results = predict_files(path, files, skipped, rule, loaded=loaded)
     state = loaded[1]
     thresholds = state.get("progress", {}).get("val_thresholds") or {}
     verdicts = patient_verdicts(results, patients, state["data"]["classes"], thresholds.get("patient")) \
         if patients else []
-    return results, verdicts
+    return results, verdicts, provenance_from_info(state["data"])
 
 
 @torch.no_grad()
 def predict_files(checkpoint: str | Path, files: list[str], skipped: list[dict] | None = None,
+                  rule: AbstainRule | None = None, abstain: bool = True,
                   loaded: tuple[torch.nn.Module, dict, Config] | None = None) -> list[dict]:
-    """Per recording: per-cycle probabilities and the verdict, with the checkpoint's own preprocessing
-    (`loaded`: load_model's result for it, when the caller has it already).
+    """Per recording: the verdict, or none with the reasons (abstain.py), and per-cycle probabilities, with the
+    checkpoint's own preprocessing (`loaded`: load_model's result for it, when the caller has it already).
 
-    A bad file (unreadable, silent, too few cycles) raises VascdistError naming it; when a `skipped` list is given
-    it is appended there as {'file', 'reason'} instead and the other files go on.
+    A file that cannot be read (missing, unreadable, silent) raises VascdistError naming it; when a `skipped` list
+    is given it is appended there as {'file', 'reason'} instead and the other files go on. A recording that is read
+    but unlike the training recordings gets `verdict` None, `probabilities` None and its `reasons`; with `abstain`
+    False (for studies of the model itself, e.g. of its gain invariance) every analysed recording gets a verdict.
     """
-    from vascdist.data.audio import load_audio_stats
+    from vascdist.abstain import abstain_reasons, input_features
+    from vascdist.data.audio import NoSignal, load_audio_stats
     from vascdist.data.preprocess import analyse_recording
+    rule = rule or AbstainRule()
     path = find_checkpoint(checkpoint)
     model, state, _ = loaded or load_model(path)
     info = state["data"]
@@ -147,18 +154,27 @@ def predict_files(checkpoint: str | Path, files: list[str], skipped: list[dict] 
     inputs = InputTransform(info)
     classes = info["classes"]
     thresholds = state["progress"].get("val_thresholds") or {}
+    demonstration = provenance_from_info(info).demonstration
     results = []
     for file in files:
         try:
             signal, stats = load_audio_stats(file, pcfg.audio)
-            try:
-                spec, cycles, quality = analyse_recording(signal, pcfg, stats)
-            except VascdistError as exc:
-                raise VascdistError(f"{file}: {exc}") from None
+        except NoSignal as exc:  # a recording, but silent or empty: nothing to give a verdict on
+            results.append(_no_verdict(file, [str(exc).removeprefix(f"{file}: ")], {}, state, demonstration))
+            continue
         except VascdistError as exc:
             if skipped is None:
                 raise
             skipped.append({"file": str(file), "reason": str(exc)})
+            continue
+        try:
+            spec, cycles, quality = analyse_recording(signal, pcfg, stats)
+        except VascdistError as exc:  # no cycle window at all: nothing to give a verdict on
+            results.append(_no_verdict(file, [str(exc).removeprefix(f"{file}: ")], {}, state, demonstration))
+            continue
+        reasons = abstain_reasons(quality, len(spec), input_features(spec), info, pcfg.audio, rule, stats.synthetic)
+        if reasons and abstain:
+            results.append(_no_verdict(file, reasons, quality, state, demonstration))
             continue
         x = inputs(torch.from_numpy(spec.astype(np.float16)))  # float16 as stored in shards, then as in training
         probs = calibrated(torch.softmax(model(x).float(), dim=1).numpy(), state)
@@ -169,26 +185,34 @@ def predict_files(checkpoint: str | Path, files: list[str], skipped: list[dict] 
             verdict = classes[1] if mean_probs[1] >= threshold else classes[0]
         else:
             threshold, verdict = None, classes[int(mean_probs.argmax())]
-        results.append({"file": str(file), "verdict": verdict, "probabilities": dict(zip(classes, mean_probs.tolist())),
+        results.append({"file": str(file), "verdict": verdict, "reasons": [],
+                        "probabilities": dict(zip(classes, mean_probs.tolist())),
                         "threshold": threshold, "threshold_source": source if threshold is not None else None,
                         "threshold_rule": thresholds.get("rule") if threshold is not None else None,
-                        "temperature": checkpoint_temperature(state),
-                        **quality_fields(quality, info), "cycles": [
+                        "temperature": checkpoint_temperature(state), "demonstration_model": demonstration,
+                        **quality_fields(quality), "cycles": [
                             {"cycle": int(c), "probabilities": dict(zip(classes, p.tolist()))} for c, p in zip(cycles, probs)]})
     return results
 
 
-def quality_fields(quality: dict, info: dict) -> dict:
-    """A prediction's `quality` record and its `warnings` against the training data's range (the checkpoint's
-    data entry; a checkpoint from before quality control has no range: only absolute checks apply)."""
+def _no_verdict(file, reasons: list[str], quality: dict, state: dict, demonstration: bool) -> dict:
+    """A prediction without a verdict: no probabilities either, so that no script averages them by mistake."""
+    return {"file": str(file), "verdict": None, "reasons": reasons, "probabilities": None, "threshold": None,
+            "threshold_source": None, "threshold_rule": None, "temperature": checkpoint_temperature(state),
+            "demonstration_model": demonstration, **quality_fields(quality), "cycles": []}
+
+
+def quality_fields(quality: dict) -> dict:
+    """A prediction's `quality` record and its `warnings` (reasons to look twice that withhold no verdict)."""
     from vascdist.data.quality import quality_warnings
-    return {"quality": quality, "warnings": quality_warnings(quality, info.get("quality_range") or {})}
+    return {"quality": quality, "warnings": quality_warnings(quality)}
 
 
 def patient_verdicts(results: list[dict], patients: dict[str, str], classes: list[str],
                      threshold: float | None) -> list[dict]:
-    """Patient-level verdicts: a patient's probabilities are the mean over their recordings (as in evaluation),
-    compared with the checkpoint's patient-level threshold (two classes) or arg-maxed.
+    """Patient-level verdicts: a patient's probabilities are the mean over their recordings that got a verdict
+    (as in evaluation), compared with the checkpoint's patient-level threshold (two classes) or arg-maxed. The
+    recordings without a verdict are named in `left_out`; a patient with none left gets no verdict either.
 
     `patients` maps a result's file to its patient id; files without one are left out.
     """
@@ -198,15 +222,22 @@ def patient_verdicts(results: list[dict], patients: dict[str, str], classes: lis
             by_patient.setdefault(patients[r["file"]], []).append(r)
     verdicts = []
     for patient, recs in sorted(by_patient.items()):
-        mean = np.mean([[r["probabilities"][c] for c in classes] for r in recs], axis=0)
+        used = [r for r in recs if r["verdict"] is not None]
+        left_out = [r["file"] for r in recs if r["verdict"] is None]
+        entry = {"patient": patient, "recordings": [r["file"] for r in used], "left_out": left_out,
+                 "warnings": sum(len(r.get("warnings", [])) for r in used)}
+        if not used:
+            verdicts.append({**entry, "verdict": None, "probabilities": None, "threshold": None,
+                             "reasons": ["no recording of this patient got a verdict"]})
+            continue
+        mean = np.mean([[r["probabilities"][c] for c in classes] for r in used], axis=0)
         if len(classes) == 2:
             cut = 0.5 if threshold is None else threshold
             verdict = classes[1] if mean[1] >= cut else classes[0]
         else:
             cut, verdict = None, classes[int(mean.argmax())]
-        verdicts.append({"patient": patient, "verdict": verdict, "probabilities": dict(zip(classes, mean.tolist())),
-                         "threshold": cut, "recordings": [r["file"] for r in recs],
-                         "warnings": sum(len(r.get("warnings", [])) for r in recs)})
+        verdicts.append({**entry, "verdict": verdict, "probabilities": dict(zip(classes, mean.tolist())),
+                         "threshold": cut, "reasons": []})
     return verdicts
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from vascdist.bench import bootstrap, checkpoint, dist, gpu, load, loader, makeshards, preprocess, scaling, startup, train
+from vascdist.bench import abstain, bootstrap, checkpoint, dist, gpu, load, loader, makeshards, preprocess, scaling, startup, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch intra-op threads (0: torch's default). On a shared or small CPU host 1 gives "
                              "stable timings: idle OpenMP threads spin, and a descheduled one stalls the others")
     sub = parser.add_subparsers(dest="bench", required=True)
-    for module in (loader, train, makeshards, scaling, preprocess, checkpoint, dist, startup, bootstrap, load, gpu):
+    for module in (loader, train, makeshards, scaling, preprocess, checkpoint, dist, startup, bootstrap, load, gpu,
+                   abstain):
         module.add_parser(sub)
     return parser
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
 
+import hashlib
+
 import numpy as np
 import soundfile as sf
 from scipy import signal as sps
@@ -18,8 +20,14 @@ from vascdist.config import AudioConfig
 from vascdist.errors import DataError
 from vascdist.fileio import not_a_readable_file
 
+SYNTH_MARK = "vascdist synth"
+"""Written into the comment of every file `vascdist synth` makes, so that a shard set knows its source."""
 CLIP_LEVEL = 0.999  # a sample at or beyond this fraction of full scale counts as clipped
 READ_BLOCK = 1 << 18  # frames read per block (about 1.4 s at 192 kHz)
+
+
+class NoSignal(DataError):
+    """A readable recording with nothing in it (no frames, or silent): predict gives it no verdict."""
 
 
 @dataclass
@@ -30,6 +38,12 @@ class AudioStats:
     clipping_fraction: float
     """Fraction of samples (after the channel mix) at or beyond CLIP_LEVEL of full scale."""
     peak_dbfs: float
+    band_fraction: float = 1.0
+    """Fraction of the signal's power (after DC removal, at the configured rate) inside the band-pass band."""
+    synthetic: bool = False
+    """Whether the file carries the mark `vascdist synth` writes (SYNTH_MARK in its comment)."""
+    content_sha256: str = ""
+    """sha256 of the decoded samples (float64, after the channel mix): equal for the same audio in any container."""
 
 
 def bandpass(x: np.ndarray, sample_rate: int, cfg: AudioConfig) -> np.ndarray:
@@ -106,11 +120,11 @@ def prepare_audio(samples: np.ndarray, source_rate: int, cfg: AudioConfig) -> np
 def _finish(x: np.ndarray, cfg: AudioConfig) -> np.ndarray:
     """DC removal, silence check and band-pass of a signal already at cfg.sample_rate."""
     if x.size == 0:
-        raise DataError("empty recording (0 frames)")
+        raise NoSignal("empty recording (0 frames)")
     x = x - x.mean()
     rms = float(np.sqrt(np.mean(x ** 2)))
     if rms < cfg.min_rms:
-        raise DataError(f"silent recording (RMS {rms:.2e} after removing DC is below "
+        raise NoSignal(f"silent recording (RMS {rms:.2e} after removing DC is below "
                         f"preprocess.audio.min_rms={cfg.min_rms:g})")
     return bandpass(x, cfg.sample_rate, cfg).astype(np.float32)
 
@@ -155,11 +169,13 @@ def load_audio_stats(path: str | Path, cfg: AudioConfig) -> tuple[np.ndarray, Au
             rate = fh.samplerate
             resampler = StreamResampler(rate, cfg.sample_rate) if rate != cfg.sample_rate else None
             parts, frames, clipped, peak = [], 0, 0, 0.0
+            content = hashlib.sha256()
             for block in fh.blocks(blocksize=READ_BLOCK, dtype="float64", always_2d=True):
                 x = block.mean(axis=1)
                 if not np.all(np.isfinite(x)):
                     raise DataError(f"{path}: recording contains NaN or infinite samples")
                 frames += len(x)
+                content.update(x.tobytes())
                 clipped += int(np.count_nonzero(np.abs(block) >= CLIP_LEVEL))
                 peak = max(peak, float(np.abs(block).max(initial=0.0)))
                 if resampler is None:
@@ -167,17 +183,22 @@ def load_audio_stats(path: str | Path, cfg: AudioConfig) -> tuple[np.ndarray, Au
                 else:
                     resampler.feed(x)
             channels = fh.channels
+            synthetic = SYNTH_MARK in (fh.comment or "")
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         reason = getattr(exc, "error_string", "") or str(exc).splitlines()[0] or type(exc).__name__
         raise DataError(f"{path}: unreadable audio file ({reason})") from None
     if frames == 0:
-        raise DataError(f"{path}: empty recording (0 frames)")
+        raise NoSignal(f"{path}: empty recording (0 frames)")
     x = resampler.finish() if resampler is not None else np.concatenate(parts)
-    stats = AudioStats(rate, frames, clipped / (frames * channels), 20 * np.log10(max(peak, 1e-12)))
     try:
-        return _finish(x, cfg), stats
-    except DataError as exc:
-        raise DataError(f"{path}: {exc}") from None
+        y = _finish(x, cfg)
+    except NoSignal as exc:
+        raise NoSignal(f"{path}: {exc}") from None
+    raw_power = float(np.var(x))  # the power _finish band-passes, after its DC removal
+    band = float(np.mean(np.square(y, dtype=np.float64))) / raw_power if raw_power > 0 else 0.0
+    stats = AudioStats(rate, frames, clipped / (frames * channels), 20 * np.log10(max(peak, 1e-12)),
+                       min(band, 1.0), synthetic, content.hexdigest())
+    return y, stats
 
 
 def load_audio(path: str | Path, cfg: AudioConfig) -> np.ndarray:

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from vascdist.config import PreprocessConfig
-from vascdist.data.audio import AudioStats, load_audio_stats
-from vascdist.data.quality import normalise_level, quality_record
+from vascdist.abstain import input_features
+from vascdist.data.audio import SYNTH_MARK, AudioStats, load_audio_stats
+from vascdist.data.quality import absurd_reasons, normalise_level, quality_record
 from vascdist.data.cycles import segment
 from vascdist.data.manifest import Recording, file_sha256, read_manifest
 from vascdist.data.outdir import building_shard_set
@@ -64,18 +65,34 @@ def analyse_recording(signal: np.ndarray, cfg: PreprocessConfig, stats: AudioSta
     return spec, cycles, quality
 
 
-def _process(job: tuple[Recording, PreprocessConfig]) -> tuple[Recording, np.ndarray | None, np.ndarray | None, dict, str]:
-    """Worker body: never raises for a bad recording, returns the reason instead (so --skip-bad can go on)."""
+def _process(job: tuple[Recording, PreprocessConfig]) -> tuple[Recording, np.ndarray | None, np.ndarray | None, dict,
+                                                             dict, str]:
+    """Worker body -> (recording, spectrograms, cycle numbers, quality record, facts, error); never raises for a
+    bad recording, returns the reason instead (so --skip-bad can go on). `facts`: the recording's per-band mean
+    input features (abstain.input_features, predict compares with them), whether `vascdist synth` made it, and the sha256 of
+    its decoded samples (duplicates are leakage)."""
     rec, cfg = job
     try:
         signal, stats = load_audio_stats(rec.path, cfg.audio)
         spec, cycles, quality = analyse_recording(signal, cfg, stats)
-        return rec, spec.astype(np.float16), cycles, quality, ""
+        absurd = absurd_reasons(quality, cfg.audio)
+        if absurd:
+            raise DataError(f"physically absurd recording: {'; '.join(absurd)}")
+        facts = {"input_features": [round(float(v), 3) for v in input_features(spec)],
+                 "source": SYNTH_MARK if stats.synthetic else "file", "content_sha256": stats.content_sha256}
+        return rec, spec.astype(np.float16), cycles, quality, facts, ""
     except DataError as exc:
         message = str(exc)
         if str(rec.path) not in message:
             message = f"{rec.path}: {message}"
-        return rec, None, None, {}, message
+        return rec, None, None, {}, {}, message
+
+
+def _same_audio(rec: Recording, other: Recording) -> DataError:
+    """The one line that refuses two manifest rows holding the same audio."""
+    return DataError(f"{rec.path} (manifest row {rec.row}, patient {rec.patient_id}) holds the same audio as "
+                     f"{other.path} (manifest row {other.row}, patient {other.patient_id}): one recording under two "
+                     f"rows leaks between splits and counts twice; remove one of the rows")
 
 
 def _init_worker(parent: int) -> None:
@@ -132,15 +149,18 @@ def preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessConfig,
                                 dataclasses.asdict(cfg), cfg.shard_size, cfg.chunk_size, file_sha256(manifest),
                                 norm_axis=1)
         spill = out / ".spill"
-        kept: list[tuple[Recording, np.ndarray, dict]] = []  # (recording, its cycle numbers, its quality record)
+        kept: list[tuple[Recording, np.ndarray, dict]] = []  # (recording, its cycle numbers, its index entry)
+        seen: dict[str, Recording] = {}  # content sha256 -> the first row with that audio
         skipped: list[tuple[Recording, str]] = []
         patients = {p: i for i, p in enumerate(sorted({r.patient_id for r in recordings}))}
         jobs = [(rec, cfg) for rec in recordings]
         bar = ProgressReporter("preprocess", len(jobs), unit="recording", enabled=progress,
                                interval_s=progress_interval_s)
         with closing(_results(jobs, workers)) as results:  # closed at once on an error: the pool stops now
-            for rec, x, cycles, quality, error in results:
+            for rec, x, cycles, quality, facts, error in results:
                 bar.update(1)
+                if not error and facts["content_sha256"] in seen:  # refused even with --skip-bad: which is wrong?
+                    raise _same_audio(rec, seen[facts["content_sha256"]])
                 if error:
                     if not skip_bad:
                         raise DataError(f"{error} (manifest row {rec.row}; --skip-bad goes on past bad recordings)")
@@ -151,7 +171,8 @@ def preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessConfig,
                 else:
                     _add(writer, rec, x, cycles, splits[rec.patient_id], patients[rec.patient_id], len(kept))
                 if not error:
-                    kept.append((rec, cycles, quality))
+                    seen[facts["content_sha256"]] = rec
+                    kept.append((rec, cycles, {"quality": quality, **facts}))
         bar.close()
         if skipped:
             text = io.StringIO(newline="")
@@ -175,8 +196,8 @@ def preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessConfig,
                     for rec, error in skipped]  # for index.json's counts per split and label
         return writer.finish(list(patients), [
             {"id": rec.recording_id, "patient": rec.patient_id, "path": str(rec.path), "label": rec.label,
-             "split": splits[rec.patient_id], "cycles": len(cycles), "site": rec.site, "quality": quality}
-            for rec, cycles, quality in kept], excluded)
+             "split": splits[rec.patient_id], "cycles": len(cycles), "site": rec.site, **entry}
+            for rec, cycles, entry in kept], excluded)
 
 
 def _add(writer: ShardSetWriter, rec: Recording, x: np.ndarray, cycles: np.ndarray, split: str, patient: int,

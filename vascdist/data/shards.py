@@ -197,6 +197,15 @@ def site_summary(index: dict) -> str:
     return "recordings per site: " + ", ".join(parts)
 
 
+def excluded_summary(index: dict, shards_dir: str | Path) -> str:
+    """preprocess --skip-bad's console lines: how many recordings were left out, and why (counted per reason)."""
+    excluded = index.get("excluded", [])
+    total = len(excluded) + len(index.get("recordings", []))
+    reasons = Counter(_reason_kind(r["reason"]) for r in excluded)
+    return "\n".join([f"vascdist preprocess: skipped {len(excluded)} of {total} recordings (listed in "
+                      f"{Path(shards_dir) / 'skipped.csv'}):"] + [f"  {n:>5}  {reason}" for reason, n in reasons.most_common()])
+
+
 def _reason_kind(reason: str) -> str:
     """An exclusion reason without the file path in front (so that equal reasons are counted together)."""
     head, sep, tail = reason.partition(": ")

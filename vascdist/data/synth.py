@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from vascdist.data.audio import SYNTH_MARK
 from vascdist.errors import VascdistError
 from vascdist.fileio import atomic_write_text
 
-GENERATOR_VERSION = 6
+GENERATOR_VERSION = 7
 """Bump when the generated data changes, so cached data sets are regenerated."""
 STENOSIS_THRESHOLD = 0.5
 SITES = ("arterial_anastomosis", "mid_fistula", "venous_outflow", "upper_arm")
@@ -270,7 +271,9 @@ def synthesize(out_dir: str | Path, n_patients: int = 40, seed: int = 0, sample_
             samples, truth = render_recording(rng, patient, site, sample_rate, duration)
             rec_id = f"{patient.patient_id}_{site}"
             rel = f"wav/{rec_id}.wav"
-            sf.write(out / rel, samples, sample_rate, subtype="PCM_16")
+            with sf.SoundFile(out / rel, "w", sample_rate, 1, subtype="PCM_16") as fh:
+                fh.comment = f"{SYNTH_MARK} {GENERATOR_VERSION}, seed {seed}"  # the source, for provenance
+                fh.write(samples)
             rows.append({"path": rel, "label": label, "patient_id": patient.patient_id, "recording_id": rec_id,
                          "severity": f"{patient.severity:.3f}", "site": site})
             onsets[rec_id] = [round(float(v), 4) for v in truth]

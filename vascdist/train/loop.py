@@ -47,9 +47,14 @@ class TrainingDiverged(VascdistError):
 
 
 def data_info(index: dict) -> dict:
-    """What inference needs to know about the data a model was trained on (stored in every checkpoint)."""
+    """What inference needs to know about the data a model was trained on (stored in every checkpoint): the
+    shapes, the preprocessing, and what predict abstains outside of (abstain.py) and prints (provenance.py)."""
+    from vascdist.abstain import input_profile
+    from vascdist.data.provenance import provenance_of
     info = {k: index[k] for k in ("kind", "classes", "sample_shape", "preprocess", "normalization")}
-    return {**info, "quality_range": index.get("quality_range", {})}  # predict warns outside it
+    profile = input_profile([r for r in index.get("recordings", []) if r.get("split") == "train"])
+    return {**info, "quality_range": index.get("quality_range", {}), "provenance": provenance_of(index).to_dict(),
+            "input_profile": profile.to_dict() if profile else None}
 
 
 def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv) -> Engine:
