@@ -65,7 +65,7 @@ def test_absurd_recordings_are_refused_or_skipped_with_their_reason_and_never_wi
         synth_dir, tmp_path):
     rows = [{**r, "path": str(synth_dir / r["path"])} for r in _rows(synth_dir / "manifest.csv")]
     absurd = _absurd(tmp_path)
-    bad_rows = [{"path": str(p), "label": "normal", "patient_id": rows[0]["patient_id"], "recording_id": p.stem}
+    bad_rows = [{"path": str(p), "label": rows[0]["label"], "patient_id": rows[0]["patient_id"], "recording_id": p.stem}
                 for p in absurd.values()]
     for reason, row in zip(absurd, bad_rows):  # each alone, first in the manifest: refused without --skip-bad
         manifest = _write_manifest(tmp_path / "one.csv", [row] + rows)

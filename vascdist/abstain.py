@@ -6,16 +6,16 @@ recordings lay. The rule, in the order it is checked:
 
 1. Physically absurd (quality.absurd_reasons): below a recorder's floor, a sample rate that cannot hold the band,
    fully clipped, no energy in the band. No model has seen such a thing.
-2. Aperiodic: no heart period was found, so the windows are not cardiac cycles and the model's cycle-averaged
+2. The source: a model trained only on synthetic recordings (`vascdist synth`) gives no verdict on a real one,
+   and a model trained only on real recordings none on a synthetic one: the two are different distributions.
+3. Aperiodic: no heart period was found, so the windows are not cardiac cycles and the model's cycle-averaged
    verdict has no cycles to average.
-3. Fewer usable cycle windows than AbstainRule.min_cycles: too little evidence to average.
-4. A quality field (heart rate, periodicity, level, SNR, clipping, hum) beyond the training recordings' range by
+4. Fewer usable cycle windows than AbstainRule.min_cycles: too little evidence to average.
+5. A quality field (heart rate, periodicity, level, SNR, clipping, hum) beyond the training recordings' range by
    more than its margin (quality.RANGE_FIELDS).
-5. The input statistics: the recording's per-band log-mel mean and spread (its spectral shape after level
+6. The input statistics: the recording's per-band log-mel mean and spread (its spectral shape after level
    normalisation, what the model reads) lie further from the training recordings' than any training recording's
    (each measured out of sample), by more than the factor AbstainRule.spectral_margin (`InputProfile`).
-6. The source: a model trained only on synthetic recordings (`vascdist synth`) gives no verdict on a real one,
-   and a model trained only on real recordings none on a synthetic one: the two are different distributions.
 
 Every reason that applies is reported, not only the first.
 """

@@ -73,10 +73,24 @@ def held_out_recordings(run_or_ckpt: str) -> tuple[list[Path], Path]:
     return [Path(r["path"]) for r in index["recordings"] if r["split"] == "test"], shards
 
 
+REASON_KINDS = {"sample rate": "rate", "level ": "floor", "fully clipped": "clipped", "no energy": "band energy",
+                "aperiodic": "aperiodic", "only ": "no cycles", "silent": "silent", "empty": "silent",
+                "spectrum unlike": "spectrum", "a real recording": "source", "a synthetic recording": "source"}
+
+
+def reason_kind(reason: str) -> str:
+    """A short name for an abstain reason (abstain.py's wording): the quality field it names, or its kind."""
+    if " outside the training data's " in reason:
+        return reason.split(" ", 1)[0]
+    if "usable cycle window" in reason:
+        return "few cycles"
+    return next((kind for start, kind in REASON_KINDS.items() if reason.startswith(start)), reason[:30])
+
+
 def count(results: list[dict]) -> tuple[int, int, Counter]:
-    """(verdicts, no verdicts, the no-verdict reasons by their first words)."""
+    """(verdicts, no verdicts, the no-verdict reasons counted by kind)."""
     abstained = [r for r in results if r["verdict"] is None]
-    kinds = Counter(reason.split(" (")[0].split(":")[0].split(" ")[0] for r in abstained for reason in r["reasons"])
+    kinds = Counter(kind for r in abstained for kind in dict.fromkeys(map(reason_kind, r["reasons"])))
     return len(results) - len(abstained), len(abstained), kinds
 
 
@@ -92,13 +106,11 @@ def run(args) -> int:
         for name, path in garbage.items():
             (result,) = predict_files(args.run, [str(path)], skipped=[], rule=rule) or [None]
             rows.append((name, *(count([result]) if result else (0, 0, Counter({"unreadable": 1})))))
-        other = []
-        for item in args.other:
+        for item in args.other:  # each folder or file is one row
             p = Path(item)
-            other += sorted(p.glob("*.wav")) if p.is_dir() else [p]
-        if other:
-            rows.append((f"other real recordings ({len(other)})", *count(predict_files(args.run, [str(f) for f in other],
-                                                                                      skipped=[], rule=rule))))
+            files = sorted(p.glob("*.wav"))[: args.limit] if p.is_dir() else [p]
+            rows.append((f"{item} ({len(files)} files)", *count(predict_files(args.run, [str(f) for f in files],
+                                                                               skipped=[], rule=rule))))
         rows.append((f"held-out test recordings ({len(held_out)}, {shards})",
                      *count(predict_files(args.run, [str(f) for f in held_out], skipped=[], rule=rule))))
     print(f"| input | verdict | no verdict | reasons |\n|---|---|---|---|")
@@ -114,7 +126,10 @@ def add_parser(sub) -> None:
     from vascdist.abstain import AbstainRule
     p = sub.add_parser("abstain", help="predict on garbage vs on held-out recordings: verdict / no-verdict counts")
     p.add_argument("run", help="run directory or checkpoint")
-    p.add_argument("--other", nargs="*", default=[], help="real recordings of another kind (files or folders)")
+    p.add_argument("--other", action="append", default=[],
+                   help="recordings of another kind: a folder (its *.wav, sorted, up to --limit) or a file; one row "
+                        "each; may be repeated")
+    p.add_argument("--limit", type=int, default=50, help="files taken from each --other folder")
     p.add_argument("--min-cycles", type=int, default=AbstainRule.min_cycles)
     p.add_argument("--spectral-margin", type=float, default=AbstainRule.spectral_margin)
     p.add_argument("--json", default=None, help="also write the table as JSON here")
