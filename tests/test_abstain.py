@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from vascdist.bench.abstain import write_garbage
 from vascdist.data.shards import load_index
+
+pytestmark = pytest.mark.slow  # trains a model / runs preprocess processes
 
 SOURCE_REASON = "the model was trained on synthetic recordings (vascdist synth) only"
 

@@ -7,11 +7,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
-from conftest import run_cli
+from helpers import run_cli
 from vascdist.data.shards import load_index
 from vascdist.data.synth import synthesize
+
+pytestmark = pytest.mark.slow  # trains a model / runs preprocess processes
 
 
 def _rows(manifest: Path) -> list[dict]:
