@@ -156,6 +156,36 @@ def prepare_run_dir(cfg: Config, layout: RunLayout, resume: str | None) -> str |
     return str(resume_from) if resume_from else None
 
 
+def conclude(cfg: Config, index: dict, layout: RunLayout, summary: dict,
+             after_stop: Callable[[int], str] | None) -> None:
+    """Rank 0 after training: a stopped run says where its checkpoint is and follows the launcher's requeue policy
+    (`after_stop`); a finished one writes test_metrics.json (with what preprocessing excluded and the metrics per
+    site), prints the test table and writes the report."""
+    if summary["stopped"]:
+        print(f"stopped at step {summary['step']} ({summary['signal'] or 'requested'}); "
+              f"checkpoint saved in {layout.checkpoints}; continue with --resume auto", flush=True)
+        if after_stop is not None:
+            print(after_stop(cfg.dist.max_requeues), flush=True)
+        return
+    from vascdist.data.folds import split_index
+    from vascdist.data.shards import excluded_counts
+    from vascdist.eval.assess import split_summary
+    excluded = excluded_counts(split_index(cfg.data.shards, cfg.data.split_file), "test")
+    summary["test"].update(excluded)
+    summary["test_record"].update(excluded)
+    if index["kind"] == "spectrogram":
+        summary["test_record"]["sites"] = sites_of_test(layout, index, summary["test"], cfg)
+    with said_if_disk_full(layout.test_metrics):
+        atomic_write_json(layout.test_metrics, summary["test_record"])
+    record = summary["test_record"]
+    table = split_summary("test", summary["classes"], summary["best_step"], summary["test"],
+                          summary["test_intervals"], summary["test_counts"], record.get("confidence", 0.95))
+    # the run directory was printed once, at the start
+    print("\n".join([table, *site_lines(record), where_to_look(summary["run_dir"], name_it=False)]), flush=True)
+    from vascdist.report import write_report
+    print(f"report: {write_report(layout.root)}", flush=True)
+
+
 def run_training(config: str | None, overrides: list[str], resume: str | None = None, run_dir: str | None = None,
                  quiet: bool = False, stop_requested: Callable[[], bool] = lambda: False,
                  env: DistEnv | None = None, after_stop: Callable[[int], str] | None = None) -> dict:
@@ -206,29 +236,8 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
                 print(f"{layout.root}: the run is complete ({summary['finished']}); its test table is in "
                       f"{layout.test_metrics}, its report in {layout.report}", flush=True)
             return summary
-        if env.is_main and summary["stopped"]:  # rank 0 alone reports and requeues
-            print(f"stopped at step {summary['step']} ({signals.received.name if signals.received else 'requested'}); "
-                  f"checkpoint saved in {layout.checkpoints}; continue with --resume auto", flush=True)
-            if after_stop is not None:
-                print(after_stop(cfg.dist.max_requeues), flush=True)
-        if env.is_main and not summary["stopped"]:
-            from vascdist.data.folds import split_index
-            from vascdist.data.shards import excluded_counts
-            excluded = excluded_counts(split_index(cfg.data.shards, cfg.data.split_file), "test")
-            summary["test"].update(excluded)
-            summary["test_record"].update(excluded)
-            if index["kind"] == "spectrogram":
-                summary["test_record"]["sites"] = sites_of_test(layout, index, summary["test"], cfg)
-            with said_if_disk_full(layout.test_metrics):
-                atomic_write_json(layout.test_metrics, summary["test_record"])
-            from vascdist.eval.assess import split_summary
-            record = summary["test_record"]
-            table = split_summary("test", summary["classes"], summary["best_step"], summary["test"],
-                                  summary["test_intervals"], summary["test_counts"], record.get("confidence", 0.95))
-            # the run directory was printed once, at the start
-            print("\n".join([table, *site_lines(record), where_to_look(summary["run_dir"], name_it=False)]), flush=True)
-            from vascdist.report import write_report
-            print(f"report: {write_report(path)}", flush=True)
+        if env.is_main:  # rank 0 alone reports and requeues
+            conclude(cfg, index, layout, summary, after_stop)
         return summary
     finally:
         lock.close()
