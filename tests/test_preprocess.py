@@ -195,7 +195,11 @@ def test_interrupted_run_leaves_no_visible_shard_and_reruns(synth_dir, tmp_path)
     (out / ".shard-00000.h5.tmp").write_bytes(b"partial")  # what a kill mid-write leaves
     (out / "shard-00003.h5").write_bytes(b"from an interrupted run, never indexed")
     cfg = PreprocessConfig(shard_size=256, chunk_size=64)
-    index = preprocess(write_manifest(tmp_path, good_rows(synth_dir, 9)), out, cfg, progress=False)
+    # shard files without an index are an unfinished or damaged set: replaced only when asked (issue 22)
+    with pytest.raises(DataError, match="holds shard files but no index.json.*pass --overwrite"):
+        preprocess(write_manifest(tmp_path, good_rows(synth_dir, 9)), out, cfg, progress=False)
+    assert (out / "shard-00003.h5").read_bytes() == b"from an interrupted run, never indexed"
+    index = preprocess(write_manifest(tmp_path, good_rows(synth_dir, 9)), out, cfg, progress=False, overwrite=True)
     assert sorted(p.name for p in out.glob("*shard*")) == sorted(e["file"] for e in index["shards"])
     shardlib.verify(out)
     with pytest.raises(DataError, match="already holds a finished shard set; pass --overwrite"):
