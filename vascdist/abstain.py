@@ -50,7 +50,7 @@ class AbstainRule:
 class InputProfile:
     """The training recordings' input statistics, stored in the checkpoint's data entry (`input_profile`).
 
-    Features of a recording (input_features): per mel band, the mean log-mel over its windows and frames (its
+    Features of a recording (data.spectrogram.input_features): per mel band, the mean log-mel over its windows and frames (its
     spectral shape after level normalisation) and the mean over windows of the log-mel's spread over a window's
     frames (how much each band is modulated within a cycle). Distance: the Mahalanobis distance from the training
     recordings' mean under their Ledoit-Wolf shrunk covariance (bands are strongly correlated: a spectral tilt
@@ -74,13 +74,6 @@ def _distance(x, mean, precision) -> float:
     import numpy as np
     d = x - mean
     return float(np.sqrt(max(float(d @ precision @ d), 0.0) / len(d)))
-
-
-def input_features(spec):
-    """A recording's input features (InputProfile): spec [N, 1, n_mels, n_frames] -> [2 * n_mels]."""
-    import numpy as np
-    x = np.asarray(spec, np.float64)[:, 0]  # (N, M, T)
-    return np.concatenate([x.mean(axis=(0, 2)), x.std(axis=2).mean(axis=0)])
 
 
 def input_profile(recordings: list[dict]) -> InputProfile | None:

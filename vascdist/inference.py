@@ -141,7 +141,8 @@ def predict_files(checkpoint: str | Path, files: list[str], skipped: list[dict] 
     but unlike the training recordings gets `verdict` None, `probabilities` None and its `reasons`; with `abstain`
     False (for studies of the model itself, e.g. of its gain invariance) every analysed recording gets a verdict.
     """
-    from vascdist.abstain import abstain_reasons, input_features
+    from vascdist.abstain import abstain_reasons
+    from vascdist.data.spectrogram import input_features
     from vascdist.data.audio import NoSignal, load_audio_stats
     from vascdist.data.preprocess import analyse_recording
     rule = rule or AbstainRule()

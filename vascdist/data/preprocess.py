@@ -19,14 +19,13 @@ import numpy as np
 import torch
 
 from vascdist.config import PreprocessConfig
-from vascdist.abstain import input_features
 from vascdist.data.audio import SYNTH_MARK, AudioStats, load_audio_stats
 from vascdist.data.quality import absurd_reasons, normalise_level, quality_record
 from vascdist.data.cycles import segment
 from vascdist.data.manifest import Recording, file_sha256, read_manifest
 from vascdist.data.outdir import building_shard_set
 from vascdist.data.shards import SCHEMA_VERSION, ShardSetWriter
-from vascdist.data.spectrogram import LogMel, cycle_windows
+from vascdist.data.spectrogram import LogMel, cycle_windows, input_features
 from vascdist.data.splits import assign_splits
 from vascdist.errors import DataError
 from vascdist.fileio import atomic_write_text
@@ -68,8 +67,8 @@ def analyse_recording(signal: np.ndarray, cfg: PreprocessConfig, stats: AudioSta
 def _process(job: tuple[Recording, PreprocessConfig]) -> tuple[Recording, np.ndarray | None, np.ndarray | None, dict,
                                                              dict, str]:
     """Worker body -> (recording, spectrograms, cycle numbers, quality record, facts, error); never raises for a
-    bad recording, returns the reason instead (so --skip-bad can go on). `facts`: the recording's per-band mean
-    input features (abstain.input_features, predict compares with them), whether `vascdist synth` made it, and the sha256 of
+    bad recording, returns the reason instead (so --skip-bad can go on). `facts`: the recording's input features
+    (spectrogram.input_features: predict compares with them), whether `vascdist synth` made it, and the sha256 of
     its decoded samples (duplicates are leakage)."""
     rec, cfg = job
     try:

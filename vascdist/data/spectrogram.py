@@ -64,3 +64,10 @@ class LogMel(torch.nn.Module):
         # so the singleton channel keeps that reference per window rather than per batch.
         spec = self.to_db(self.mel(windows.unsqueeze(1)))
         return spec[..., : self.cfg.n_frames]
+
+
+def input_features(spec: np.ndarray) -> np.ndarray:
+    """A recording's input features (abstain.InputProfile: per band, the mean log-mel and its mean spread within a
+    window; what predict compares with the training recordings'): spec [N, 1, n_mels, n_frames] -> [2 * n_mels]."""
+    x = np.asarray(spec, np.float64)[:, 0]  # (N, M, T)
+    return np.concatenate([x.mean(axis=(0, 2)), x.std(axis=2).mean(axis=0)])
