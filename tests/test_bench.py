@@ -25,6 +25,7 @@ def test_make_shards_writes_a_verifiable_set_of_the_real_schema(bench_shards):
     assert len(index["normalization"]["mean"]) == 40  # per mel band, as preprocess writes it
 
 
+@pytest.mark.slow
 def test_make_shards_through_the_cli(tmp_path):
     proc = run_cli("bench", "make-shards", "--samples", "40", "--out", str(tmp_path / "s"))
     assert proc.returncode == 0, proc.stderr

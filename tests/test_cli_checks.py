@@ -73,6 +73,7 @@ def beat_shards(tmp_path_factory):
     return root / "shards"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     # README's beat instruction with the default early-stop metric: beats report cycle/ metrics only
     (["model.name=resnext1d"], "train.early_stop_metric' is 'recording/balanced_accuracy', which beats shards"),

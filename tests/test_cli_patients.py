@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import shutil
 
+import pytest
+
 from helpers import run_cli
 
 
@@ -31,6 +33,7 @@ def test_manifest_without_a_pattern_warns_and_info_says_so(synth_dir, tmp_path):
     assert info.returncode == 0 and "WARNING: every patient has exactly one recording" in info.stdout
 
 
+@pytest.mark.slow
 def test_the_readme_pattern_groups_synth_recordings_by_patient(synth_dir, tmp_path):
     """README's example pattern matches `vascdist synth` names (p000_left.wav) as well as P001_... ones."""
     tree = _class_tree(synth_dir, tmp_path / "recordings")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from helpers import REPO, run_cli
 
 import vascdist.compat as compat
@@ -79,6 +81,7 @@ def _threads_seen(env: dict, prefix: tuple[str, ...] = ()) -> tuple[str, str]:
     return proc.stdout.strip(), proc.stderr
 
 
+@pytest.mark.slow
 def test_openmp_threads_sleep_when_idle_and_fit_the_cpus_the_process_may_use():
     """Unless the user says otherwise: a passive wait policy, and as many threads as SLURM (or the affinity mask)
     allows, in OpenMP itself, not only in the environment."""
@@ -91,6 +94,7 @@ def test_openmp_threads_sleep_when_idle_and_fit_the_cpus_the_process_may_use():
     assert out == "ACTIVE 2 2" and "OMP_WAIT_POLICY = 'ACTIVE'" in omp  # the user's settings win
 
 
+@pytest.mark.slow
 def test_env_shows_the_thread_settings():
     result = run_cli("env", env={"SLURM_CPUS_PER_TASK": "1"})
     assert result.returncode == 0, result.stderr

@@ -101,6 +101,7 @@ def _intact(out: Path, index_text: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- 3: overwrite
+@pytest.mark.slow
 def test_overwrite_with_a_bad_recording_keeps_the_old_set(synth_dir, old_set, tmp_path):
     out, index_text = old_set
     rows = good_rows(synth_dir, 9)
@@ -155,6 +156,7 @@ def test_second_run_refused_and_sigterm_cleans_up(many, old_set, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- 4: full disk
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_full_disk_during_preprocess_is_one_line_and_keeps_the_old_set(synth_dir, tmpfs, tmp_path, workers):
     out = tmpfs / "shards"
@@ -221,6 +223,7 @@ def test_latin1_manifest_names_file_and_line(synth_dir, tmp_path):
         "save the file as UTF-8"]
 
 
+@pytest.mark.slow
 def test_truncated_wav_is_named(synth_dir, tmp_path):
     rows = good_rows(synth_dir)
     whole = Path(rows[2][0]).read_bytes()
@@ -239,6 +242,7 @@ def test_info_into_a_closed_pipe_is_quiet(shards_dir, tmp_path):
     assert err.read_text() == "" and result.stdout.strip() == "141"
 
 
+@pytest.mark.slow
 def test_skipped_patients_count_in_no_split(synth_dir, tmp_path):
     rows = good_rows(synth_dir, 12)  # several recordings of a few patients
     bad_patient = rows[0][2]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from helpers import run_cli
@@ -45,6 +46,7 @@ def test_line_chart_confusion_and_reliability_decode(tmp_path):
     assert Image.open(path).format == "PNG"
 
 
+@pytest.mark.slow
 def test_inspect_on_a_synthesized_recording(synth_dir, tmp_path):
     from vascdist.config import PreprocessConfig
     from vascdist.inspect import render

@@ -141,6 +141,7 @@ def test_bad_recording_is_named(synth_dir, tmp_path, kind):
     assert "manifest row 5" in line
 
 
+@pytest.mark.slow
 def test_skip_bad_goes_on_and_lists_skipped(synth_dir, tmp_path):
     rows = good_rows(synth_dir, 9)
     rows[2][0] = str(bad_wav(tmp_path, "silent"))

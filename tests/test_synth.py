@@ -5,6 +5,7 @@ import json
 import time
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from vascdist.data.synth import (DURATION_S_RANGE, MANIFEST_COLUMNS, STENOSIS_THRESHOLD, break_spectrum,
@@ -82,6 +83,7 @@ def test_break_frequency_sets_where_the_bruit_spectrum_falls():
     assert abs(20 * np.log10(high[300] / high[150])) < 1  # still flat below the break
 
 
+@pytest.mark.slow
 def test_generator_statistics_match_the_shared_real_recordings(tmp_path):
     """The real files' reference (README in ../shared/realdata/vascular-access: centroid 150-200 Hz, spectral
     peak 40-80 Hz, roll-off 540-780 Hz; periodicity 0.74 arterial, 0.49 venous, measured by cycles.segment; no

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from vascdist.data.integrity import check_shard_set
-from vascdist.data.shard_format import INDEX, is_shard_name
+from vascdist.data.shard_format import INDEX, SHARD_GLOB, is_shard_name
 from vascdist.errors import DataError
 from vascdist.fileio import disk_full, disk_full_message, fsync_dir
 from vascdist.lockfile import exclusive
@@ -87,7 +87,7 @@ def _check_target(out: Path, kind: str, schema_version: int, overwrite: bool) ->
                             f"{old.get('kind')}; this is schema {schema_version}, kind {kind}); choose another --out")
         if not overwrite:
             raise DataError(f"{out}: already holds a finished shard set; pass --overwrite to replace it or choose another --out")
-    elif any(out.glob("shard-*.h5")) and not overwrite:
+    elif any(out.glob(SHARD_GLOB)) and not overwrite:
         raise DataError(f"{out}: holds shard files but no {INDEX} (an unfinished or damaged set); pass --overwrite to "
                         "replace them or choose another --out")
     foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name))
