@@ -60,11 +60,14 @@ def local_cv(shards_dir, tmp_path_factory):
 
 
 @pytest.fixture()
-def tmpfs(tmp_path):
-    """A 2 MB tmpfs at tmp_path/full (root is needed to mount one)."""
+def tmpfs(tmp_path, request):
+    """A 2 MB tmpfs at tmp_path/full (root is needed to mount one); a test may ask for another size with
+    `@pytest.mark.tmpfs_size("8m")`."""
+    marker = request.node.get_closest_marker("tmpfs_size")
+    size = marker.args[0] if marker else "2m"
     mount = tmp_path / "full"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True, text=True)
     if result.returncode:
         pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'}): the full-disk case is untested")
     yield mount

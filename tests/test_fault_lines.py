@@ -131,11 +131,13 @@ def test_sigterm_outside_a_requeueing_launcher_checkpoints_then_exits_143(shards
     assert f"stopped at step {step} (SIGTERM)" in out
 
 
-def test_a_full_disk_under_a_checkpoint_is_one_line_and_keeps_the_previous_one(shards_dir, tmpfs, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("deepspeed", marks=pytest.mark.tmpfs_size("4m"))])
+def test_a_full_disk_under_a_checkpoint_is_one_line_and_keeps_the_previous_one(shards_dir, tmpfs, tmp_path, engine):
     run = tmpfs / "run"
     proc = subprocess.Popen([sys.executable, "-m", "vascdist.cli", "train", f"data.shards={shards_dir}", *SMALL,
                              "train.epochs=20", "train.checkpoint_every=1", "train.log_every=1000", "--run-dir",
-                             str(run), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(run), "--quiet", f"dist.engine={engine}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not list((run / "checkpoints").glob("step-*.pt")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -150,6 +152,9 @@ def test_a_full_disk_under_a_checkpoint_is_one_line_and_keeps_the_previous_one(s
     assert f"{run}/" in line and "no space left on device" in line and "free" in line, line
     kept = CheckpointManager(run / "checkpoints", 1).latest_loadable()
     assert kept is not None and not list((run / "checkpoints").glob("*.tmp"))
+    if engine == "deepspeed":  # only tags that a step file claims are left
+        claimed = {p.stem for p in (run / "checkpoints").glob("step-*.pt")}
+        assert {p.name for p in (run / "checkpoints" / "deepspeed").iterdir()} <= claimed
 
 
 def test_submit_without_a_controller_says_so_in_one_line(tmp_path):

@@ -33,6 +33,7 @@ from vascdist.config import Config, batch_sizes
 from vascdist.config.checks import check_deepspeed_options
 from vascdist.dist import DistEnv, barrier, broadcast_buffers, ensure_process_group, on_main
 from vascdist.errors import ConfigError, VascdistError
+from vascdist.fileio import disk_full, disk_full_message
 from vascdist.train.checkpoint import fsync_tree
 from vascdist.train.engines import grad_norm
 from vascdist.train.precision import uses_bf16
@@ -237,14 +238,33 @@ class DeepSpeedEngine:
         # a crashed attempt's leftover: never mix its files with this save
         on_main(self.env, shutil.rmtree, root / tag, ignore_errors=True)
         barrier(self.env)
-        self._ds.save_checkpoint(str(root), tag=tag, save_latest=False)
+        try:
+            self._ds.save_checkpoint(str(root), tag=tag, save_latest=False)
+        except (OSError, RuntimeError) as exc:
+            self._refuse_if_disk_full(exc, root / tag)
+            raise
         barrier(self.env)  # every partition is on disk before the step file claims it
 
         def write_step_file() -> None:
             fsync_tree(root / tag)
-            manager.save(step, {**state, "engine": {**state["engine"], "deepspeed_tag": tag}}, is_best=is_best)
+            try:
+                manager.save(step, {**state, "engine": {**state["engine"], "deepspeed_tag": tag}}, is_best=is_best)
+            except VascdistError:  # e.g. a full disk under the step file: no step file claims this tag, drop it
+                shutil.rmtree(root / tag, ignore_errors=True)
+                raise
             prune_deepspeed_tags(manager)
         on_main(self.env, write_step_file)
+
+    @staticmethod
+    def _refuse_if_disk_full(exc: BaseException, tag_dir: Path) -> None:
+        """A full disk under DeepSpeed's own writes is one line; the half-written tag directory is removed, so the
+        previous step file and its tag stay the last checkpoint. torch.save reports a full disk as a RuntimeError
+        ('file write failed' from its zip writer), not as ENOSPC, hence the free-space probe taken before clean-up."""
+        full = disk_full(exc) or shutil.disk_usage(tag_dir.parent).free < 16 * 2**20
+        if not full:
+            return
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        raise VascdistError(disk_full_message(tag_dir)) from None
 
     def load_checkpoint(self, manager: CheckpointManager, path: str | Path) -> dict:
         """Every rank reads the step file and loads weights plus its optimiser partition from the tag directory."""
