@@ -72,15 +72,19 @@ def _gone(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def many(synth_dir, tmp_path_factory) -> Path:
-    """A manifest of 360 recordings (hard links to the synthetic ones under new names and ids): a preprocess
+    """A manifest of 360 recordings (copies of the synthetic ones under new names and ids, each copy's first
+    sample changed by one LSB so that preprocess's duplicate-audio check sees different recordings): a preprocess
     run that lasts long enough to be killed midway, or to be run against."""
     root = tmp_path_factory.mktemp("many")
     rows = []
     for copy in range(10):
         for r in csv.DictReader(open(synth_dir / "manifest.csv")):
-            link = root / f"{copy}-{Path(r['path']).name}"
-            os.link(synth_dir / r["path"], link)
-            rows.append([str(link), r["label"], f"{copy}-{r['patient_id']}", f"{copy}-{r['recording_id']}"])
+            source = synth_dir / r["path"]
+            copied = root / f"{copy}-{Path(r['path']).name}"
+            samples, rate = sf.read(source, dtype="int16", always_2d=True)
+            samples[0, 0] ^= copy
+            sf.write(copied, samples, rate, subtype=sf.info(source).subtype)
+            rows.append([str(copied), r["label"], f"{copy}-{r['patient_id']}", f"{copy}-{r['recording_id']}"])
     return write_manifest(root, rows)
 
 
