@@ -74,7 +74,7 @@ def ddp_run(shards_dir, tmp_path_factory):
 def test_zero_matches_ddp_checkpoints_and_resumes(stage, ddp_run, shards_dir, tmp_path):
     run = tmp_path / "run"
     ds = overrides(shards_dir, "dist.engine=deepspeed", f"dist.zero_stage={stage}",
-                   f"dist.deepspeed_config={REPO / 'configs' / 'deepspeed' / f'zero{stage}.json'}")
+                   f"dist.deepspeed_config={REPO / 'vascdist' / 'configs' / 'deepspeed' / f'zero{stage}.json'}")
     first = torchrun(run, *ds, f"train.max_steps={STEPS // 2}")
     assert first.returncode == 0, first.stderr[-3000:]
     second = torchrun(run, *ds, f"train.max_steps={STEPS}", "--resume", "auto")
