@@ -54,9 +54,7 @@ def shards_dir(synth_dir, tmp_path_factory) -> Path:
 def local_cv(shards_dir, tmp_path_factory):
     """A local 3-fold `vascdist cv` of the test shards (test_cv and, against its SLURM array, test_slurm_cv)."""
     out = tmp_path_factory.mktemp("cv") / "local"
-    result = run_cli(*cv_args(shards_dir, out), env={"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result
+    return out, _run_local_cv(cv_args(shards_dir, out))
 
 
 @pytest.fixture()
@@ -102,6 +100,11 @@ def site_shards(synth_dir, tmp_path_factory) -> Path:
 def local_site_cv(site_shards, tmp_path_factory):
     """A local leave-one-site-out `vascdist cv` of site_shards (test_sites and, against its SLURM array, test_slurm_cv)."""
     out = tmp_path_factory.mktemp("sitecv") / "local"
-    result = run_cli(*site_cv_args(site_shards, out), env={"OMP_NUM_THREADS": "1"})
+    return out, _run_local_cv(site_cv_args(site_shards, out))
+
+
+def _run_local_cv(args: list[str]):
+    """`vascdist cv ARGS` on one thread; the finished process (its output is the test's evidence)."""
+    result = run_cli(*args, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result
+    return result
