@@ -1,5 +1,5 @@
 """`vascdist bench gpu`: the whole GPU check in one command, sized to end within 8 minutes on one H100 started
-bare (BENCHMARKS.md, "GPU check", says how to run it there).
+bare (docs/design/gpu-check.md says how to run it there).
 
 Parts, in this order; each runs its work in subprocesses under its own time budget and the check's total one
 (`--budget-s`). A part that fails or runs out of time is recorded with its error and the next part runs:

@@ -118,7 +118,7 @@ def _results(jobs: list, workers: int):
             yield from pool.map(_process, jobs, chunksize=1)
         else:
             # One thread here too: the per-recording ops are small, and on busy cores torch's spinning OpenMP
-            # threads made this path 10x slower (BENCHMARKS.md, "Preprocessing").
+            # threads made this path 10x slower (docs/design/measurements.md, "Preprocessing").
             torch.set_num_threads(1)
             yield from map(_process, jobs)
     finally:
