@@ -12,14 +12,21 @@ from helpers import check_folds, check_site_folds, cv_args, run_cli, site_cv_arg
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
+SUBMIT = ("--submit", "--wait", "--time", "20", "--signal-delay", "60")
 
-def test_slurm_array_aggregate_equals_local(local_cv, shards_dir, tmp_path):
+
+def submit_and_wait(args: list[str]):
+    """`vascdist cv ... --submit --wait` on the local cluster; it must exit 0."""
     from slurm_cluster import ensure_cluster
     env = {**ensure_cluster(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    out = tmp_path / "slurm"
-    result = run_cli(*cv_args(shards_dir, out, "--submit", "--wait", "--time", "20", "--signal-delay", "60"),
-                     env=env, timeout=1200)
+    result = run_cli(*args, env=env, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_slurm_array_aggregate_equals_local(local_cv, shards_dir, tmp_path):
+    out = tmp_path / "slurm"
+    result = submit_and_wait(cv_args(shards_dir, out, *SUBMIT))
     assert result.stdout.count("submitted job") == 3 and len({l.split()[2] for l in result.stdout.splitlines()
                                                              if l.startswith("submitted job")}) == 3
     for fold in ("r0-f0", "r0-f1", "r0-f2"):  # one line per fold at the end
@@ -35,12 +42,8 @@ def test_slurm_array_aggregate_equals_local(local_cv, shards_dir, tmp_path):
 
 def test_slurm_leave_one_site_out_equals_local(local_site_cv, site_shards, tmp_path):
     """`vascdist cv --group-by site --submit`: one array task per site; the same folds and aggregate as locally."""
-    from slurm_cluster import ensure_cluster
-    env = {**ensure_cluster(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     out = tmp_path / "slurm-sites"
-    result = run_cli(*site_cv_args(site_shards, out, "--submit", "--wait", "--time", "20", "--signal-delay", "60"),
-                     env=env, timeout=1200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = submit_and_wait(site_cv_args(site_shards, out, *SUBMIT))
     assert result.stdout.count("submitted job") == 2 and "for fold site-centre-1" in result.stdout
     check_site_folds(out, site_shards)
     local = json.loads((local_site_cv[0] / "aggregate.json").read_text())
