@@ -58,6 +58,17 @@ def test_dataloader_batches_equal_threaded_across_checkpoint_and_resume(shards_d
         resumed.close()
 
 
+def test_dataloader_batches_equal_threaded_with_every_augmentation(shards_dir):
+    aug = {"spec_augment": (6, 12), "noise_floor_db": (-25.0, 0.0), "time_shift": True}
+    for rank in range(2):
+        expected = threaded(shards_dir, rank, 2, epoch=1, **aug)
+        assert (expected[0]["augment"][:, 4] > 0).any() and (expected[0]["augment"][:, 5] > -2501).all()
+        loader = WorkerLoader(stream(shards_dir, rank, 2, **aug), workers=2)
+        loader.set_epoch(1)
+        same(list(loader), expected)
+        loader.close()
+
+
 def test_a_checkpoint_moves_between_the_paths_and_world_sizes(shards_dir):
     full = threaded(shards_dir, epoch=0)
     loader = WorkerLoader(stream(shards_dir), workers=2)

@@ -102,8 +102,15 @@ def check_against_index(cfg: Config, index: dict, world_size: int = 1) -> int:
         fitting = [n for n, r in sorted(registered_models().items()) if len(shape) in r]
         raise ConfigError(f"model.name '{cfg.model.name}' does not take {kind} samples of shape {list(shape)} from "
                           f"{where}; models for this data: {', '.join(fitting)}")
-    if cfg.data.spec_augment and len(shape) != 3:
-        raise ConfigError(f"config key 'data.spec_augment' needs spectrogram shards; {where} holds {kind} samples")
+    for key, on in (("data.spec_augment", cfg.data.spec_augment), ("data.noise_floor_db", bool(cfg.data.noise_floor_db)),
+                    ("data.time_shift", cfg.data.time_shift)):
+        if on and len(shape) != 3:
+            raise ConfigError(f"config key '{key}' needs spectrogram shards; {where} holds {kind} samples")
+    norm = index["preprocess"].get("spectrogram", {}).get("recording_norm", "none")
+    if cfg.data.noise_floor_db and norm != "band_mean":
+        raise ConfigError(f"config key 'data.noise_floor_db' needs shards written with "
+                          f"preprocess.spectrogram.recording_norm=band_mean (the floor is placed relative to each band's "
+                          f"mean); {where} has recording_norm '{norm}'")
     batch_sizes(cfg.data.batch_size, world_size, cfg.train.grad_accum)  # the one owner of batch arithmetic
     train_samples = index["splits"]["train"]["samples"]
     steps_per_epoch = train_samples // cfg.data.batch_size

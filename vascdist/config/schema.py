@@ -190,6 +190,13 @@ class DataConfig:
     """Widest frequency mask (mel bands) of SpecAugment."""
     time_mask: int = 12
     """Widest time mask (frames) of SpecAugment."""
+    noise_floor_db: list[float] = field(default_factory=list)
+    """[lowest, highest]: add to every training window a stationary noise floor drawn uniformly between these
+    levels, in dB relative to the recording's mean per mel band (needs shards with
+    preprocess.spectrogram.recording_norm: band_mean); imitates a noisier stethoscope or room. Empty: none."""
+    time_shift: bool = False
+    """Roll every training window circularly in time by a random number of frames (the heart sounds then sit at
+    any phase of the window, as where the onset detection starts windows elsewhere in the cycle)."""
 
     def check(self, key: str) -> None:
         _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
@@ -200,6 +207,8 @@ class DataConfig:
         _require(self.workers >= 0, f"{key}.workers", "must be >= 0")
         _require(self.worker_prefetch_factor >= 1, f"{key}.worker_prefetch_factor", "must be >= 1")
         _require(self.shuffle_chunks >= 1, f"{key}.shuffle_chunks", "must be >= 1")
+        _require(not self.noise_floor_db or (len(self.noise_floor_db) == 2 and self.noise_floor_db[0] <= self.noise_floor_db[1]),
+                 f"{key}.noise_floor_db", f"must be empty or [lowest, highest] dB with lowest <= highest, got {self.noise_floor_db}")
 
 
 @dataclass

@@ -31,6 +31,7 @@ def build_loaders(cfg: Config, env: DistEnv) -> tuple[StreamingLoader | WorkerLo
     def make(split: str, train: bool) -> StreamingLoader | WorkerLoader:
         stream = ShardStream(cfg.data.shards, split, cfg.data.batch_size, env.rank, env.world_size, cfg.train.seed,
                              train=train, shuffle_chunks=cfg.data.shuffle_chunks, spec_augment=aug,
-                             transform=cfg.data.transform, split_file=cfg.data.split_file)
+                             transform=cfg.data.transform, split_file=cfg.data.split_file,
+                             noise_floor_db=tuple(cfg.data.noise_floor_db) or None, time_shift=cfg.data.time_shift)
         return build_loader(cfg.data, stream, pin)
     return make("train", True), make("val", False), make("test", False)

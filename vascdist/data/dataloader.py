@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vascdist.data.loader import EpochPlan, EpochPosition, ShardStream
 from vascdist.data.reader import INT_FIELDS, WindowReader
+from vascdist.data.transform import AUGMENT_COLUMNS
 from vascdist.errors import ConfigError, VascdistError
 
 _FLAGS: dict[int, np.ndarray] = {}  # dataset token -> its buffers' in-use flags (workers x buffers), per process
@@ -104,7 +105,7 @@ class _SharedBuffers:
     def __init__(self, stream: ShardStream, token: int, worker: int, flags: np.ndarray):
         self.token, self.worker, self.flags = token, worker, flags
         self.rows, self.sample_shape = stream.local_batch, stream.sample_shape
-        self.int_rows = len(INT_FIELDS) + 1 + 4  # the int fields, position, and the 4 columns of augment
+        self.int_rows = len(INT_FIELDS) + 1 + AUGMENT_COLUMNS  # the int fields, position, and augment's columns
         self.buffers: dict[int, tuple[torch.UntypedStorage, dict[str, torch.Tensor], list[memoryview]]] = {}
         self.by_address: dict[int, int] = {}  # data_ptr of a buffer's x -> buffer
 
@@ -124,7 +125,7 @@ class _SharedBuffers:
         sample = math.prod(self.sample_shape)
         storage = torch.empty(ints * n * 8 + n * sample * 2, dtype=torch.uint8).share_memory_().untyped_storage()
         fields = {k: torch.empty(0, dtype=torch.int64).set_(storage, i * n, (n,)) for i, k in enumerate((*INT_FIELDS, "position"))}
-        fields["augment"] = torch.empty(0, dtype=torch.int64).set_(storage, (ints - 4) * n, (n, 4))
+        fields["augment"] = torch.empty(0, dtype=torch.int64).set_(storage, (ints - AUGMENT_COLUMNS) * n, (n, AUGMENT_COLUMNS))
         fields["x"] = torch.empty(0, dtype=torch.float16).set_(storage, ints * n * 4, (n, *self.sample_shape))
         flat = memoryview(fields["x"].numpy()).cast("B")
         rows = [flat[i * sample * 2:(i + 1) * sample * 2] for i in range(n)]

@@ -34,6 +34,7 @@ import torch
 from vascdist.data.hooks import load_callable
 from vascdist.data.folds import patient_segments, split_index
 from vascdist.data.reader import Chunk, ChunkLayout, WindowReader
+from vascdist.data.transform import AUGMENT_COLUMNS, NO_FLOOR
 from vascdist.config.batch import batch_sizes, eval_batch_per_rank
 from vascdist.errors import ConfigError, VascdistError
 
@@ -75,8 +76,12 @@ class ShardStream:
 
     def __init__(self, shards_dir: str | Path, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, train: bool = True, shuffle_chunks: int = 16, spec_augment: tuple[int, int] | None = None,
-                 transform: str = "", split_file: str = ""):
-        """`transform`: dotted path of a callable (batch dict, torch.Generator) -> batch dict applied to every
+                 transform: str = "", split_file: str = "", noise_floor_db: tuple[float, float] | None = None,
+                 time_shift: bool = False):
+        """`spec_augment` (widest frequency and time mask), `noise_floor_db` (lowest and highest floor, dB relative to
+        the recording's band mean) and `time_shift` (a random circular shift in time): per-sample augmentation of
+        training spectrograms (data.spec_augment, data.noise_floor_db, data.time_shift), drawn here and applied by
+        vascdist.data.transform; ignored when `train` is false. `transform`: dotted path of a callable (batch dict, torch.Generator) -> batch dict applied to every
         training batch (config key data.transform); ignored when `train` is false. `split_file` (data.split_file):
         the split's rows are its patients' in any shard (vascdist.data.folds), and the index carries that file's
         normalisation."""
@@ -93,9 +98,12 @@ class ShardStream:
         self.shuffle_chunks = shuffle_chunks
         self.sample_shape = tuple(self.index["sample_shape"])
         self.spec_augment = spec_augment if train else None
-        if self.spec_augment is not None and len(self.sample_shape) != 3:
-            raise ConfigError(f"data.spec_augment needs spectrogram shards; {self.root} holds {self.index['kind']} "
-                              f"samples of shape {list(self.sample_shape)}")
+        self.noise_floor_db = noise_floor_db if train else None
+        self.time_shift = time_shift and train
+        self.augments = self.spec_augment is not None or self.noise_floor_db is not None or self.time_shift
+        if self.augments and len(self.sample_shape) != 3:
+            raise ConfigError(f"data.spec_augment, data.noise_floor_db and data.time_shift need spectrogram shards; "
+                              f"{self.root} holds {self.index['kind']} samples of shape {list(self.sample_shape)}")
         if train:
             self.global_batch = batch_size
             self.local_batch = batch_sizes(batch_size, world_size).per_rank
@@ -180,7 +188,7 @@ class ShardStream:
         local = self._local_index(positions)
         cuts = [0, *np.flatnonzero(local[1:] % self.local_batch == 0) + 1, len(rows)]
         xs, ints = reader.read(plan.windows[w], rows, cuts)
-        augment = self._augment_params(plan, w, positions) if self.spec_augment is not None else None
+        augment = self._augment_params(plan, w, positions) if self.augments else None
         pieces = []
         for x, a, b in zip(xs, cuts[:-1], cuts[1:]):
             piece = {"x": x, **{k: torch.from_numpy(v[a:b]) for k, v in ints.items()},
@@ -191,22 +199,35 @@ class ShardStream:
         return pieces
 
     def _augment_params(self, plan: EpochPlan, w: int, positions: np.ndarray) -> np.ndarray:
-        """SpecAugment masks per sample as (freq start, freq width, time start, time width), int64 (N, 4).
+        """Augmentation per sample, int64 (N, AUGMENT_COLUMNS): SpecAugment's (freq start, freq width, time start,
+        time width), the time shift (frames) and the noise floor (hundredths of a dB; NO_FLOOR for none).
 
         Drawn here rather than with torchaudio's maskers because those draw from the global RNG per call,
         so a sample's mask would depend on which other samples share the call (world size, resume point);
         drawing from a generator seeded by the window and indexed by the sample's position keeps augmentation
-        exact. vascdist.data.transform applies the masks on the device.
+        exact. vascdist.data.transform applies them on the device. The shift and the floor come from a generator
+        of their own, so that SpecAugment's masks are the same with or without them.
         """
-        max_f, max_t = self.spec_augment
         n_f, n_t = self.sample_shape[-2], self.sample_shape[-1]
-        rng = np.random.default_rng([self.seed, plan.epoch, w, _TAG + 1])
-        draws = rng.random((int(plan.starts[w + 1] - plan.starts[w]), 4))[positions - plan.starts[w]]
-        f_width = (draws[:, 0] * (max_f + 1)).astype(np.int64)
-        f_start = (draws[:, 1] * np.maximum(n_f - f_width, 1)).astype(np.int64)
-        t_width = (draws[:, 2] * (max_t + 1)).astype(np.int64)
-        t_start = (draws[:, 3] * np.maximum(n_t - t_width, 1)).astype(np.int64)
-        return np.stack([f_start, f_width, t_start, t_width], axis=1)
+        n_window = int(plan.starts[w + 1] - plan.starts[w])
+        out = np.zeros((len(positions), AUGMENT_COLUMNS), dtype=np.int64)
+        if self.spec_augment is not None:
+            max_f, max_t = self.spec_augment
+            rng = np.random.default_rng([self.seed, plan.epoch, w, _TAG + 1])
+            draws = rng.random((n_window, 4))[positions - plan.starts[w]]
+            out[:, 1] = (draws[:, 0] * (max_f + 1)).astype(np.int64)
+            out[:, 0] = (draws[:, 1] * np.maximum(n_f - out[:, 1], 1)).astype(np.int64)
+            out[:, 3] = (draws[:, 2] * (max_t + 1)).astype(np.int64)
+            out[:, 2] = (draws[:, 3] * np.maximum(n_t - out[:, 3], 1)).astype(np.int64)
+        draws = np.random.default_rng([self.seed, plan.epoch, w, _TAG + 2]).random((n_window, 2))[positions - plan.starts[w]]
+        if self.time_shift:
+            out[:, 4] = (draws[:, 0] * n_t).astype(np.int64)
+        if self.noise_floor_db is not None:
+            lo, hi = self.noise_floor_db
+            out[:, 5] = np.round(100 * (lo + draws[:, 1] * (hi - lo))).astype(np.int64)
+        else:
+            out[:, 5] = NO_FLOOR
+        return out
 
 
 class _Stop(Exception):
