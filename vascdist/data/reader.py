@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import threading
+import weakref
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -118,7 +119,7 @@ class ChunkLayout:
 
 class WindowReader:
     """What one reader thread reuses from window to window: a staging buffer for the integer fields and a pool
-    of batch buffers."""
+    of batch buffers (batch_buffer)."""
 
     def __init__(self, layout: ChunkLayout, sample_shape: tuple[int, ...], batch_rows: int,
                  pin_memory: bool = False, keep: int = 64):
@@ -127,8 +128,10 @@ class WindowReader:
         self.sample_bytes = math.prod(self.sample_shape) * 2  # float16
         self.scratch = bytearray(self.sample_bytes)  # where the rows another rank reads land
         self.ints: dict[str, np.ndarray] = {}
-        self.pool: list[tuple[np.ndarray, list[memoryview]]] = []
-        self.free_references = 0
+        # Batch buffers (array, row views) free for reuse; deque's append and pop are thread-safe, and a buffer is
+        # appended back from whichever thread drops the last batch made from it.
+        self.free: deque[tuple[np.ndarray, list[memoryview]]] = deque()
+        self.made = 0  # buffers of the pool made so far (at most `keep`)
         # Optional: n -> (tensor, row views) or None, tried before the pool (a DataLoader worker reads whole
         # batches straight into shared memory this way: vascdist.data.dataloader).
         self.allocate: Callable[[int], tuple[torch.Tensor, list[memoryview]] | None] | None = None
@@ -210,23 +213,28 @@ class WindowReader:
     def batch_buffer(self, n: int) -> tuple[torch.Tensor, list[memoryview]]:
         """An uninitialised float16 (n, *sample_shape) tensor for one batch (piece), and a writable view of each row.
 
-        Buffers come from a pool and are reused once nothing references them any more (the consumer dropped
-        the batch): a fresh one costs a page fault per 4 KiB and, with several threads, TLB shoot-downs when
-        glibc returns it. The row views are made once per buffer: making thousands per window set off the
+        Buffers come from a pool of at most `keep`: a fresh one costs a page fault per 4 KiB and, with several
+        threads, TLB shoot-downs when glibc returns it (0.5 to 2 ms per 2 MB batch against 0.2 ms for its read
+        on the AMD EPYC host, docs/design/loader.md). A buffer goes back to the pool when the batch made from it is
+        garbage: the tensor is made with torch.from_numpy from a numpy view of the buffer, which that tensor's
+        memory (every view of it included) keeps alive, and weakref.finalize on that numpy view returns the
+        buffer once it dies. The row views are made once per buffer: making thousands per window set off the
         cyclic garbage collector, whose full passes cost more than the reads.
         """
         if self.allocate is not None:
             given = self.allocate(n)
             if given is not None:
                 return given
-        for entry in self.pool:
-            if _references(entry) == self.free_references:
+        try:
+            entry = self.free.pop()
+        except IndexError:
+            entry = self._new_buffer()
+            if self.made >= self.keep:  # beyond the pool: a fresh buffer, not returned
                 return torch.from_numpy(entry[0][:n]), entry[1][:n]
-        entry = self._new_buffer()  # no local name holds the array itself, so its count is the pool's alone
-        if len(self.pool) < self.keep:
-            self.pool.append(entry)
-            self.free_references = _references(entry)
-        return torch.from_numpy(entry[0][:n]), entry[1][:n]
+            self.made += 1
+        view = entry[0][:n]
+        weakref.finalize(view, self.free.append, entry).atexit = False
+        return torch.from_numpy(view), entry[1][:n]
 
     def _new_buffer(self) -> tuple[np.ndarray, list[memoryview]]:
         array = np.empty((self.batch_rows, *self.sample_shape), np.float16)
@@ -234,12 +242,8 @@ class WindowReader:
         return array, [flat[i * size:(i + 1) * size] for i in range(self.batch_rows)]
 
     def close(self) -> None:
-        self.pool.clear()
-
-
-def _references(entry: tuple) -> int:
-    """References to a pool entry's array (compared with the count when only the pool held it)."""
-    return sys.getrefcount(entry[0])
+        self.free.clear()
+        self.made = 0
 
 
 def _preadv_all(fd: int, buffers: list, offset: int, total: int) -> None:
