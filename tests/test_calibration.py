@@ -81,19 +81,20 @@ def test_slope_interval_and_the_few_patients_rule():
 @pytest.mark.parametrize("patients,shown", [(40, True), (12, False)])
 def test_the_split_record_carries_slope_intervals_or_the_caveat(patients, shown):
     from vascdist.config import EvalConfig
-    from vascdist.eval.assess import assess_split, calibration_note
+    from vascdist.eval.assess import calibration_note, split_report
     probs, y = _calibrated_binary(patients * 30, seed=4)
     arrays = {"probs": probs, "y": y, "recording": np.arange(len(y)) // 10, "patient": np.arange(len(y)) // 30}
     metrics = split_metrics(arrays, ["normal", "stenosis"], False, {"cycle": .5, "recording": .5, "patient": .5})
     cfg = EvalConfig(bootstrap_resamples=200)
-    record = assess_split(arrays, ["normal", "stenosis"], False, metrics, cfg, calibration_intervals=True)["record"]
+    report = split_report("test", arrays, ["normal", "stenosis"], False, metrics, cfg, calibration_intervals=True)
+    record = report.to_record()
     slope = record["cycle/calibration_slope"]
     if shown:  # {value, lo, hi} around the value, and the note prints them
         assert record["calibration_caveat"] == "" and slope["lo"] < slope["value"] < slope["hi"]
-        assert calibration_note(record, "cycle").startswith(f"slope {slope['value']:.2f} [")
+        assert calibration_note(report, "cycle").startswith(f"slope {slope['value']:.2f} [")
     else:  # a bare value (no bootstrap spent on it) and the reason it is not shown
         assert isinstance(slope, float) and record["calibration_caveat"] == "omitted: 12 patients < 30"
-        assert calibration_note(record, "patient") == "slope, intercept omitted: 12 patients < 30"
+        assert calibration_note(report, "patient") == "slope, intercept omitted: 12 patients < 30"
 
 
 @pytest.mark.parametrize("text,kind,target", [("youden", "youden", 0.5), ("sensitivity:0.9", "sensitivity", 0.9),

@@ -32,8 +32,8 @@ def test_best_pt_lost_before_its_copy_is_recovered_by_resume_and_by_evaluate(sha
     run = tmp_path / "run"
     first = run_training(None, overrides(shards_dir, "train.epochs=1"), run_dir=str(run), quiet=True)
     checkpoints = run / "checkpoints"
-    best_step = first["best_step"]
-    assert best_step == first["step"] and step_of(checkpoints / "best.pt") == best_step
+    best_step = first.best_step
+    assert best_step == first.step and step_of(checkpoints / "best.pt") == best_step
     (checkpoints / "best.pt").unlink()  # a kill after the step file was renamed into place, before the best copy
 
     result = run_cli("evaluate", str(run), "--split", "val")
@@ -45,9 +45,9 @@ def test_best_pt_lost_before_its_copy_is_recovered_by_resume_and_by_evaluate(sha
     (checkpoints / "best.pt").unlink()
     resumed = run_training(None, overrides(shards_dir), resume="auto", run_dir=str(run), quiet=True)
     best = CheckpointManager(checkpoints, 1).load(checkpoints / "best.pt")
-    assert best["progress"]["step"] == resumed["best_step"]
+    assert best["progress"]["step"] == resumed.best_step
     newest = CheckpointManager(checkpoints, 1).latest_loadable()[1]
-    assert newest["progress"]["best_step"] == resumed["best_step"]
+    assert newest["progress"]["best_step"] == resumed.best_step
 
 
 def test_non_finite_state_is_never_saved(shards_dir, tmp_path, capfd):
@@ -134,5 +134,5 @@ def test_kill_while_best_pt_is_being_written_loses_nothing(shards_dir, tmp_path)
     assert step_of(checkpoints / "best.pt") == best_step and f"best step {best_step}" in result.stdout
     resumed = run_training(None, overrides(shards_dir, "model.width=1", "train.eval_every=2", "train.max_steps=44"),
                            resume="auto", run_dir=str(run), quiet=True)
-    assert step_of(checkpoints / "best.pt") == resumed["best_step"] >= best_step
+    assert step_of(checkpoints / "best.pt") == resumed.best_step >= best_step
     assert not [n for n in os.listdir(checkpoints) if n.endswith(".tmp")]

@@ -35,15 +35,15 @@ def straight_run(shards_dir, tmp_path_factory):
 
 def test_resume_is_bitwise_exact(shards_dir, straight_run, tmp_path):
     run_a, summary = straight_run
-    steps_per_epoch = summary["step"] // 2
+    steps_per_epoch = summary.step // 2
     assert steps_per_epoch > 37
     run_b = tmp_path / "run"
     stopped = run_training(None, overrides(shards_dir, tmp_path, f"train.max_steps={steps_per_epoch + 37}"),
                            run_dir=str(run_b), quiet=True)
-    assert stopped["step"] == steps_per_epoch + 37
+    assert stopped.step == steps_per_epoch + 37
     resumed = run_training(None, overrides(shards_dir, tmp_path), resume="auto", run_dir=str(run_b), quiet=True)
-    assert resumed["step"] == summary["step"]
-    final = f"step-{summary['step']:08d}.pt"
+    assert resumed.step == summary.step
+    final = f"step-{summary.step:08d}.pt"
     a = CheckpointManager(run_a / "checkpoints", 1).load(run_a / "checkpoints" / final)
     b = CheckpointManager(run_b / "checkpoints", 1).load(run_b / "checkpoints" / final)
     for key, value in a["engine"]["model"].items():
@@ -52,7 +52,7 @@ def test_resume_is_bitwise_exact(shards_dir, straight_run, tmp_path):
     mom_b = [s["momentum_buffer"] for s in b["engine"]["optimizer"]["state"].values()]
     assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
     assert a["loader"] == b["loader"]
-    assert summary["test"]["recording/balanced_accuracy"] == resumed["test"]["recording/balanced_accuracy"]
+    assert summary.test.value("recording/balanced_accuracy") == resumed.test.value("recording/balanced_accuracy")
 
 
 def test_tensorboard_events_read_back(straight_run):
@@ -67,13 +67,13 @@ def test_tensorboard_events_read_back(straight_run):
     assert {"val/confusion", "val/spectrogram_examples"} <= set(tags["images"])
     lo = acc.Scalars("test/recording/auroc/lo")[-1].value
     hi = acc.Scalars("test/recording/auroc/hi")[-1].value
-    assert (lo, hi) == pytest.approx(summary["test_intervals"]["recording/auroc"], rel=1e-6)
+    assert (lo, hi) == pytest.approx(summary.test.metrics["recording/auroc"].interval, rel=1e-6)
     loss = acc.Scalars("train/loss")
-    assert [e.step for e in loss] == list(range(1, summary["step"] + 1))  # every step
+    assert [e.step for e in loss] == list(range(1, summary.step + 1))  # every step
     lr = [e.value for e in acc.Scalars("train/lr")]
     assert max(lr) == pytest.approx(0.05, rel=1e-6) and lr[-1] < lr[len(lr) // 2]  # warm-up then cosine decay
     test = acc.Scalars("test/recording/balanced_accuracy")[-1].value
-    assert test == pytest.approx(summary["test"]["recording/balanced_accuracy"], rel=1e-6)
+    assert test == pytest.approx(summary.test.value("recording/balanced_accuracy"), rel=1e-6)
     assert "val/pr_cycle" in tags["tensors"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["split"] for r in records} == {"train", "val", "test"}
@@ -89,12 +89,12 @@ def test_evaluate_and_predict_cli(straight_run, shards_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads(out.read_text())
     ba = metrics["recording/balanced_accuracy"]  # {value, lo, hi}: the patient-bootstrap interval
-    assert ba["value"] == pytest.approx(summary["test"]["recording/balanced_accuracy"])
+    assert ba["value"] == pytest.approx(summary.test.value("recording/balanced_accuracy"))
     assert ba["lo"] <= ba["value"] <= ba["hi"]
-    assert metrics["counts"]["patients"] == summary["test_counts"]["patients"]
+    assert metrics["counts"]["patients"] == summary.test.counts["patients"]
     assert f"{ba['value']:.2f} [{ba['lo']:.2f}-{ba['hi']:.2f}]" in result.stdout
     assert out.with_suffix(".png").exists()
-    assert f"best step {summary['best_step']}" in result.stdout  # the printed table names the run, not the file
+    assert f"best step {summary.best_step}" in result.stdout  # the printed table names the run, not the file
     assert f"run directory: {run}  (tensorboard --logdir {run}/tb)" in result.stdout
 
     from vascdist.data.shards import load_index
@@ -124,7 +124,7 @@ def test_corrupt_newest_checkpoint_is_skipped_on_resume(straight_run, shards_dir
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     resumed = run_training(None, overrides(shards_dir, tmp_path), resume="auto", run_dir=str(copy), quiet=True)
     assert f"skipping corrupt checkpoint {newest}" in capfd.readouterr().err
-    assert resumed["step"] == summary["step"]
+    assert resumed.step == summary.step
 
 
 def test_incompatible_checkpoint_and_missing_shards(straight_run, tmp_path):
@@ -186,8 +186,8 @@ def test_five_class_beats_train_with_resnext1d(tmp_path):
                                   "model.name=resnext1d", "model.width=0.125", "data.batch_size=32", "data.reader_threads=0",
                                   "train.epochs=6", "optim.name=adam", "optim.lr=3e-3", "sched.name=none",
                                   "loss.name=cross_entropy", "train.early_stop_metric=cycle/macro_f1"], quiet=True)
-    test = summary["test"]
-    assert summary["classes"] == ["N", "S", "V", "F", "Q"]
-    assert "cycle/f1/V" in test and "recording/accuracy" not in test  # per-beat metrics only
-    assert test["cycle/macro_f1"] > 0.5  # chance is 0.2
-    assert np.array(test["cycle/confusion"]).shape == (5, 5)
+    test = summary.test
+    assert summary.classes == ["N", "S", "V", "F", "Q"]
+    assert "cycle/f1/V" in test.metrics and "recording/accuracy" not in test.metrics  # per-beat metrics only
+    assert test.value("cycle/macro_f1") > 0.5  # chance is 0.2
+    assert np.array(test.confusion["cycle"]).shape == (5, 5)

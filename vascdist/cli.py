@@ -15,6 +15,7 @@ from vascdist.fileio import not_a_readable_file
 
 if TYPE_CHECKING:
     from vascdist.data.provenance import Provenance
+    from vascdist.eval.results import SplitReport
 
 PREDICT_SKIPPED = 1
 """predict's exit code when --skip-bad went past files it could not read."""
@@ -181,9 +182,9 @@ def _add_train(sub) -> None:
         from vascdist.launch.requeue import requeue_from_environment
         from vascdist.runner import run_training
         after_stop = requeue_from_environment()
-        summary = run_training(config, overrides, resume=a.resume, run_dir=a.run_dir, quiet=a.quiet,
-                               after_stop=after_stop)
-        if summary["stopped"] and summary["signal"] == "SIGTERM" and after_stop is None:
+        result = run_training(config, overrides, resume=a.resume, run_dir=a.run_dir, quiet=a.quiet,
+                              after_stop=after_stop)
+        if result.stopped and result.signal == "SIGTERM" and after_stop is None:
             return 143  # checkpointed, not finished: `timeout` and scripts must not take it for a finished run
         return 0
     p.set_defaults(func=run)
@@ -199,16 +200,15 @@ def _add_evaluate(sub) -> None:
     def run(a):
         _require_path(a.run, "run directory or checkpoint")
         _refuse_a_live_run(a.run)
+        from vascdist.eval.table import split_summary
         from vascdist.inference import evaluate_checkpoint
-        from vascdist.eval.assess import split_summary
         from vascdist.runner import where_to_look
         result = evaluate_checkpoint(a.run, a.shards, a.split, a.out)
-        print(split_summary(a.split, result["classes"], result["best_step"], result["metrics"], result["intervals"],
-                            result["counts"], result["confidence"]) + "\n" + where_to_look(result["run_dir"]))
-        _print_sites(result["metrics"].get("sites", {}), result["confidence"])
-        print(f"checkpoint: {result['checkpoint']}")
-        print(result["provenance"])
-        print(f"wrote {result['json']} and {result['png']}")
+        print(split_summary(result.report, result.best_step) + "\n" + where_to_look(result.run_dir))
+        _print_sites(result.report)
+        print(f"checkpoint: {result.checkpoint}")
+        print(result.provenance)
+        print(f"wrote {result.json} and {result.png}")
     p.set_defaults(func=run)
 
 
@@ -225,12 +225,14 @@ def _refuse_a_live_run(run: str) -> None:
                             f"files explicitly{example}")
 
 
-def _print_sites(sites: dict, confidence: float) -> None:
+def _print_sites(report: SplitReport) -> None:
     """evaluate's metrics per site (the manifest's `site` column) with intervals, and the class-mix warning."""
-    from vascdist.eval.sites import confound_warning, format_sites
+    from vascdist.eval.sites import confound_warning
+    from vascdist.eval.table import format_sites
+    sites = report.sites or {}
     if sites:
-        print(format_sites(sites, confidence))
-    warning = confound_warning({site: m["counts"] for site, m in sites.items()})
+        print(format_sites(sites, report.confidence))
+    warning = confound_warning({site: row.counts for site, row in sites.items()})
     if warning:
         print(warning, file=sys.stderr)
 

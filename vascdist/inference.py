@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from vascdist.models import build_model
 from vascdist.train.checkpoint import load_file
 from vascdist.train.layout import RunLayout
 from vascdist.train.state import find_checkpoint, model_weights
+
+if TYPE_CHECKING:
+    from vascdist.eval.results import SplitReport
 
 
 def checkpoint_state(checkpoint: Path) -> dict:
@@ -57,10 +61,25 @@ def check_compatible(info: dict, index: dict, shards: Path, checkpoint: Path) ->
                             f"(differs in: {', '.join(changed)})")
 
 
-def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str = "test", out: str | None = None) -> dict:
+@dataclass(frozen=True)
+class Evaluation:
+    """What `vascdist evaluate` made: the split's report, the run's best step (the table's header), where the run and
+    the checkpoint are, what the model was trained on, and the files written."""
+
+    report: SplitReport
+    best_step: int
+    run_dir: Path
+    checkpoint: Path
+    provenance: str
+    json: Path
+    png: Path
+
+
+def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str = "test",
+                        out: str | None = None) -> Evaluation:
     """Metrics of a checkpoint on a split, at the thresholds it chose on validation; writes JSON and a PNG."""
     from vascdist import plots
-    from vascdist.eval.assess import assess_split, test_metrics, validation_metrics
+    from vascdist.eval.assess import applied_report, validation_report
     from vascdist.eval.calibration import with_temperature
     from vascdist.eval.evaluate import predict_arrays
     checkpoint = find_checkpoint(run_or_ckpt)
@@ -75,33 +94,36 @@ def evaluate_checkpoint(run_or_ckpt: str, shards: str | None = None, split: str 
     per_beat = index["kind"] == "beats"
     if split == "val":  # thresholds chosen on this split itself, by the run's rule (after its temperature)
         arrays = with_temperature(arrays, checkpoint_temperature(state))
-        arrays, metrics, _ = validation_metrics(arrays, index["classes"], per_beat, replace(cfg.eval, calibrate="none"))
+        arrays, report, _ = validation_report(arrays, index["classes"], per_beat,
+                                              replace(cfg.eval, calibrate="none"), calibration_intervals=True)
     else:
-        arrays, metrics = test_metrics(arrays, index["classes"], per_beat, state["progress"].get("val_thresholds"),
-                                       checkpoint_temperature(state))
-    assessed = assess_split(arrays, index["classes"], per_beat, metrics, cfg.eval, calibration_intervals=True)
+        arrays, report = applied_report(split, arrays, index["classes"], per_beat,
+                                        state["progress"].get("val_thresholds"), checkpoint_temperature(state), cfg.eval)
     if index["kind"] == "spectrogram":
-        from vascdist.data.folds import split_index
-        from vascdist.data.shards import excluded_counts
-        from vascdist.eval.sites import split_sites
-        excluded = excluded_counts(split_index(shards_dir, stream_split_file), split)
-        sites = split_sites(arrays, index, metrics, cfg.eval)  # at the split's thresholds (its own, on val)
-        metrics.update(excluded, sites=sites)
-        assessed["record"].update(excluded, sites=sites)
+        report = with_excluded_and_sites(report, arrays, index, shards_dir, stream_split_file, cfg)
     layout = RunLayout(checkpoint.parent.parent)  # checkpoints/<file> -> the run directory
     out_path = Path(out) if out else layout.eval_json(split)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_path, assessed["record"])
+    atomic_write_json(out_path, report.to_record())
     level = "cycle" if index["kind"] == "beats" else "recording"
-    best_step = state["progress"].get("best_step", -1)
-    plots.save_png(plots.confusion(np.array(metrics[f"{level}/confusion"]), index["classes"],
+    plots.save_png(plots.confusion(np.array(report.confusion[level]), index["classes"],
                                    f"{split}, per {level} ({checkpoint.name}, "
                                    f"step {state['progress'].get('step', '?')})"),
                    out_path.with_suffix(".png"))
-    return {"metrics": metrics, "intervals": assessed["intervals"], "counts": assessed["counts"],
-            "confidence": cfg.eval.confidence, "classes": index["classes"], "json": str(out_path), "png": str(out_path.with_suffix(".png")),
-            "best_step": best_step, "run_dir": str(layout.root),
-            "checkpoint": str(checkpoint), "provenance": provenance_from_info(state["data"]).describe()}
+    return Evaluation(report, state["progress"].get("best_step", -1), layout.root, checkpoint,
+                      provenance_from_info(state["data"]).describe(), out_path, out_path.with_suffix(".png"))
+
+
+def with_excluded_and_sites(report: SplitReport, arrays: dict[str, np.ndarray], index: dict, shards_dir: Path,
+                            split_file: str, cfg: Config) -> SplitReport:
+    """The report with what preprocessing excluded from its split and the metrics per site (at the split's
+    thresholds: its own, on val)."""
+    from vascdist.data.folds import split_index
+    from vascdist.data.shards import excluded_counts
+    from vascdist.eval.results import Excluded
+    from vascdist.eval.sites import split_sites
+    excluded = Excluded.from_fields(excluded_counts(split_index(shards_dir, split_file), report.split))
+    return report.with_excluded(excluded).with_sites(split_sites(arrays, index, report.thresholds, cfg.eval))
 
 
 def checkpoint_temperature(state: dict) -> float:

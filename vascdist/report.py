@@ -17,13 +17,19 @@ import json
 import math
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vascdist import plots
 from vascdist.errors import VascdistError
+from vascdist.eval.results import Estimate, SplitReport
 from vascdist.fileio import read_jsonl
 from vascdist.train.layout import CvLayout, RunLayout
+
+if TYPE_CHECKING:
+    from vascdist.cv.results import CvResult, Pooled
+    from vascdist.eval.results import SiteRow
 
 
 def png_tag(image, alt: str) -> str:
@@ -33,20 +39,21 @@ def png_tag(image, alt: str) -> str:
 
 
 def _value(v):
-    return v["value"] if isinstance(v, dict) else v
+    """The point value of a metrics.jsonl entry ({value, lo, hi} or a bare value)."""
+    return Estimate.from_json(v).value
 
 
 # --------------------------------------------------------------------------------------------- pieces
-def operating_point(metrics: dict, level: str, label: str) -> plots.OperatingPoint | None:
-    """Where `metrics` (a record or a flat dict) sits at `level`: its own sensitivity, specificity and PPV."""
-    sens, spec = _value(metrics.get(f"{level}/sensitivity")), _value(metrics.get(f"{level}/specificity"))
-    if sens is None or spec is None or math.isnan(sens) or math.isnan(spec):
+def operating_point(metrics: dict[str, Estimate], level: str, label: str) -> plots.OperatingPoint | None:
+    """Where `metrics` sits at `level`: its own sensitivity, specificity and PPV."""
+    value = lambda name: metrics[f"{level}/{name}"].value if f"{level}/{name}" in metrics else math.nan
+    sens, spec = value("sensitivity"), value("specificity")
+    if math.isnan(sens) or math.isnan(spec):
         return None
-    ppv = _value(metrics.get(f"{level}/ppv", float("nan")))
-    return plots.OperatingPoint(sens, 1 - spec, float("nan") if ppv is None else ppv, label)
+    return plots.OperatingPoint(sens, 1 - spec, value("ppv"), label)
 
 
-def curves(arrays: dict[str, np.ndarray], classes: list[str], metrics: dict, title: str,
+def curves(arrays: dict[str, np.ndarray], classes: list[str], metrics: dict[str, Estimate], title: str,
            folds: list[dict[str, np.ndarray]] = ()) -> list[str]:
     """One ROC + PR image per level (binary only), the operating point of `metrics` marked; `folds` (CV) are
     drawn thin beside the pooled curve."""
@@ -59,8 +66,8 @@ def curves(arrays: dict[str, np.ndarray], classes: list[str], metrics: dict, tit
     for level, (probs, labels) in level_arrays(arrays, per_beat).items():
         if (level == "cycle" and not per_beat) or labels.min() == labels.max():
             continue
-        threshold = _value(metrics.get(f"{level}/threshold"))
-        rule = f"threshold {threshold:.2f}" if threshold is not None else "each fold's own threshold"
+        threshold = metrics.get(f"{level}/threshold")
+        rule = f"threshold {threshold.value:.2f}" if threshold is not None else "each fold's own threshold"
         lines = [plots.Curve(probs[:, 1], labels, "pooled" if folds else "test")]
         lines += [plots.Curve(f[level][0][:, 1], f[level][1], "each fold alone", thin=True) for f in fold_levels
                   if f[level][1].min() != f[level][1].max()]
@@ -69,38 +76,36 @@ def curves(arrays: dict[str, np.ndarray], classes: list[str], metrics: dict, tit
     return out
 
 
-def metrics_table(record: dict, classes: list[str]) -> str:
+def metrics_table(report: SplitReport) -> str:
     """The metrics (rows) per level (columns), each `value [lo-hi]`; the calibration slope and intercept give
-    way to the record's caveat when the split has too few patients for them."""
-    from vascdist.eval.assess import format_value, table_rows
-    from vascdist.eval.metrics import LEVELS
-    levels = [lv for lv in LEVELS if f"{lv}/accuracy" in record]
-    rows = table_rows(classes) + ["calibration_slope", "calibration_intercept", "threshold"]
-    caveat = record.get("calibration_caveat", "")
+    way to the report's caveat when the split has too few patients for them."""
+    from vascdist.eval.table import format_estimate, table_rows
+    levels = report.levels
+    rows = table_rows(report.classes) + ["calibration_slope", "calibration_intercept", "threshold"]
+    metrics = {**report.metrics, **report.calibration}
+    caveat = report.calibration_caveat or ""
     cells = []
     for row in rows:
         values = []
         for lv in levels:
-            v = record.get(f"{lv}/{row}")
-            if row.startswith("calibration_") and caveat and f"{lv}/{row}" in record:
+            if row.startswith("calibration_") and caveat and f"{lv}/{row}" in metrics:
                 values.append(caveat)
             else:
-                values.append(format_value(v["value"], (v["lo"], v["hi"])) if isinstance(v, dict) else format_value(v))
+                values.append(format_estimate(metrics.get(f"{lv}/{row}")))
         if any(v != "n/a" for v in values):
             cells.append(f"<tr><th>{row}</th>" + "".join(f"<td>{html.escape(v)}</td>" for v in values) + "</tr>")
     head = "<tr><th></th>" + "".join(f"<th>{lv}</th>" for lv in levels) + "</tr>"
     return f"<table>{head}{''.join(cells)}</table>"
 
 
-def sites_table(sites: dict, pooled: dict | None, level: str, classes: list[str], warning: str = "") -> str:
+def sites_table(sites: dict[str, SiteRow | Pooled], pooled: Pooled | None, level: str, classes: list[str],
+                warning: str = "") -> str:
     """Per-site metrics side by side (value [lo-hi] per site), their mean ± sd across sites, and the pooled figure.
 
-    `sites` is {site: {"metrics", "intervals", "counts"}} (the CV aggregate) or {site: {key: value, "intervals",
-    "counts"}} (a run's test record)."""
-    from vascdist.eval.assess import format_value, table_rows
+    `sites` are a run's test SiteRows or the CV aggregate's pooled metrics per site."""
+    from vascdist.eval.table import format_estimate, table_rows
     if not sites:
         return ""
-    metric = lambda m: m.get("metrics", m)
     cols = list(sites)
     rows = [r for r in table_rows(classes) if r != "n"]
     head = ("<tr><th></th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols)
@@ -110,17 +115,15 @@ def sites_table(sites: dict, pooled: dict | None, level: str, classes: list[str]
         key = f"{level}/{row}"
         cells, values = [], []
         for c in cols:
-            v = metric(sites[c]).get(key)
-            interval = sites[c].get("intervals", {}).get(key)
-            cells.append(format_value(v, tuple(interval) if interval else None))
-            if isinstance(v, float) and v == v:
-                values.append(v)
+            estimate = sites[c].metrics.get(key)
+            cells.append(format_estimate(estimate))
+            if estimate is not None and isinstance(estimate.value, float) and estimate.value == estimate.value:
+                values.append(estimate.value)
         spread = (f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "n/a") \
-            if row != "n" else str(sum(int(metric(sites[c]).get(key, 0)) for c in cols))
+            if row != "n" else str(sum(int(sites[c].metrics[key].value) for c in cols if key in sites[c].metrics))
         cells.append(spread)
         if pooled:
-            interval = pooled.get("intervals", {}).get(key)
-            cells.append(format_value(pooled["metrics"].get(key), tuple(interval) if interval else None))
+            cells.append(format_estimate(pooled.metrics.get(key)))
         if any(c not in ("n/a", "0") for c in cells):
             body.append(f"<tr><th>{row}</th>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     note = f"<p><b>{html.escape(warning)}</b></p>" if warning else ""
@@ -190,20 +193,18 @@ def learning_curves(records: list[dict], best_step: int | None) -> list[str]:
 
 
 def run_report(run_dir: Path) -> str:
-    from vascdist.eval.assess import calibration_note, describe_excluded, level_arrays, reliability_image
+    from vascdist.eval.assess import calibration_note, level_arrays, reliability_image
     from vascdist.eval.calibration import CALIBRATION_MIN_PATIENTS
-    from vascdist.eval.metrics import LEVELS
+    from vascdist.eval.table import describe_excluded
     layout = RunLayout(run_dir)
     if not layout.test_metrics.is_file():
         raise VascdistError(f"{run_dir}: no {layout.test_metrics.name} (the run has not finished)")
-    record = json.loads(layout.test_metrics.read_text())
+    report = SplitReport.read(layout.test_metrics)
     records = read_jsonl(layout.metrics) if layout.metrics.is_file() else []  # a half-written last line is left out
     val = [r for r in records if r["split"] == "val"]
-    classes = list(next(iter(record["counts"].values())).keys())
     counts = {"validation (last evaluation)": val[-1]["counts"]} if val and "counts" in val[-1] else {}
-    counts["test"] = record["counts"]
-    best_step = record.get("checkpoint_step")
-    drawn = f"best checkpoint, step {best_step}" if best_step is not None else "best checkpoint"
+    counts["test"] = report.counts
+    drawn = f"best checkpoint, step {report.step}" if report.step is not None else "best checkpoint"
     source = (f"<p>Every test figure and metric below comes from the {drawn} (chosen on validation), "
               f"predicting the test split.</p>")
 
@@ -211,104 +212,102 @@ def run_report(run_dir: Path) -> str:
     if layout.test_predictions.is_file():
         with np.load(layout.test_predictions) as npz:
             arrays = {k: npz[k] for k in npz.files}
-        figures = curves(arrays, classes, record, f"test ({drawn})")
+        figures = curves(arrays, report.classes, report.metrics, f"test ({drawn})")
         per_beat = len(np.unique(arrays["recording"])) == len(arrays["y"])
-        reliability = png_tag(reliability_image(level_arrays(arrays, per_beat), record,
+        reliability = png_tag(reliability_image(level_arrays(arrays, per_beat), report,
                                                 f"test: reliability ({drawn})"), "reliability")
-    confusions = [png_tag(plots.confusion(np.array(record[f"{lv}/confusion"]), classes,
-                                          f"test, per {lv} ({drawn})"), f"confusion {lv}")
-                  for lv in LEVELS if f"{lv}/confusion" in record]
-    notes = [f"<p>threshold rule: {html.escape(str(record['threshold_rule']))}</p>"] \
-        if "threshold_rule" in record else []
-    if "temperature" in record:
-        notes.append(f"<p>temperature scaling: T = {record['temperature']:.3f} (fitted on validation)</p>")
-    if any(calibration_note(record, lv) for lv in LEVELS):
+    confusions = [png_tag(plots.confusion(np.array(matrix), report.classes, f"test, per {lv} ({drawn})"),
+                          f"confusion {lv}") for lv, matrix in report.confusion.items()]
+    notes = [f"<p>threshold rule: {html.escape(report.threshold_rule)}</p>"] if report.threshold_rule else []
+    if report.temperature is not None:
+        notes.append(f"<p>temperature scaling: T = {report.temperature:.3f} (fitted on validation)</p>")
+    if any(calibration_note(report, lv) for lv in report.levels):
         notes.append(f"<p>Calibration slope and intercept are shown with their bootstrap interval from "
                      f"{CALIBRATION_MIN_PATIENTS} test patients on; below that they are omitted (a logistic fit on "
                      f"a few patients is noise).</p>")
     config = layout.config.read_text() if layout.config.is_file() else "(no config.yaml)"
-    excluded = f"<p>test: {html.escape(describe_excluded(record))}</p>" if describe_excluded(record) else ""
+    excluded = describe_excluded(report.excluded)
     sections = [
-        ("data-summary", counts_table(counts) + excluded),
-        ("learning-curves", "".join(learning_curves(records, best_step))),
+        ("data-summary", counts_table(counts) + (f"<p>test: {html.escape(excluded)}</p>" if excluded else "")),
+        ("learning-curves", "".join(learning_curves(records, report.step))),
         ("ROC-and-PR-curves", source + ("".join(figures) or "<p>(binary tasks only)</p>")),
         ("reliability-diagram", reliability),
         ("confusion-matrices", "".join(confusions)),
-        ("metrics", f"<p>{100 * record.get('confidence', 0.95):.0f} % intervals from a bootstrap over patients; "
-                    f"{html.escape(drawn)}</p>" + metrics_table(record, classes) + "".join(notes)),
+        ("metrics", f"<p>{100 * report.confidence:.0f} % intervals from a bootstrap over patients; "
+                    f"{html.escape(drawn)}</p>" + metrics_table(report) + "".join(notes)),
     ]
-    if record.get("sites"):
-        from vascdist.eval.sites import confound_warning
-        warning = confound_warning({site: m["counts"] for site, m in record["sites"].items()})
-        sections.append(("per-site", "<p>Test metrics per site (recording level; intervals from a bootstrap over the "
-                                     "site's patients), at the thresholds of the whole test set</p>"
-                         + sites_table(record["sites"], None, "recording", classes, warning)))
+    if report.sites:
+        sections.append(("per-site", run_sites(report)))
     sections.append(("config-and-versions", config_and_versions(config)))
     return page(f"vascdist run {run_dir}", sections)
 
 
-def aggregate_tables(result: dict) -> str:
+def run_sites(report: SplitReport) -> str:
+    """A run's per-site section: the test report's site rows and the class-mix warning."""
+    from vascdist.eval.sites import confound_warning
+    warning = confound_warning({site: row.counts for site, row in report.sites.items()})
+    return ("<p>Test metrics per site (recording level; intervals from a bootstrap over the site's patients), at the "
+            "thresholds of the whole test set</p>" + sites_table(report.sites, None, "recording", report.classes,
+                                                                  warning))
+
+
+def aggregate_tables(result: CvResult) -> str:
     """The CV aggregate as HTML: folds finished / missing, per-fold metrics with mean ± sd, and per repeat the
     table of the pooled out-of-fold predictions with intervals."""
-    from vascdist.eval.bootstrap import with_intervals
-    classes = result["classes"]
-    level = "recording" if any(k.startswith("recording/") for r in result["per_fold"].values() for k in r) else "cycle"
-    names = ["balanced_accuracy", "sensitivity", "specificity", "auroc", "auprc", "ece"] if len(classes) == 2 \
-        else ["balanced_accuracy", "accuracy", "macro_f1", "macro_auroc", "ece"]
+    from vascdist.cv.aggregate import metric_names
+    level, names = result.level, metric_names(result.classes)
     fmt = lambda v: "n/a" if v is None or math.isnan(v) else f"{v:.3f}"
-    total = result["folds"] * result["repeats"]
-    out = [f"<p>{result['folds']} folds x {result['repeats']} repeat(s), seed {result['seed']}: "
-           f"{len(result['finished'])} of {total} folds finished.</p>"]
-    if result["missing"]:
+    total = result.folds * result.repeats
+    out = [f"<p>{result.folds} folds x {result.repeats} repeat(s), seed {result.seed}: "
+           f"{len(result.finished)} of {total} folds finished.</p>"]
+    if result.missing:
         out.append("<ul>" + "".join(f"<li>MISSING {html.escape(n)}: {html.escape(r)}</li>"
-                                    for n, r in result["missing"].items()) + "</ul>")
+                                    for n, r in result.missing.items()) + "</ul>")
     head = "<tr><th>fold</th>" + "".join(f"<th>{n}</th>" for n in names) + "</tr>"
     rows = ["<tr><th>" + html.escape(fold) + "</th>" + "".join(f"<td>{fmt(m.get(f'{level}/{n}', math.nan))}</td>"
                                                              for n in names) + "</tr>"
-            for fold, m in result["per_fold"].items()]
-    spread = result["spread"]
-    if spread:
-        cells = [("n/a" if spread.get(f"{level}/{n}") is None else
-                  f"{spread[f'{level}/{n}']['mean']:.3f} ± {fmt(spread[f'{level}/{n}']['sd'])}") for n in names]
+            for fold, m in result.per_fold.items()]
+    if result.spread:
+        cells = [("n/a" if f"{level}/{n}" not in result.spread else
+                  f"{result.spread[f'{level}/{n}'].mean:.3f} ± {fmt(result.spread[f'{level}/{n}'].sd)}")
+                 for n in names]
         rows.append("<tr><th>mean ± sd</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     out.append(f"<h3>per fold, {level} level</h3><p>test = the held-out fold; thresholds from each fold's own "
                f"validation patients.</p><table>{head}{''.join(rows)}</table>")
-    for repeat, pooled in result["pooled"].items():
-        note = "" if pooled["complete"] else f" (INCOMPLETE: only {', '.join(pooled['folds'])})"
-        record = with_intervals(pooled["metrics"], {k: tuple(v) for k, v in pooled["intervals"].items()})
+    for repeat, pooled in result.pooled.items():
+        note = "" if pooled.complete else f" (INCOMPLETE: only {', '.join(pooled.folds)})"
         out.append(f"<h3>pooled out-of-fold predictions, repeat {html.escape(repeat)}{html.escape(note)}</h3>"
-                   f"<p>{100 * result.get('confidence', 0.95):.0f} % intervals from a bootstrap over patients; each "
-                   f"prediction at its own fold's threshold.</p>" + metrics_table(record, classes))
+                   f"<p>{100 * result.confidence:.0f} % intervals from a bootstrap over patients; each "
+                   f"prediction at its own fold's threshold.</p>"
+                   + metrics_table(pooled.report(result.classes, result.confidence)))
     return "".join(out)
 
 
 def cv_report(cv_dir: Path) -> str:
     from vascdist.cv.aggregate import load_plan
+    from vascdist.cv.results import CvResult
     layout = CvLayout(cv_dir)
-    aggregate_path = layout.aggregate
-    if not aggregate_path.is_file():
+    if not layout.aggregate.is_file():
         from vascdist.cv.aggregate import aggregate
         aggregate(cv_dir)
-    result = json.loads(aggregate_path.read_text())
+    result = CvResult.read(layout.aggregate)
     plan = load_plan(cv_dir)
-    classes = result["classes"]
     pooled_html = []
-    for repeat, pooled in result["pooled"].items():
+    for repeat, pooled in result.pooled.items():
         parts = []
-        for name in pooled["folds"]:
+        for name in pooled.folds:
             with np.load(layout.fold(name).test_predictions) as npz:
                 parts.append({k: npz[k] for k in npz.files})
         arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        pooled_html += curves(arrays, classes, pooled["metrics"], f"out-of-fold, repeat {repeat}", folds=parts)
+        pooled_html += curves(arrays, result.classes, pooled.metrics, f"out-of-fold, repeat {repeat}", folds=parts)
     folds = "".join(f'<li><a href="{e["dir"]}/{RunLayout(e["dir"]).report.name}">{e["name"]}</a> '
-                    f'({"finished" if e["name"] in result["finished"] else "MISSING"})</li>' for e in plan["entries"])
+                    f'({"finished" if e["name"] in result.finished else "MISSING"})</li>' for e in plan["entries"])
     config = json.dumps({k: plan[k] for k in ("config", "overrides", "folds", "repeats", "seed", "shards")}
                         | {"group_by": plan.get("group_by", "patient")}, indent=1)
-    level = "recording" if any(k.startswith("recording/") for r in result["per_fold"].values() for k in r) else "cycle"
+    level = result.level
     held = ("each site's figures are from the fold that held it out (trained on the other sites)"
-            if result.get("group_by") == "site" else "each site's figures are from its patients' out-of-fold predictions")
-    site_html = sites_table(result.get("sites", {}), result["pooled"].get("0"), level, classes,
-                            result.get("site_warning", ""))
+            if result.group_by == "site" else "each site's figures are from its patients' out-of-fold predictions")
+    site_html = sites_table(result.sites, result.pooled.get("0"), level, result.classes, result.site_warning)
     sections = [
         ("aggregate", aggregate_tables(result)),
         ("per-site", (f"<p>{level} level, {html.escape(held)}; pooled: every site's predictions together</p>"

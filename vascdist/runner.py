@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -18,8 +19,9 @@ from vascdist.lockfile import exclusive
 from vascdist.preemption import StopSignals
 from vascdist.train.layout import RunLayout, saved_step_of
 
-if TYPE_CHECKING:  # vascdist.dist imports torch (seconds): loaded only once the config has passed its checks
-    from vascdist.dist import DistEnv
+if TYPE_CHECKING:  # vascdist.dist imports torch, vascdist.eval scikit-learn (seconds): loaded only once the config
+    from vascdist.dist import DistEnv  # has passed its checks
+    from vascdist.eval.results import RunResult, SiteRow, SplitReport
 
 def synthesis_requested(overrides: list[str]) -> bool:
     """Whether the config's data.synth_patients applies to its data.shards: not when data.shards alone is given on
@@ -108,23 +110,32 @@ def forget_if_unused(layout: RunLayout) -> None:
         layout.root.rmdir()
 
 
-def sites_of_test(layout: RunLayout, index: dict, test: dict, cfg: Config) -> dict:
-    """Per-site metrics with intervals of the test predictions the loop saved (vascdist.eval.sites)."""
+def sites_of_test(layout: RunLayout, index: dict, report: SplitReport, cfg: Config) -> dict[str, SiteRow]:
+    """Per-site metrics with intervals of the test predictions the loop saved (vascdist.eval.sites), at the test
+    report's thresholds."""
     import numpy as np
     from vascdist.eval.sites import split_sites
     with np.load(layout.test_predictions) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    return split_sites(arrays, index, test, cfg.eval)
+    return split_sites(arrays, index, report.thresholds, cfg.eval)
 
 
-def site_lines(record: dict) -> list[str]:
-    """The per-site table of a test record and the class-mix warning, as lines (none without sites)."""
-    from vascdist.eval.sites import confound_warning, format_sites
-    sites = record.get("sites") or {}
-    if not sites:
+def site_lines(report: SplitReport) -> list[str]:
+    """The per-site table of a report and the class-mix warning, as lines (none without sites)."""
+    from vascdist.eval.sites import confound_warning
+    from vascdist.eval.table import format_sites
+    if not report.sites:
         return []
-    warning = confound_warning({site: m["counts"] for site, m in sites.items()})
-    return [format_sites(sites, record.get("confidence", 0.95))] + ([warning] if warning else [])
+    warning = confound_warning({site: row.counts for site, row in report.sites.items()})
+    return [format_sites(report.sites, report.confidence)] + ([warning] if warning else [])
+
+
+def test_summary(result: RunResult) -> str:
+    """What `vascdist train` prints for a finished run: the test table, the per-site table and the TensorBoard
+    command (the run directory was printed once, at the start)."""
+    from vascdist.eval.table import split_summary
+    return "\n".join([split_summary(result.test, result.best_step), *site_lines(result.test),
+                      where_to_look(result.run_dir, name_it=False)])
 
 
 def where_to_look(run_dir: str | Path, name_it: bool = True) -> str:
@@ -156,39 +167,36 @@ def prepare_run_dir(cfg: Config, layout: RunLayout, resume: str | None) -> str |
     return str(resume_from) if resume_from else None
 
 
-def conclude(cfg: Config, index: dict, layout: RunLayout, summary: dict,
-             after_stop: Callable[[int], str] | None) -> None:
+def conclude(cfg: Config, index: dict, layout: RunLayout, result: RunResult,
+             after_stop: Callable[[int], str] | None) -> RunResult:
     """Rank 0 after training: a stopped run says where its checkpoint is and follows the launcher's requeue policy
     (`after_stop`); a finished one writes test_metrics.json (with what preprocessing excluded and the metrics per
-    site), prints the test table and writes the report."""
-    if summary["stopped"]:
-        print(f"stopped at step {summary['step']} ({summary['signal'] or 'requested'}); "
+    site), prints the test table and writes the report. Returns the result with that final test report."""
+    if result.stopped:
+        print(f"stopped at step {result.step} ({result.signal or 'requested'}); "
               f"checkpoint saved in {layout.checkpoints}; continue with --resume auto", flush=True)
         if after_stop is not None:
             print(after_stop(cfg.dist.max_requeues), flush=True)
-        return
+        return result
     from vascdist.data.folds import split_index
     from vascdist.data.shards import excluded_counts
-    from vascdist.eval.assess import split_summary
-    excluded = excluded_counts(split_index(cfg.data.shards, cfg.data.split_file), "test")
-    summary["test"].update(excluded)
-    summary["test_record"].update(excluded)
+    from vascdist.eval.results import Excluded
+    report = result.test.with_excluded(Excluded.from_fields(
+        excluded_counts(split_index(cfg.data.shards, cfg.data.split_file), "test")))
     if index["kind"] == "spectrogram":
-        summary["test_record"]["sites"] = sites_of_test(layout, index, summary["test"], cfg)
+        report = report.with_sites(sites_of_test(layout, index, report, cfg))
     with said_if_disk_full(layout.test_metrics):
-        atomic_write_json(layout.test_metrics, summary["test_record"])
-    record = summary["test_record"]
-    table = split_summary("test", summary["classes"], summary["best_step"], summary["test"],
-                          summary["test_intervals"], summary["test_counts"], record.get("confidence", 0.95))
-    # the run directory was printed once, at the start
-    print("\n".join([table, *site_lines(record), where_to_look(summary["run_dir"], name_it=False)]), flush=True)
+        atomic_write_json(layout.test_metrics, report.to_record())
+    result = result.with_report(report)
+    print(test_summary(result), flush=True)
     from vascdist.report import write_report
     print(f"report: {write_report(layout.root)}", flush=True)
+    return result
 
 
 def run_training(config: str | None, overrides: list[str], resume: str | None = None, run_dir: str | None = None,
                  quiet: bool = False, stop_requested: Callable[[], bool] = lambda: False,
-                 env: DistEnv | None = None, after_stop: Callable[[int], str] | None = None) -> dict:
+                 env: DistEnv | None = None, after_stop: Callable[[int], str] | None = None) -> RunResult:
     """Check, parse, build, train, report; the process group is torn down on every exit path.
 
     `after_stop` is the launcher's requeue policy (vascdist.launch.requeue): after a stop signal, once the
@@ -228,17 +236,17 @@ def run_training(config: str | None, overrides: list[str], resume: str | None = 
         path = layout.root
         from vascdist.train.loop import train
         with StopSignals((cfg.dist.requeue_signal, "TERM")) as signals:
-            summary = train(cfg, env, path, resume=resume_from, quiet=quiet,
-                            stop_requested=lambda: signals.requested() or stop_requested())
-        summary["signal"] = signals.received.name if signals.received else None
-        if summary.get("complete"):
+            result = train(cfg, env, path, resume=resume_from, quiet=quiet,
+                           stop_requested=lambda: signals.requested() or stop_requested())
+        result = replace(result, signal=signals.received.name if signals.received else None)
+        if result.complete:
             if env.is_main:
-                print(f"{layout.root}: the run is complete ({summary['finished']}); its test table is in "
+                print(f"{layout.root}: the run is complete ({result.finished}); its test table is in "
                       f"{layout.test_metrics}, its report in {layout.report}", flush=True)
-            return summary
+            return result
         if env.is_main:  # rank 0 alone reports and requeues
-            conclude(cfg, index, layout, summary, after_stop)
-        return summary
+            result = conclude(cfg, index, layout, result, after_stop)
+        return result
     finally:
         lock.close()
         if own_env:

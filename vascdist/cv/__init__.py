@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from vascdist.errors import VascdistError
+
+if TYPE_CHECKING:
+    from vascdist.cv.results import CvResult
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parse_with_overrides(build_parser(), argv)
 
 
-def report(cv_dir) -> dict:
+def report(cv_dir) -> CvResult:
     """Aggregate, print, and write report.html; returns the aggregate."""
     from vascdist.cv.aggregate import aggregate, format_aggregate
     from vascdist.report import write_report
@@ -59,7 +63,7 @@ def main(argv: list[str]) -> int:
     """`vascdist cv ...`; returns the exit code (1 when a fold is missing)."""
     args = parse_args(argv)
     if args.report:
-        return 0 if not report(args.report)["missing"] else 1
+        return 0 if not report(args.report).missing else 1
     from vascdist.cv.run import make_plan, run_local
     if args.group_by == "site" and (args.folds is not None or args.repeats != 1):
         raise VascdistError("--group-by site makes one fold per site; --folds and --repeats apply to --group-by patient")
@@ -89,7 +93,7 @@ def main(argv: list[str]) -> int:
             atomic_write_json(layout.failures, wait_and_name_failures(jobs, todo, cv_dir, metric))
     else:
         run_local(cv_dir, plan, quiet=not args.verbose)
-    return 0 if not report(cv_dir)["missing"] else 1
+    return 0 if not report(cv_dir).missing else 1
 
 
 __all__ = ["main"]

@@ -107,16 +107,16 @@ def run_local(cv_dir: Path, plan: dict, quiet: bool = True) -> None:
         print(f"{entry['name']}: training ({entry['patients']['train']} train / {entry['patients']['val']} val / "
               f"{entry['patients']['test']} test patients) in {run_dir}", flush=True)
         try:
-            summary = run_training(plan["config"], fold_overrides(plan, entry), resume="auto", run_dir=str(run_dir),
-                                   quiet=quiet)
+            result = run_training(plan["config"], fold_overrides(plan, entry), resume="auto", run_dir=str(run_dir),
+                                  quiet=quiet)
         except Exception as exc:  # one fold failing must not lose the others; the reason goes to the report
             failures[entry["name"]] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             print(f"{entry['name']}: FAILED ({failures[entry['name']]})", flush=True)
             if not isinstance(exc, VascdistError):
                 traceback.print_exc()
         else:
-            if summary["stopped"]:
-                failures[entry["name"]] = f"stopped at step {summary['step']}; re-run `vascdist cv` to resume"
+            if result.stopped:
+                failures[entry["name"]] = f"stopped at step {result.step}; re-run `vascdist cv` to resume"
             else:
                 failures.pop(entry["name"], None)
         atomic_write_json(layout.failures, failures)

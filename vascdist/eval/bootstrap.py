@@ -184,12 +184,3 @@ def with_intervals(metrics: dict, intervals: dict[str, tuple[float, float]]) -> 
     """The metrics dict with every value that has an interval as {value, lo, hi} (the JSON / jsonl form)."""
     return {k: ({"value": v, "lo": intervals[k][0], "hi": intervals[k][1]} if k in intervals else v)
             for k, v in metrics.items()}
-
-
-def interval_scalars(metrics: dict, intervals: dict[str, tuple[float, float]]) -> dict[str, float]:
-    """TensorBoard scalars: '<key>' (the value), '<key>/lo' and '<key>/hi' for every key with an interval."""
-    out = {}
-    for k, (lo, hi) in intervals.items():
-        if k in metrics:
-            out.update({k: metrics[k], f"{k}/lo": lo, f"{k}/hi": hi})
-    return out

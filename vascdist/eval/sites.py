@@ -14,6 +14,7 @@ import numpy as np
 from vascdist.config import EvalConfig
 from vascdist.eval.bootstrap import bootstrap_intervals
 from vascdist.eval.metrics import evaluate_levels
+from vascdist.eval.results import SiteRow, estimates
 
 CONFOUND_GAP = 0.20  # largest minus smallest share of a class across sites (fraction of recordings)
 CONFOUND_MIN_RECORDINGS = 10  # a site with fewer recordings has too noisy a share to compare
@@ -26,11 +27,10 @@ def recording_sites(index: dict) -> np.ndarray:
 
 
 def site_metrics(arrays: dict[str, np.ndarray], index: dict, thresholds: dict[str, float] | None,
-                 cfg: EvalConfig | None = None) -> dict:
-    """{site: {metric key: value, "intervals": {key: [lo, hi]}, "counts": {class: recordings}}} for the recording
-    and patient levels of every site in the split, at the split's thresholds (those chosen on validation), with
-    patient-bootstrap intervals by `cfg` (none when cfg is None or eval.bootstrap_resamples is 0). Empty when
-    no recording names a site."""
+                 cfg: EvalConfig | None = None) -> dict[str, SiteRow]:
+    """{site: SiteRow} for the recording and patient levels of every site in the split, at the split's thresholds
+    (those chosen on validation), with patient-bootstrap intervals by `cfg` (none when cfg is None or
+    eval.bootstrap_resamples is 0) and the site's recordings per class. Empty when no recording names a site."""
     sites = recording_sites(index)
     if not len(arrays["recording"]) or not any(sites):
         return {}
@@ -41,25 +41,26 @@ def site_metrics(arrays: dict[str, np.ndarray], index: dict, thresholds: dict[st
         keep = site_of == site
         part = {k: np.asarray(arrays[k])[keep] for k in ("probs", "y", "recording", "patient")}
         metrics = evaluate_levels(part["probs"], part["y"], part["recording"], part["patient"], classes, thresholds)
-        entry = {k: v for k, v in metrics.items() if k.split("/")[0] in SITE_LEVELS}
+        metrics = {k: v for k, v in metrics.items() if k.split("/")[0] in SITE_LEVELS}
+        intervals = {}
         if cfg is not None and cfg.bootstrap_resamples:
             levels = {lv: thresholds[lv] for lv in SITE_LEVELS} if thresholds else None
             intervals = bootstrap_intervals(part["probs"], part["y"], part["recording"], part["patient"], classes,
                                             levels, cfg.bootstrap_resamples, cfg.bootstrap_seed, cfg.confidence,
                                             SITE_LEVELS)
-            entry["intervals"] = {k: list(v) for k, v in intervals.items()}
         recordings = np.unique(part["recording"])
         labels = np.array([index["recordings"][r]["label"] for r in recordings], dtype=np.int64)
-        entry["counts"] = dict(zip(classes, np.bincount(labels, minlength=len(classes)).tolist()))
-        out[site] = entry
+        confusion = {k.split("/")[0]: metrics.pop(k) for k in [k for k in metrics if k.endswith("/confusion")]}
+        out[site] = SiteRow(estimates(metrics, intervals), confusion,
+                            dict(zip(classes, np.bincount(labels, minlength=len(classes)).tolist())))
     return out
 
 
-def split_sites(arrays: dict[str, np.ndarray], index: dict, metrics: dict, cfg: EvalConfig) -> dict:
-    """site_metrics of a split at the thresholds its metrics used (binary), with intervals by `cfg`."""
-    from vascdist.eval.metrics import thresholds_from
-    thresholds = thresholds_from(metrics) if len(index["classes"]) == 2 else None
-    return site_metrics(arrays, index, thresholds, cfg)
+def split_sites(arrays: dict[str, np.ndarray], index: dict, thresholds: dict[str, float], cfg: EvalConfig
+                ) -> dict[str, SiteRow]:
+    """site_metrics of a split at the thresholds its metrics used (binary; `thresholds` is ignored otherwise), with
+    intervals by `cfg`."""
+    return site_metrics(arrays, index, thresholds if len(index["classes"]) == 2 else None, cfg)
 
 
 def class_mix(index: dict, recordings: list[int] | None = None) -> dict[str, dict[str, int]]:
@@ -89,20 +90,3 @@ def confound_warning(mix: dict[str, dict[str, int]]) -> str:
     return (f"warning: the share of '{worst}' differs strongly between sites ({listed} of recordings; rule: more than "
             f"{100 * CONFOUND_GAP:.0f} points apart): a model can learn the site instead of the class; trust the "
             "per-site and leave-one-site-out figures (vascdist cv --group-by site)")
-
-
-def format_sites(sites: dict, confidence: float = 0.95) -> str:
-    """The per-site table: recording-level balanced accuracy, AUROC, sensitivity, specificity with intervals."""
-    from vascdist.eval.assess import format_value
-    if not sites:
-        return ""
-    names = ("balanced_accuracy", "auroc", "sensitivity", "specificity")
-    lines = [f"per site, recording level [{100 * confidence:.0f} % interval: bootstrap over the site's patients]:",
-             f"{'site':<16}{'n (per class)':>18}" + "".join(f"{n:>20}" for n in names)]
-    for site, m in sites.items():
-        intervals = m.get("intervals", {})
-        cells = [format_value(m.get(f"recording/{n}"), tuple(intervals[f"recording/{n}"])
-                              if f"recording/{n}" in intervals else None) for n in names]
-        counts = " / ".join(str(v) for v in m.get("counts", {}).values())
-        lines.append(f"{site:<16}{counts:>18}" + "".join(f"{c:>20}" for c in cells))
-    return "\n".join(lines)

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import io
 import itertools
+import math
 import os
 import shlex
 import shutil
@@ -128,10 +129,10 @@ def job_summary(job, state: str, run_dir: str | Path, metric: str, label: str = 
     head = f"job {job.job_id}" + (f" ({label})" if label else "") + f": {state}"
     layout = RunLayout(run_dir)
     if state == "COMPLETED" and layout.test_metrics.is_file():
-        import json
-        value = json.loads(layout.test_metrics.read_text()).get(metric)
-        if isinstance(value, dict) and value.get("value") is not None:
-            head += f", test {metric} {value['value']:.2f} [{value['lo']:.2f}-{value['hi']:.2f}]"
+        from vascdist.eval.results import SplitReport
+        estimate = SplitReport.read(layout.test_metrics).metrics.get(metric)
+        if estimate is not None and estimate.interval is not None and not math.isnan(estimate.value):
+            head += f", test {metric} {estimate.value:.2f} [{estimate.interval[0]:.2f}-{estimate.interval[1]:.2f}]"
         return f"{head}, run dir {layout.root}"
     try:
         lines = [line for line in Path(job.paths.stderr).read_text().splitlines() if line.strip()]

@@ -29,9 +29,9 @@ from vascdist.data.shards import verify_files
 from vascdist.data.transform import InputTransform
 from vascdist.dist import DistEnv, any_rank, barrier, global_mean, main_print, run_on_main
 from vascdist.errors import VascdistError
-from vascdist.eval.assess import log_split, test_metrics, validation_metrics
+from vascdist.eval.assess import applied_report, validation_report
 from vascdist.eval.evaluate import improves, predict_arrays, validation_loss
-from vascdist.eval.metrics import thresholds_from
+from vascdist.eval.results import RunResult, SplitReport
 from vascdist.models import build_model
 from vascdist.progress import ProgressReporter
 from vascdist.train.engines import Engine, TorchEngine, prepare_module
@@ -39,7 +39,7 @@ from vascdist.train.layout import RunLayout
 from vascdist.train.losses import build_loss
 from vascdist.train.optim import build_optimizer, build_scheduler, run_epochs
 from vascdist.train.precision import autocast_context
-from vascdist.train.runlog import RunLogger
+from vascdist.train.runlog import RunLogger, log_report
 from vascdist.train.state import TrainState, all_finite
 
 class TrainingDiverged(VascdistError):
@@ -108,11 +108,12 @@ def build(cfg: Config, env: DistEnv, index: dict, layout: RunLayout) -> Run:
 
 
 def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, quiet: bool = False,
-          stop_requested: Callable[[], bool] = lambda: False) -> dict:
-    """Train `cfg` in `run_dir`; returns a summary with the test metrics (at thresholds chosen on validation).
+          stop_requested: Callable[[], bool] = lambda: False) -> RunResult:
+    """Train `cfg` in `run_dir`; returns how the run ended, with the test report (at thresholds chosen on
+    validation) when it finished now.
 
     `stop_requested` is polled at every step boundary (e.g. a preemption signal): when it is true on any
-    rank, all ranks checkpoint together and the function returns with summary['stopped'] = True.
+    rank, all ranks checkpoint together and the function returns a result with `stopped`.
     """
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
@@ -130,17 +131,8 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
     try:
         if progress.step == 0:
             log_examples(run)
-        planned = cfg.train.planned_steps(len(loader))
-        if progress.finished and not progress.can_train_on(planned):
-            main_print(env, f"the run finished at step {progress.step} ({progress.finished}): not training on")
-            if run_on_main(env, lambda: run.state.layout.test_metrics.is_file() and run.state.layout.report.is_file()):
-                return {"stopped": False, "complete": True, "step": progress.step, "finished": progress.finished,
-                        "run_dir": str(run_dir)}
-            return test(run, run_dir)  # what a kill during the final test (or before the report) left undone
-        if progress.finished:
-            main_print(env, f"the run finished at step {progress.step} ({progress.finished}); the config now plans "
-                            f"{planned} steps: training on")
-            progress.finished = ""
+        if progress.finished and (ended := finished_before(run, run_dir)) is not None:
+            return ended
         stopped, finished = False, at_step_limit(run)  # resumed from the limit step's evaluation checkpoint
         while progress.epoch < cfg.train.epochs and not (stopped or finished):
             loader.set_epoch(progress.epoch)
@@ -166,13 +158,30 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
                     finished = should_stop_early(run)
         if stopped:
             save(run)  # the exact state to resume from (mid-epoch included; finished too if this was the last step)
-            return {"stopped": True, "step": progress.step}
+            return RunResult(run_dir, progress.step, stopped=True)
         progress.finished = progress.finished or f"reached the last step of train.epochs={cfg.train.epochs}"
         save(run)  # "finished" is checkpointed: a kill from here on resumes into the test, never into training
         return test(run, run_dir)
     finally:
         bar.close()
         run.log.close()
+
+
+def finished_before(run: Run, run_dir: Path) -> RunResult | None:
+    """A run that had finished before this call: None when its config now plans more steps (it trains on), else
+    complete when its test and report were written, or the test that a kill left undone (the report is the
+    runner's)."""
+    env, progress = run.env, run.state.progress
+    planned = run.cfg.train.planned_steps(len(run.state.loader))
+    if progress.can_train_on(planned):
+        main_print(env, f"the run finished at step {progress.step} ({progress.finished}); the config now plans "
+                        f"{planned} steps: training on")
+        progress.finished = ""
+        return None
+    main_print(env, f"the run finished at step {progress.step} ({progress.finished}): not training on")
+    if run_on_main(env, lambda: run.state.layout.test_metrics.is_file() and run.state.layout.report.is_file()):
+        return RunResult(run_dir, progress.step, complete=True, finished=progress.finished)
+    return test(run, run_dir)  # what a kill during the final test (or before the report) left undone
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -208,25 +217,25 @@ def train_step(run: Run, batch: dict, want_norm: bool) -> tuple[float, float]:
     return step_loss, grad_norm
 
 
-def validate(run: Run, decide_early_stop: bool = False) -> dict:
-    """Metrics on the validation split; picks the best checkpoint (ties of a saturated metric go to the lower
-    validation loss), steps a plateau schedule, logs and saves (with `decide_early_stop`, after deciding it: a
-    kill after this save resumes into the test, not into another epoch)."""
+def validate(run: Run, decide_early_stop: bool = False) -> SplitReport:
+    """The validation report; picks the best checkpoint (ties of a saturated metric go to the lower validation
+    loss), steps a plateau schedule, logs and saves (with `decide_early_stop`, after deciding it: a kill after this
+    save resumes into the test, not into another epoch)."""
     cfg, progress, classes = run.cfg, run.state.progress, run.classes
     arrays = predict_arrays(run.state.engine.module, run.val_loader, run.env, cfg.train.precision, cfg.train.channels_last)
     check_finite_predictions(run, arrays, "validation")
     loss = validation_loss(arrays)  # the model's own, before eval.calibrate: comparable with train/loss
-    arrays, metrics, temperature = validation_metrics(arrays, classes, run.per_beat, cfg.eval)
-    metrics["loss"] = loss
-    if cfg.train.early_stop_metric not in metrics:
+    arrays, report, temperature = validation_report(arrays, classes, run.per_beat, cfg.eval, loss=loss)
+    choices = report.selection_values()
+    if cfg.train.early_stop_metric not in choices:
         raise VascdistError(f"train.early_stop_metric '{cfg.train.early_stop_metric}' is not a metric here; "
-                            f"choose one of: {', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
-    value = float(metrics[cfg.train.early_stop_metric])
+                            f"choose one of: {', '.join(choices)}")
+    value = choices[cfg.train.early_stop_metric]
     improved = not math.isnan(value) and improves(value, loss, progress.best_metric, progress.best_loss)
     if improved:
         progress.best_metric, progress.best_step, progress.evals_without_improvement = value, progress.step, 0
         progress.best_loss = loss
-        progress.val_thresholds = None if len(classes) != 2 else thresholds_from(metrics)
+        progress.val_thresholds = None if len(classes) != 2 else report.threshold_state()
         progress.temperature = temperature
     else:
         progress.evals_without_improvement += 1
@@ -234,17 +243,16 @@ def validate(run: Run, decide_early_stop: bool = False) -> dict:
     log = run.log
     level = "cycle" if run.per_beat else "recording"
     if log.active:
-        figure = plots.confusion(np.array(metrics[f"{level}/confusion"]), classes,
-                                 f"val, per {level} (step {progress.step})")
+        figure = plots.confusion(np.array(report.confusion[level]), classes, f"val, per {level} (step {progress.step})")
         log.image("val/confusion", progress.step, plots.rgb_array(figure))
     if len(classes) == 2 and np.isfinite(arrays["probs"]).all():
         log.pr_curve("val/pr_cycle", progress.step, arrays["y"], arrays["probs"][:, 1])
-    log_split(log, progress.step, "val", arrays, classes, run.per_beat, metrics, cfg.eval, epoch=progress.epoch)
+    log_report(log, progress.step, report, arrays, run.per_beat, epoch=progress.epoch)
     progress.history.append({"step": progress.step, "metric": value})
     if decide_early_stop:
         should_stop_early(run)
     save(run, is_best=improved)
-    return metrics
+    return report
 
 
 def save(run: Run, is_best: bool = False) -> None:
@@ -290,8 +298,8 @@ def should_stop_early(run: Run) -> bool:
     return False
 
 
-def test(run: Run, run_dir: Path) -> dict:
-    """Test metrics of the best checkpoint at the thresholds chosen on validation; logged and summarised."""
+def test(run: Run, run_dir: Path) -> RunResult:
+    """The test report of the best checkpoint at the thresholds chosen on validation; logged and returned."""
     cfg, env, progress, classes = run.cfg, run.env, run.state.progress, run.classes
     if progress.best_step < 0:
         validate(run)  # no evaluation happened yet (max_steps before the first one): thresholds come from val, never test
@@ -299,19 +307,19 @@ def test(run: Run, run_dir: Path) -> dict:
     run.state.load_best_weights()
     arrays = predict_arrays(run.state.engine.module, run.test_loader, env, cfg.train.precision, cfg.train.channels_last)
     check_finite_predictions(run, arrays, "test")
-    arrays, test = test_metrics(arrays, classes, run.per_beat, progress.val_thresholds, progress.temperature)
-    assessed = log_split(run.log, progress.step, "test", arrays, classes, run.per_beat, test, cfg.eval,
-                         save_dir=run_dir if env.is_main else None, checkpoint_step=progress.best_step)
+    arrays, report = applied_report("test", arrays, classes, run.per_beat, progress.val_thresholds,
+                                    progress.temperature, cfg.eval, step=progress.best_step,
+                                    calibration_intervals=env.is_main)
+    log_report(run.log, progress.step, report, arrays, run.per_beat, save_dir=run_dir if env.is_main else None)
     if env.is_main:
         level = "cycle" if run.per_beat else "recording"
-        plots.save_png(plots.confusion(np.array(test[f"{level}/confusion"]), classes,
+        plots.save_png(plots.confusion(np.array(report.confusion[level]), classes,
                                        f"test, per {level} (best checkpoint, step {progress.best_step})"),
                        run.state.layout.test_confusion)
-        final = {f"final/{k}": v for k, v in test.items() if isinstance(v, float) and not math.isnan(v)}
+        final = {f"final/{k}": v for k, v in report.selection_values().items() if not math.isnan(v)}
         run.log.hparams(to_dict(cfg), final)
-    return {"stopped": False, "step": progress.step, "best_step": progress.best_step, "best_val": progress.best_metric,
-            "test": test, "classes": classes, "run_dir": str(run_dir), "test_intervals": assessed["intervals"],
-            "test_counts": assessed["counts"], "test_record": assessed["record"]}
+    return RunResult(run_dir, progress.step, finished=progress.finished, best_step=progress.best_step,
+                     best_val=progress.best_metric, classes=classes, reports={"test": report})
 
 
 # --------------------------------------------------------------------------------------------- logging

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from vascdist.errors import VascdistError
+from vascdist.eval.results import SplitReport
 from vascdist.fileio import disk_full, disk_full_message, drop_partial_last_line
 from vascdist.train.layout import RunLayout
 
@@ -238,3 +239,26 @@ class RunLogger:
         with self._writing(self._jsonl_path):
             self._jsonl.close()
         self._writer, self._jsonl = None, None
+
+
+def log_report(log: RunLogger, step: int, report: SplitReport, arrays: dict[str, np.ndarray], per_beat: bool,
+               save_dir: str | Path | None = None, **fields: Any) -> None:
+    """A split's report at `step`: TensorBoard scalars '<split>/<key>' (value), '<split>/<key>/lo|hi' and the
+    calibration, the image '<split>/reliability', and one metrics.jsonl record (the report's JSON form, `fields`
+    beside it). With `save_dir` (the main rank's run directory) also <split>_reliability.png and the predictions,
+    <split>_predictions.npz (probs, y, recording, patient; what `vascdist cv` pools and the report plots). The
+    figure's title names the report's own step (the best checkpoint's, for the test) when it has one."""
+    from vascdist import plots
+    from vascdist.eval.assess import level_arrays, reliability_image, save_predictions
+    split = report.split
+    log.scalars(step, {f"{split}/{k}": v for k, v in report.scalars().items()})
+    if log.active or save_dir is not None:
+        what = "best checkpoint, " if report.step is not None else ""
+        figure = reliability_image(level_arrays(arrays, per_beat), report,
+                                   f"{split}: reliability ({what}step {step if report.step is None else report.step})")
+        log.image(f"{split}/reliability", step, plots.rgb_array(figure))
+        if save_dir is not None:
+            layout = RunLayout(save_dir)
+            plots.save_png(figure, layout.reliability(split))
+            save_predictions(layout.predictions(split), arrays)
+    log.jsonl({"step": step, **fields, "split": split, **report.to_record()})
