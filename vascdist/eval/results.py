@@ -238,9 +238,9 @@ class SplitReport:
                    None if sites is None else {site: SiteRow.from_json(e) for site, e in sites.items()})
 
     @classmethod
-    def read(cls, path: str | Path, split: str = "test") -> SplitReport:
+    def read(cls, path: str | Path, split: str = "test", classes: list[str] | None = None) -> SplitReport:
         """A metrics JSON file (test_metrics.json, eval-SPLIT.json) as a SplitReport."""
-        return cls.from_record(json.loads(Path(path).read_text()), split)
+        return cls.from_record(json.loads(Path(path).read_text()), split, classes)
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,16 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from vascdist.compat.submitit_internals import (FINAL_STATES, DelayedSubmission, FailedJobError, SignalHandler,
                                                 job_states, submitit, use_squeue_fallback)
 from vascdist.errors import VascdistError
 from vascdist.launch.requeue import killed_by_requeue
 from vascdist.train.layout import RunLayout
+
+if TYPE_CHECKING:
+    from vascdist.eval.results import RunResult
 
 
 # ---------------------------------------------------------------------------------------------- in the job
@@ -63,7 +66,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def resolved_run_dir(self) -> str:
         return self.run_dir.format(job_id=submitit.JobEnvironment().job_id)
 
-    def __call__(self, sweep: list[str] = ()) -> dict:
+    def __call__(self, sweep: list[str] = ()) -> RunResult:
         from vascdist.runner import run_training
         from vascdist.preemption import StopSignals, signal_number
 
@@ -79,12 +82,12 @@ class TrainingJob(submitit.helpers.Checkpointable):
                   flush=True)
         # Until run_training installs its own handlers (and after it restores ours), a signal only sets a flag.
         with StopSignals((self.requeue_signal, "TERM")) as early:
-            summary = run_training(self.config, list(self.overrides) + list(sweep), resume=self.resume,
-                                   run_dir=self.resolved_run_dir(), quiet=self.quiet,
-                                   stop_requested=early.requested)
-            if summary["stopped"] and job.global_rank == 0:
+            result = run_training(self.config, list(self.overrides) + list(sweep), resume=self.resume,
+                                  run_dir=self.resolved_run_dir(), quiet=self.quiet,
+                                  stop_requested=early.requested)
+            if result.stopped and job.global_rank == 0:
                 self._requeue(handler, early.received or signal_number(self.requeue_signal))
-        return summary
+        return result
 
     def _requeue(self, handler: SignalHandler, signum: int) -> None:
         """submitit's protocol, after the checkpoint: dump checkpoint()'s submission, `scontrol requeue`, exit.
