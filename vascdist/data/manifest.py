@@ -147,51 +147,11 @@ def build_manifest(roots: str | Path | list, out: str | Path, classes: list[str]
     file is its own patient. A patient found in two sites is refused: a site must be a centre that owns its
     patients.
     """
-    regex = None
-    if patient_pattern:
-        try:
-            regex = re.compile(patient_pattern)
-        except re.error as exc:
-            raise DataError(f"--patient-pattern '{patient_pattern}': invalid regex ({exc})") from None
-        if regex.groups < 1:
-            raise DataError(f"--patient-pattern '{patient_pattern}' needs one capture group for the patient id")
-
-    def patient_of(file: Path) -> str:
-        if regex is None:
-            return file.stem
-        match = regex.search(file.name)
-        if not match:
-            raise DataError(f"{file}: file name does not match --patient-pattern '{patient_pattern}'")
-        return match.group(1)
-
+    patient_of = _patient_namer(patient_pattern)
     rows: list[tuple[Path, str, str, str]] = []  # (audio, label, recording id, site)
     for root in [Path(r) for r in (roots if isinstance(roots, (list, tuple)) else [roots])]:
-        if not root.is_dir():
-            raise DataError(f"{root}: not a directory")
-        folders = physionet_folders(root)
-        if folders:
-            for folder in folders:
-                rows += [(audio, label, f"{folder.name}/{audio.stem}", site or folder.name)
-                         for audio, label in _reference_entries(folder, classes)]
-            continue
-        class_dirs, before = sorted(d for d in root.iterdir() if d.is_dir()), len(rows)
-        if not class_dirs:
-            raise DataError(f"{root}: neither a REFERENCE.csv, nor training-* folders with one, nor one sub-folder "
-                            "per class")
-        for d in class_dirs:
-            label_index(d.name, classes, f"{d}")  # unknown folder names fail here, naming the folder
-            rows += [(f, d.name, f.relative_to(root).with_suffix("").as_posix(), site or "")
-                     for f in sorted(d.rglob("*")) if f.suffix.lower() in AUDIO_SUFFIXES]
-        if len(rows) == before:
-            raise DataError(f"{root}: no audio files found ({', '.join(AUDIO_SUFFIXES)})")
-
-    site_of_patient: dict[str, tuple[str, Path]] = {}
-    for audio, _, _, where in rows:
-        patient = patient_of(audio)
-        first = site_of_patient.setdefault(patient, (where, audio))
-        if first[0] != where:
-            raise DataError(f"{audio}: patient '{patient}' is also in site '{first[0]}' ({first[1]}); a patient "
-                            "belongs to one site (give --patient-pattern, or one --site for all)")
+        rows += _rows_of_root(root, classes, site)
+    _check_one_site_per_patient(rows, patient_of)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = io.StringIO(newline="")
@@ -207,3 +167,56 @@ def build_manifest(roots: str | Path | list, out: str | Path, classes: list[str]
         writer.writerow([rel, label, patient_of(audio), rec_id] + ([where] if with_site else []))
     atomic_write_text(out, text.getvalue())
     return len(rows)
+
+
+def _patient_namer(patient_pattern: str | None):
+    """file -> patient id: the first group of `patient_pattern` searched in the file name, else the file stem."""
+    if not patient_pattern:
+        return lambda file: file.stem
+    try:
+        regex = re.compile(patient_pattern)
+    except re.error as exc:
+        raise DataError(f"--patient-pattern '{patient_pattern}': invalid regex ({exc})") from None
+    if regex.groups < 1:
+        raise DataError(f"--patient-pattern '{patient_pattern}' needs one capture group for the patient id")
+
+    def patient_of(file: Path) -> str:
+        match = regex.search(file.name)
+        if not match:
+            raise DataError(f"{file}: file name does not match --patient-pattern '{patient_pattern}'")
+        return match.group(1)
+    return patient_of
+
+
+def _rows_of_root(root: Path, classes: list[str], site: str | None) -> list[tuple[Path, str, str, str]]:
+    """(audio, label, recording id, site) of every recording under one root: PhysioNet folders (site = the
+    folder's name unless `site` is given) or one sub-folder per class."""
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    folders = physionet_folders(root)
+    if folders:
+        return [(audio, label, f"{folder.name}/{audio.stem}", site or folder.name)
+                for folder in folders for audio, label in _reference_entries(folder, classes)]
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if not class_dirs:
+        raise DataError(f"{root}: neither a REFERENCE.csv, nor training-* folders with one, nor one sub-folder "
+                        "per class")
+    rows = []
+    for d in class_dirs:
+        label_index(d.name, classes, f"{d}")  # unknown folder names fail here, naming the folder
+        rows += [(f, d.name, f.relative_to(root).with_suffix("").as_posix(), site or "")
+                 for f in sorted(d.rglob("*")) if f.suffix.lower() in AUDIO_SUFFIXES]
+    if not rows:
+        raise DataError(f"{root}: no audio files found ({', '.join(AUDIO_SUFFIXES)})")
+    return rows
+
+
+def _check_one_site_per_patient(rows, patient_of) -> None:
+    """A patient found in two sites is refused: a site must be a centre that owns its patients."""
+    site_of_patient: dict[str, tuple[str, Path]] = {}
+    for audio, _, _, where in rows:
+        patient = patient_of(audio)
+        first = site_of_patient.setdefault(patient, (where, audio))
+        if first[0] != where:
+            raise DataError(f"{audio}: patient '{patient}' is also in site '{first[0]}' ({first[1]}); a patient "
+                            "belongs to one site (give --patient-pattern, or one --site for all)")

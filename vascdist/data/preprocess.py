@@ -148,55 +148,78 @@ def preprocess(manifest: str | Path, out_dir: str | Path, cfg: PreprocessConfig,
                                 dataclasses.asdict(cfg), cfg.shard_size, cfg.chunk_size, file_sha256(manifest),
                                 norm_axis=1)
         spill = out / ".spill"
-        kept: list[tuple[Recording, np.ndarray, dict]] = []  # (recording, its cycle numbers, its index entry)
-        seen: dict[str, Recording] = {}  # content sha256 -> the first row with that audio
-        skipped: list[tuple[Recording, str]] = []
         patients = {p: i for i, p in enumerate(sorted({r.patient_id for r in recordings}))}
         jobs = [(rec, cfg) for rec in recordings]
         bar = ProgressReporter("preprocess", len(jobs), unit="recording", enabled=progress,
                                interval_s=progress_interval_s)
         with closing(_results(jobs, workers)) as results:  # closed at once on an error: the pool stops now
-            for rec, x, cycles, quality, facts, error in results:
-                bar.update(1)
-                if not error and facts["content_sha256"] in seen:  # refused even with --skip-bad: which is wrong?
-                    raise _same_audio(rec, seen[facts["content_sha256"]])
-                if error:
-                    if not skip_bad:
-                        raise DataError(f"{error} (manifest row {rec.row}; --skip-bad goes on past bad recordings)")
-                    skipped.append((rec, error))
-                elif skip_bad:
-                    spill.mkdir(exist_ok=True)
-                    np.save(spill / f"{len(kept)}.npy", x)
-                else:
-                    _add(writer, rec, x, cycles, splits[rec.patient_id], patients[rec.patient_id], len(kept))
-                if not error:
-                    seen[facts["content_sha256"]] = rec
-                    kept.append((rec, cycles, {"quality": quality, **facts}))
+            kept, skipped = _take_results(results, writer, spill if skip_bad else None, splits, patients, bar)
         bar.close()
         if skipped:
-            text = io.StringIO(newline="")
-            w = csv.writer(text)
-            w.writerow(["path", "manifest_row", "reason"])
-            w.writerows([str(r.path), r.row, reason] for r, reason in skipped)
-            atomic_write_text(out / "skipped.csv", text.getvalue())
+            _write_skipped(out / "skipped.csv", skipped)
         if not kept:
             raise DataError(f"{manifest}: no usable recordings ({len(skipped)} skipped, reasons in the first: "
                             f"{skipped[0][1] if skipped else 'none'})")
         first_draw = splits
-        if skip_bad:
-            used = [rec for rec, _, _ in kept]
-            splits = assign_splits(used, cfg.split)
-            patients = {p: i for i, p in enumerate(sorted({r.patient_id for r in used}))}
-            for i, (rec, cycles, _) in enumerate(kept):
-                _add(writer, rec, np.load(spill / f"{i}.npy"), cycles, splits[rec.patient_id], patients[rec.patient_id], i)
-            shutil.rmtree(spill)
+        if skip_bad:  # the splits are drawn again over the patients that kept a recording
+            splits, patients = _add_spilled(writer, spill, [(rec, cycles) for rec, cycles, _ in kept], cfg)
+        # An excluded recording counts in its patient's split, or where the first draw put a patient left with none.
         excluded = [{"id": rec.recording_id, "patient": rec.patient_id, "path": str(rec.path), "label": rec.label,
-                     "split": splits.get(rec.patient_id, first_draw[rec.patient_id]), "site": rec.site, "reason": error}
-                    for rec, error in skipped]  # for index.json's counts per split and label
+                     "split": splits.get(rec.patient_id, first_draw[rec.patient_id]), "site": rec.site,
+                     "reason": error} for rec, error in skipped]
         return writer.finish(list(patients), [
             {"id": rec.recording_id, "patient": rec.patient_id, "path": str(rec.path), "label": rec.label,
              "split": splits[rec.patient_id], "cycles": len(cycles), "site": rec.site, **entry}
             for rec, cycles, entry in kept], excluded)
+
+
+def _take_results(results, writer: ShardSetWriter, spill: Path | None, splits: dict, patients: dict, bar):
+    """Each analysed recording in manifest order: written to its split (or, with --skip-bad, `spill`ed until the
+    splits are drawn again), or refused, or with --skip-bad skipped with its reason. The same audio under two rows
+    is refused even with --skip-bad (which of them is wrong?). Returns (kept: recording, its cycle numbers, its
+    index entry; skipped: recording, reason)."""
+    kept: list[tuple[Recording, np.ndarray, dict]] = []
+    seen: dict[str, Recording] = {}  # content sha256 -> the first row with that audio
+    skipped: list[tuple[Recording, str]] = []
+    for rec, x, cycles, quality, facts, error in results:
+        bar.update(1)
+        if not error and facts["content_sha256"] in seen:
+            raise _same_audio(rec, seen[facts["content_sha256"]])
+        if error:
+            if spill is None:
+                raise DataError(f"{error} (manifest row {rec.row}; --skip-bad goes on past bad recordings)")
+            skipped.append((rec, error))
+            continue
+        if spill is not None:
+            spill.mkdir(exist_ok=True)
+            np.save(spill / f"{len(kept)}.npy", x)
+        else:
+            _add(writer, rec, x, cycles, splits[rec.patient_id], patients[rec.patient_id], len(kept))
+        seen[facts["content_sha256"]] = rec
+        kept.append((rec, cycles, {"quality": quality, **facts}))
+    return kept, skipped
+
+
+def _write_skipped(path: Path, skipped: list[tuple[Recording, str]]) -> None:
+    """skipped.csv: path, manifest row and reason of every recording --skip-bad went past."""
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["path", "manifest_row", "reason"])
+    w.writerows([str(r.path), r.row, reason] for r, reason in skipped)
+    atomic_write_text(path, text.getvalue())
+
+
+def _add_spilled(writer: ShardSetWriter, spill: Path, kept: list[tuple[Recording, np.ndarray]],
+                 cfg: PreprocessConfig) -> tuple[dict, dict]:
+    """With --skip-bad: draw the splits over the patients that kept a recording, then write the spilled
+    spectrograms in their order; returns (split of each patient, patient numbers)."""
+    used = [rec for rec, _ in kept]
+    splits = assign_splits(used, cfg.split)
+    patients = {p: i for i, p in enumerate(sorted({r.patient_id for r in used}))}
+    for i, (rec, cycles) in enumerate(kept):
+        _add(writer, rec, np.load(spill / f"{i}.npy"), cycles, splits[rec.patient_id], patients[rec.patient_id], i)
+    shutil.rmtree(spill)
+    return splits, patients
 
 
 def _add(writer: ShardSetWriter, rec: Recording, x: np.ndarray, cycles: np.ndarray, split: str, patient: int,
