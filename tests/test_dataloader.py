@@ -98,6 +98,20 @@ def test_a_stock_dataloader_consumes_shard_batches(shards_dir):
     same(list(loader), threaded(shards_dir, epoch=1)[4:])
 
 
+def test_a_shared_slot_returns_to_its_worker_once_its_batch_is_garbage(shards_dir):
+    loader = WorkerLoader(stream(shards_dir), workers=2)
+    slots = loader.dataset.slots
+    first = None
+    for batch in loader:
+        first = batch if first is None else first  # held to the end: its slot stays claimed
+    del batch
+    assert int(slots.held.sum()) == 1 and int(slots.claimed.sum()) == 1  # every other slot came back
+    same([first], threaded(shards_dir, epoch=0)[:1])  # never overwritten while held
+    del first
+    assert int(slots.held.sum()) == 0 and int(slots.claimed.sum()) == 0
+    loader.close()
+
+
 def test_evaluation_splits_and_the_short_last_batch(shards_dir):
     for split in ("val", "test"):
         expected = list(StreamingLoader(stream(shards_dir, split=split)))
