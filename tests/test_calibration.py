@@ -16,6 +16,7 @@ from vascdist.eval.evaluate import split_metrics
 from vascdist.eval.metrics import expected_calibration_error
 from vascdist.eval.thresholds import ThresholdRule
 from vascdist.inference import calibrated
+from vascdist.train.saved import Progress
 from vascdist.train.state import CheckpointManager
 
 
@@ -141,8 +142,8 @@ def test_too_few_validation_patients_fall_back_to_half_with_a_warning(capsys):
 
 def test_predict_applies_the_checkpoint_temperature():
     probs = np.array([[0.2, 0.8], [0.6, 0.4]], np.float32)
-    assert np.array_equal(calibrated(probs, {"progress": {}}), probs)  # runs from before calibration existed
-    hot = calibrated(probs, {"progress": {"temperature": 2.0}})
+    assert np.array_equal(calibrated(probs, Progress.from_saved({}).temperature), probs)  # runs from before calibration
+    hot = calibrated(probs, Progress.from_saved({"temperature": 2.0}).temperature)
     assert hot[0, 1] == pytest.approx(np.sqrt(0.8) / (np.sqrt(0.8) + np.sqrt(0.2)), rel=1e-6)
 
 

@@ -13,7 +13,8 @@ import torch
 from helpers import run_cli
 from vascdist.errors import VascdistError
 from vascdist.runner import run_training
-from vascdist.train.state import CheckpointManager, model_weights
+from vascdist.train.saved import SavedCheckpoint
+from vascdist.train.state import CheckpointManager
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +60,7 @@ def test_non_finite_state_is_never_saved(shards_dir, tmp_path, capfd):
     assert f"last finite checkpoint kept: {files[-1][1]}" in str(raised.value)
     assert files, "at least the checkpoints before the divergence are kept"
     for _, path in files:
-        weights = model_weights(CheckpointManager(path.parent, 1).load(path))
+        weights = CheckpointManager(path.parent, 1).read(path).weights
         assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()), path.name
     assert str(raised.value).startswith("not saving step")
 

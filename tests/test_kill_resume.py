@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from helpers import SMALL
-from vascdist.train.state import CheckpointManager, model_weights
+from vascdist.train.saved import SavedCheckpoint
+from vascdist.train.state import CheckpointManager
 
 pytestmark = pytest.mark.slow  # kills and resumes real training runs
 
@@ -37,7 +38,7 @@ def final_state(run: Path) -> tuple[int, dict, dict]:
     """(final step, its weights, the test table) of a finished run."""
     manager = CheckpointManager(run / "checkpoints", 1)
     step, path = manager.step_files()[-1]
-    return step, model_weights(manager.load(path)), json.loads((run / "test_metrics.json").read_text())
+    return step, manager.read(path).weights, json.loads((run / "test_metrics.json").read_text())
 
 
 def killed_when(cmd: list[str], ready) -> None:

@@ -23,12 +23,13 @@ Every reason that applies is reported, not only the first.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # numpy and the quality checks are imported where used: the CLI reads AbstainRule's defaults
     import numpy as np
 
     from vascdist.config import AudioConfig
+    from vascdist.data.provenance import Provenance
 
 FOLDS = 10
 """The training recordings' own distances are cross-fitted: each from a fit on the other FOLDS - 1 folds of
@@ -104,17 +105,23 @@ def profile_from_info(info: dict) -> InputProfile | None:
     return InputProfile(**stored) if stored else None
 
 
-def abstain_reasons(quality: dict, windows: int, features: np.ndarray | None, info: dict, audio: AudioConfig,
+class TrainedOn(Protocol):
+    """What the rule knows of the training data (a checkpoint's train.saved.DataInfo)."""
+    provenance: Provenance
+    quality_range: dict
+    input_profile: InputProfile | None
+
+
+def abstain_reasons(quality: dict, windows: int, features: np.ndarray | None, info: TrainedOn, audio: AudioConfig,
                     rule: AbstainRule, synthetic: bool | None = None) -> list[str]:
-    """Why this recording gets no verdict from the model whose checkpoint data entry is `info` (empty: a verdict).
+    """Why this recording gets no verdict from the model whose checkpoint's data entry is `info` (empty: a verdict).
 
     `quality`: the recording's quality record; `windows`: its usable cycle windows; `features`: input_features
     of its spectrograms (None when it has none); `synthetic`: whether `vascdist synth` made it.
     """
     from vascdist.data.quality import absurd_reasons, outside_training_range
-    from vascdist.data.provenance import provenance_from_info
     reasons = list(absurd_reasons(quality, audio))
-    source = provenance_from_info(info).source
+    source = info.provenance.source
     if synthetic is not None and source in ("synthetic", "real") and synthetic != (source == "synthetic"):
         reasons.append("a real recording, and the model was trained on synthetic recordings (vascdist synth) only"
                        if source == "synthetic" else
@@ -124,8 +131,8 @@ def abstain_reasons(quality: dict, windows: int, features: np.ndarray | None, in
     if windows < rule.min_cycles:
         reasons.append(f"{windows} usable cycle window(s), fewer than the minimum of {rule.min_cycles} "
                        f"(predict --min-cycles)")
-    reasons += outside_training_range(quality, info.get("quality_range") or {})
-    profile = profile_from_info(info)
+    reasons += outside_training_range(quality, info.quality_range)
+    profile = info.input_profile
     if profile is not None and features is not None:
         distance, limit = profile.distance(features), rule.spectral_margin * profile.max_distance
         if distance > limit:

@@ -199,7 +199,6 @@ def _add_evaluate(sub) -> None:
 
     def run(a):
         _require_path(a.run, "run directory or checkpoint")
-        _refuse_a_live_run(a.run)
         from vascdist.eval.table import split_summary
         from vascdist.inference import evaluate_checkpoint
         from vascdist.runner import where_to_look
@@ -207,22 +206,9 @@ def _add_evaluate(sub) -> None:
         print(split_summary(result.report, result.best_step) + "\n" + where_to_look(result.run_dir))
         _print_sites(result.report)
         print(f"checkpoint: {result.checkpoint}")
-        print(result.provenance)
+        print(result.provenance.describe())
         print(f"wrote {result.json} and {result.png}")
     p.set_defaults(func=run)
-
-
-def _refuse_a_live_run(run: str) -> None:
-    """`evaluate RUN` of a run still training says so (its best.pt is still changing, and evaluate may repair it)."""
-    from vascdist.lockfile import holder
-    from vascdist.train.layout import RunLayout
-    layout = RunLayout(run)
-    training = holder(layout.lock) if layout.root.is_dir() else None
-    if training is not None:
-        files = layout.step_files()
-        example = f" (e.g. {files[-1][1]})" if files else ""
-        raise VascdistError(f"{run}: still training ({training}); wait for it to end, or evaluate one of its step "
-                            f"files explicitly{example}")
 
 
 def _print_sites(report: SplitReport) -> None:
@@ -281,51 +267,13 @@ def _add_predict(sub) -> None:
 
 def _print_predictions(provenance: Provenance, results: list[dict], verdicts: list[dict], with_patients: bool,
                        as_json: bool) -> None:
-    """predict's output: JSON, or the model's provenance once, then a verdict (or NO VERDICT and its reasons)
-    per recording and per patient, and the decision rule."""
+    """predict's output: JSON, or its text (predict_text.prediction_lines)."""
     import json
     if as_json:
         print(json.dumps({"recordings": results, "patients": verdicts} if with_patients else results, indent=1))
         return
-    from vascdist.data.provenance import DEMONSTRATION_NOTE
-    from vascdist.inference import decision_rule
-    print(provenance.describe())
-    for r in results:
-        note = f"  [{DEMONSTRATION_NOTE}]" if r.get("demonstration_model") else ""
-        if r["verdict"] is None:
-            print(f"{r['file']}: NO VERDICT{note}")
-            for reason in r["reasons"]:
-                print(f"  no verdict: {reason}")
-        else:
-            probs = "  ".join(f"P({k})={v:.3f}" for k, v in r["probabilities"].items())
-            per_cycle = " ".join(f"{list(c['probabilities'].values())[-1]:.2f}" for c in r["cycles"])
-            print(f"{r['file']}: {r['verdict'].upper()}  {probs}  ({len(r['cycles'])} cycles; "
-                  f"per-cycle P({list(r['probabilities'])[-1]}): {per_cycle}){note}")
-        _print_quality(r)
-    for v in verdicts:
-        left = f"; no verdict, left out: {', '.join(v['left_out'])}" if v["left_out"] else ""
-        if v["verdict"] is None:
-            print(f"patient {v['patient']}: NO VERDICT  (none of its {len(v['left_out'])} recordings got one)")
-            continue
-        probs = "  ".join(f"P({k})={p:.3f}" for k, p in v["probabilities"].items())
-        cut = "" if v["threshold"] is None else f", threshold {v['threshold']:.3f}"
-        warn = f", {v['warnings']} quality warnings" if v["warnings"] else ""
-        print(f"patient {v['patient']}: {v['verdict'].upper()}  {probs}  ({len(v['recordings'])} recordings{cut}"
-              f"{warn}{left})")
-    decided = [r for r in results if r["verdict"] is not None]
-    if decided:
-        print(decision_rule(decided[0]))
-
-
-def _print_quality(r: dict) -> None:
-    """One quality line per recording; a warning line per reason to doubt it."""
-    q = r.get("quality") or {}
-    if q:
-        hr = f"{q['heart_rate_bpm']:.0f} bpm" if q.get("heart_rate_bpm") else "no heart rate"
-        print(f"  quality: {hr}, periodicity {q.get('periodicity', float('nan')):.2f}, level {q.get('level_dbfs')} "
-              f"dBFS, SNR >= {q.get('snr_db')} dB, clipping {q.get('clipping_fraction')}, hum {q.get('hum_db')} dB")
-    for w in r.get("warnings", []):
-        print(f"  warning: {w}")
+    from vascdist.predict_text import prediction_lines
+    print("\n".join(prediction_lines(provenance, results, verdicts)))
 
 
 def _add_inspect(sub) -> None:

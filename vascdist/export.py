@@ -21,12 +21,16 @@ import warnings
 from contextlib import redirect_stdout
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from vascdist.errors import VascdistError
+
+if TYPE_CHECKING:
+    from vascdist.train.saved import DataInfo, SavedCheckpoint
 
 OPSET = 18
 """ONNX opset the graph is exported at (the card records the opset the file really declares)."""
@@ -78,7 +82,7 @@ class Exported:
 
 
 # --------------------------------------------------------------------------------------------- inputs
-def test_windows(cfg, info: dict, shards: str | None) -> tuple[np.ndarray, dict]:
+def test_windows(cfg, info: DataInfo, shards: str | None) -> tuple[np.ndarray, dict]:
     """Up to PARITY_SAMPLES test windows of the run's shard set (float16 as stored) and that set's index."""
     from vascdist.data.integrity import check_shard_set
     from vascdist.data.loader import ShardStream, StreamingLoader
@@ -111,12 +115,12 @@ def default_recording(index: dict) -> list[Path]:
     return []
 
 
-def recording_windows(path: Path, info: dict) -> np.ndarray:
+def recording_windows(path: Path, info: DataInfo) -> np.ndarray:
     """A recording preprocessed end to end as `vascdist predict` does: float16 log-mel windows."""
     from vascdist.config import PreprocessConfig, from_dict
     from vascdist.data.audio import load_audio_stats
     from vascdist.data.preprocess import analyse_recording
-    pcfg = from_dict(PreprocessConfig, info["preprocess"], "preprocess")
+    pcfg = from_dict(PreprocessConfig, info.preprocess, "preprocess")
     signal, stats = load_audio_stats(path, pcfg.audio)
     try:
         spec, _, _ = analyse_recording(signal, pcfg, stats)
@@ -141,18 +145,18 @@ def to_onnx(module: Deployable, example: torch.Tensor, opset: int) -> bytes:
     return proto.SerializeToString()
 
 
-def torch_probabilities(model: nn.Module, transform, state: dict, x16: np.ndarray) -> np.ndarray:
+def torch_probabilities(model: nn.Module, transform, temperature: float, x16: np.ndarray) -> np.ndarray:
     """Probabilities as `vascdist predict` computes them: normalise, model, softmax, the checkpoint's temperature."""
     from vascdist.inference import calibrated
     with torch.no_grad():
-        return calibrated(torch.softmax(model(transform(torch.from_numpy(x16))).float(), dim=1).numpy(), state)
+        return calibrated(torch.softmax(model(transform(torch.from_numpy(x16))).float(), dim=1).numpy(), temperature)
 
 
-def check_parity(session, model, transform, state, sources: list[tuple[str, np.ndarray]]) -> list[Parity]:
+def check_parity(session, model, transform, temperature: float, sources: list[tuple[str, np.ndarray]]) -> list[Parity]:
     """Compare onnxruntime with torch on every source (in batches of varied size: the batch axis is dynamic)."""
     out = []
     for name, x16 in sources:
-        expected = torch_probabilities(model, transform, state, x16)
+        expected = torch_probabilities(model, transform, temperature, x16)
         got = np.concatenate([session.run([OUTPUT], {INPUT: part.astype(np.float32)})[0]
                               for part in np.array_split(x16, max(1, min(3, len(x16))))])
         diff = float(np.abs(got - expected).max())
@@ -163,31 +167,31 @@ def check_parity(session, model, transform, state, sources: list[tuple[str, np.n
     return out
 
 
-def model_card(state: dict, info: dict, checkpoint: Path, opset: int, parity: list[Parity]) -> dict:
+def model_card(ckpt: SavedCheckpoint, opset: int, parity: list[Parity]) -> dict:
     """The JSON written beside the ONNX file (see the module docstring and README's export section)."""
     import onnx
     import onnxruntime
 
     import vascdist
-    from vascdist.inference import checkpoint_temperature
-    classes = info["classes"]
-    thresholds = dict(state["progress"].get("val_thresholds") or {})
+    info = ckpt.data
+    classes = info.classes
+    thresholds = dict(ckpt.val_thresholds)
     rule = thresholds.pop("rule", None)
     binary = len(classes) == 2
     decision = (f"a recording is '{classes[1]}' when the mean over its windows of P({classes[1]}) >= "
                 f"thresholds.recording; a patient when the mean over their recordings >= thresholds.patient"
                 if binary else "the class of the largest mean probability over the windows (or recordings)")
-    spec = info["preprocess"].get("spectrogram", {})
+    spec = info.preprocess.get("spectrogram", {})
     return {
         "model": "model.onnx", "opset": opset,
-        "input": {"name": INPUT, "dtype": "float32", "shape": ["batch", *info["sample_shape"]],
+        "input": {"name": INPUT, "dtype": "float32", "shape": ["batch", *info.sample_shape],
                   "what": (f"log-mel windows of one recording, one per cardiac cycle ({spec.get('n_mels')} mel bands "
                            f"x {spec.get('n_frames')} frames, dB), as vascdist preprocess makes them, before "
-                           f"normalisation" if info["kind"] == "spectrogram" else f"{info['kind']} samples")},
+                           f"normalisation" if info.kind == "spectrogram" else f"{info.kind} samples")},
         "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", len(classes)],
                    "what": "class probabilities per window, normalisation and temperature applied inside the graph"},
         "classes": classes,
-        "preprocessing": {"kind": info["kind"], "parameters": info["preprocess"],
+        "preprocessing": {"kind": info.kind, "parameters": info.preprocess,
                           "steps": ["decode to mono, resample to audio.sample_rate, band-pass to "
                                     "audio.bandpass_low_hz..bandpass_high_hz",
                                     "segment cardiac cycles from the energy envelope (cycles.*)",
@@ -195,12 +199,11 @@ def model_card(state: dict, info: dict, checkpoint: Path, opset: int, parity: li
                                     "spectrogram.hop_length x (n_frames - 1) samples at each onset",
                                     "log-mel per window: mel power spectrogram (n_fft, hop_length, n_mels, f_min, "
                                     "f_max, centred frames), then dB with top_db clipping per window"]},
-        "normalization": {**info["normalization"], "applied": "inside the graph: (x - mean) / std per mel band"},
-        "temperature": checkpoint_temperature(state),
+        "normalization": {**info.normalization, "applied": "inside the graph: (x - mean) / std per mel band"},
+        "temperature": ckpt.temperature,
         "thresholds": thresholds if binary else None, "threshold_rule": rule, "decision": decision,
-        "training_data": {key: info[key] for key in ("provenance", "quality_range") if key in info},
-        "checkpoint": {"file": checkpoint.name, "step": state["progress"].get("step"),
-                       "best_step": state["progress"].get("best_step")},
+        "training_data": {"provenance": info.provenance.to_dict(), "quality_range": info.quality_range},
+        "checkpoint": {"file": ckpt.path.name, "step": ckpt.step, "best_step": ckpt.best_step},
         "parity": {"tolerance": TOLERANCE, "checks": [asdict(p) for p in parity]},
         "versions": {"vascdist": vascdist.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},
@@ -214,42 +217,46 @@ def export_run(run: str | Path, out: str | Path | None = None, shards: str | Non
     OUT/example_input.npy (one recording's input windows; the card holds torch's mean probabilities for them)
     (default OUT: RUN/export/), after the parity checks."""
     require_export_extra()
-    import onnx
     import onnxruntime
 
-    from vascdist.data.transform import InputTransform
     from vascdist.fileio import atomic_write, atomic_write_json
-    from vascdist.inference import checkpoint_temperature, load_model
+    from vascdist.inference import load_model
     from vascdist.train.layout import RunLayout
-    from vascdist.train.state import find_checkpoint
-    checkpoint = find_checkpoint(run)
-    model, state, cfg = load_model(checkpoint)
-    info = state["data"]
-    windows, index = test_windows(cfg, info, shards)
-    files = [Path(r) for r in recordings] or (default_recording(index) if info["kind"] == "spectrogram" else [])
+    from vascdist.train.state import open_checkpoint
+    ckpt = open_checkpoint(run)
+    model, info = load_model(ckpt), ckpt.data
+    windows, index = test_windows(ckpt.config, info, shards)
+    files = [Path(r) for r in recordings] or (default_recording(index) if info.kind == "spectrogram" else [])
     sources = [(f"{len(windows)} test samples", windows)] + [(p.name, recording_windows(p, info)) for p in files]
 
-    transform = InputTransform(info)
-    module = Deployable(model, transform.mean, transform.inv_std, checkpoint_temperature(state)).eval()
-    data = to_onnx(module, torch.from_numpy(windows[:2].astype(np.float32)), opset)
-    proto = onnx.load_from_string(data)
-    declared = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    if not proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param:
-        raise VascdistError("export: the ONNX input's batch axis came out fixed, not dynamic; nothing written")
+    transform = info.input_transform()
+    data, declared = _onnx_bytes(Deployable(model, transform.mean, transform.inv_std, ckpt.temperature).eval(),
+                                 windows, opset)
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-    parity = check_parity(session, model, transform, state, sources)
+    parity = check_parity(session, model, transform, ckpt.temperature, sources)
 
-    out_dir = Path(out) if out else RunLayout(checkpoint.parent.parent).export
-    card = model_card(state, info, checkpoint, declared, parity)
+    out_dir = Path(out) if out else RunLayout(ckpt.path.parent.parent).export
+    card = model_card(ckpt, declared, parity)
     # One recording's windows (or test windows) with torch's answer: a deployment checks its runtime against it.
     name, example = sources[-1]
-    expected = torch_probabilities(model, transform, state, example).mean(axis=0)
-    card["example"] = {"input": EXAMPLE, "source": name, "mean_probabilities": dict(zip(info["classes"],
+    expected = torch_probabilities(model, transform, ckpt.temperature, example).mean(axis=0)
+    card["example"] = {"input": EXAMPLE, "source": name, "mean_probabilities": dict(zip(info.classes,
                                                                                      expected.tolist()))}
     atomic_write(out_dir / card["model"], lambda fh: fh.write(data))
     atomic_write(out_dir / EXAMPLE, lambda fh: np.save(fh, example.astype(np.float32)))
     atomic_write_json(out_dir / CARD, card)
     return Exported(out_dir / card["model"], out_dir / CARD, declared, parity)
+
+
+def _onnx_bytes(module: Deployable, windows: np.ndarray, opset: int) -> tuple[bytes, int]:
+    """(the ONNX file's bytes, the opset it declares); VascdistError if its batch axis came out fixed."""
+    import onnx
+    data = to_onnx(module, torch.from_numpy(windows[:2].astype(np.float32)), opset)
+    proto = onnx.load_from_string(data)
+    declared = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if not proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param:
+        raise VascdistError("export: the ONNX input's batch axis came out fixed, not dynamic; nothing written")
+    return data, declared
 
 
 def main(argv: list[str]) -> int:

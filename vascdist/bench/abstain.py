@@ -13,9 +13,13 @@ import json
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
+
+if TYPE_CHECKING:
+    from vascdist.train.saved import SavedCheckpoint
 
 DURATION_S = 30.0
 
@@ -62,13 +66,10 @@ def write_garbage(out: Path, rate: int = 4000, example: Path | None = None, seed
     return files
 
 
-def held_out_recordings(run_or_ckpt: str) -> tuple[list[Path], Path]:
-    """The test-split recordings of the shard set a run trained on, and that shard set."""
-    from vascdist.config import config_from_dict
+def held_out_recordings(ckpt: SavedCheckpoint) -> tuple[list[Path], Path]:
+    """The test-split recordings of the shard set a checkpoint's run trained on, and that shard set."""
     from vascdist.data.shards import load_index
-    from vascdist.inference import checkpoint_state, find_checkpoint
-    state = checkpoint_state(find_checkpoint(run_or_ckpt))
-    shards = Path(config_from_dict(state["config"]).data.shards)
+    shards = Path(ckpt.config.data.shards)
     index = load_index(shards)
     return [Path(r["path"]) for r in index["recordings"] if r["split"] == "test"], shards
 
@@ -98,21 +99,23 @@ def run(args) -> int:
     from vascdist.abstain import AbstainRule
     from vascdist.data.audio import load_audio_stats  # noqa: F401 (fails early without soundfile)
     from vascdist.inference import predict_files
+    from vascdist.train.state import open_checkpoint
     rule = AbstainRule(args.min_cycles, args.spectral_margin)
-    held_out, shards = held_out_recordings(args.run)
+    ckpt = open_checkpoint(args.run)  # read once, for every row
+    held_out, shards = held_out_recordings(ckpt)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         garbage = write_garbage(Path(tmp), example=held_out[0] if held_out else None)
         for name, path in garbage.items():
-            (result,) = predict_files(args.run, [str(path)], skipped=[], rule=rule) or [None]
+            (result,) = predict_files(ckpt, [str(path)], skipped=[], rule=rule) or [None]
             rows.append((name, *(count([result]) if result else (0, 0, Counter({"unreadable": 1})))))
         for item in args.other:  # each folder or file is one row
             p = Path(item)
             files = sorted(p.glob("*.wav"))[: args.limit] if p.is_dir() else [p]
-            rows.append((f"{item} ({len(files)} files)", *count(predict_files(args.run, [str(f) for f in files],
+            rows.append((f"{item} ({len(files)} files)", *count(predict_files(ckpt, [str(f) for f in files],
                                                                                skipped=[], rule=rule))))
         rows.append((f"held-out test recordings ({len(held_out)}, {shards})",
-                     *count(predict_files(args.run, [str(f) for f in held_out], skipped=[], rule=rule))))
+                     *count(predict_files(ckpt, [str(f) for f in held_out], skipped=[], rule=rule))))
     print(f"| input | verdict | no verdict | reasons |\n|---|---|---|---|")
     for name, verdicts, abstained, kinds in rows:
         print(f"| {name} | {verdicts} | {abstained} | {', '.join(f'{k} {v}' for k, v in kinds.most_common())} |")

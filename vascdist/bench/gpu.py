@@ -241,9 +241,8 @@ class GpuCheck:
 
     def part_resume(self, deadline: float, out: dict) -> None:
         """Kill a run (SIGKILL, its whole process group) once its first periodic checkpoint exists, resume it."""
-        from vascdist.train.checkpoint import load_file
         from vascdist.train.layout import RunLayout
-        from vascdist.train.state import model_weights
+        from vascdist.train.saved import SavedCheckpoint
 
         reference = self.reference
         if reference is None:  # `dist` did not run or failed before its one-process run
@@ -277,8 +276,8 @@ class GpuCheck:
         match = re.search(r"resumed from \S+ at step (\d+)", resumed.stdout)
         losses = compare_losses(step_losses(layout.root), step_losses(reference))
         final = RunLayout(reference).step_files()[-1]
-        ours = model_weights(load_file(layout.checkpoints / final[1].name))
-        theirs = model_weights(load_file(final[1]))
+        ours = SavedCheckpoint.read(layout.checkpoints / final[1].name).weights
+        theirs = SavedCheckpoint.read(final[1]).weights
         import torch
         weights_equal = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
         out.update({"killed_with_checkpoints": saved, "resumed_at_step": int(match.group(1)) if match else None,

@@ -37,6 +37,7 @@ from vascdist.fileio import disk_full, disk_full_message
 from vascdist.train.checkpoint import fsync_tree
 from vascdist.train.engines import grad_norm
 from vascdist.train.precision import uses_bf16
+from vascdist.train.saved import EngineState, SavedCheckpoint, with_deepspeed_tag
 from vascdist.train.state import CheckpointManager, deepspeed_root, deepspeed_tag, prune_deepspeed_tags
 
 # Keys of a DeepSpeed JSON that vascdist builds itself from its own config sections.
@@ -230,7 +231,7 @@ class DeepSpeedEngine:
 
     def state_dict(self) -> dict:
         """Full model weights (replicated under ZeRO 0-2); the optimiser state lives in the DeepSpeed directory."""
-        return {"model": self.module.state_dict(), "engine": self.name, "zero_stage": self.zero_stage}
+        return EngineState(self.name, self.module.state_dict(), zero_stage=self.zero_stage).to_dict()
 
     def save_checkpoint(self, manager: CheckpointManager, step: int, state: dict, is_best: bool = False) -> None:
         """Every rank writes its DeepSpeed partition; then rank 0 writes the step file that marks both complete."""
@@ -248,7 +249,7 @@ class DeepSpeedEngine:
         def write_step_file() -> None:
             fsync_tree(root / tag)
             try:
-                manager.save(step, {**state, "engine": {**state["engine"], "deepspeed_tag": tag}}, is_best=is_best)
+                manager.save(step, with_deepspeed_tag(state, tag), is_best=is_best)
             except VascdistError:  # e.g. a full disk under the step file: no step file claims this tag, drop it
                 shutil.rmtree(root / tag, ignore_errors=True)
                 raise
@@ -266,19 +267,21 @@ class DeepSpeedEngine:
         shutil.rmtree(tag_dir, ignore_errors=True)
         raise VascdistError(disk_full_message(tag_dir)) from None
 
-    def load_checkpoint(self, manager: CheckpointManager, path: str | Path) -> dict:
+    def load_checkpoint(self, manager: CheckpointManager, path: str | Path) -> SavedCheckpoint:
         """Every rank reads the step file and loads weights plus its optimiser partition from the tag directory."""
         path = Path(path)
-        state = manager.load(path)
-        saved = state["engine"]
-        if saved.get("engine") != self.name:
-            raise VascdistError(f"checkpoint '{path}' was written by dist.engine={saved.get('engine', 'ddp')}; resume "
-                                "it with that engine (its optimiser state is not in DeepSpeed's format)")
-        if saved["zero_stage"] != self.zero_stage or state["world_size"] != self.env.world_size:
-            raise VascdistError(f"checkpoint '{path}' holds ZeRO-{saved['zero_stage']} state of {state['world_size']} "
-                                f"ranks; resume it with dist.zero_stage={saved['zero_stage']} on {state['world_size']} "
+        saved = manager.read(path)
+        engine = saved.engine
+        if engine.name != self.name:
+            raise VascdistError(f"checkpoint '{path}' was written by dist.engine={engine.name}; resume it with "
+                                "that engine (its optimiser state is not in DeepSpeed's format)")
+        if engine.zero_stage != self.zero_stage or saved.world_size != self.env.world_size:
+            raise VascdistError(f"checkpoint '{path}' holds ZeRO-{engine.zero_stage} state of {saved.world_size} "
+                                f"ranks; resume it with dist.zero_stage={engine.zero_stage} on {saved.world_size} "
                                 f"ranks (now {self.zero_stage} on {self.env.world_size})")
-        tag_dir = deepspeed_root(path.parent) / saved["deepspeed_tag"]
+        if engine.deepspeed_tag is None:
+            raise VascdistError(f"checkpoint '{path}' names no DeepSpeed directory (written before its partitions)")
+        tag_dir = deepspeed_root(path.parent) / engine.deepspeed_tag
         if not tag_dir.is_dir():
             raise VascdistError(f"checkpoint '{path}' has no DeepSpeed directory '{tag_dir}' (pruned or not copied)")
         try:
@@ -290,4 +293,4 @@ class DeepSpeedEngine:
                               "trained with") from None
         if loaded is None:
             raise VascdistError(f"DeepSpeed could not load '{tag_dir}'")
-        return state
+        return saved

@@ -15,7 +15,8 @@ from torch import nn
 
 from vascdist.config import Config
 from vascdist.dist import DistEnv, convert_sync_batchnorm, ensure_process_group, on_main, wrap_ddp
-from vascdist.errors import ConfigError
+from vascdist.errors import ConfigError, VascdistError
+from vascdist.train.saved import EngineState, SavedCheckpoint
 from vascdist.train.state import CheckpointManager
 
 
@@ -62,7 +63,7 @@ class Engine(Protocol):
         """Called on every rank; the engine decides which ranks write what."""
         ...
 
-    def load_checkpoint(self, manager: CheckpointManager, path: str | Path) -> dict:
+    def load_checkpoint(self, manager: CheckpointManager, path: str | Path) -> SavedCheckpoint:
         """Called on every rank: restore model and optimiser from `path`; returns the whole saved state."""
         ...
 
@@ -117,30 +118,29 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "engine": self.name}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        return EngineState(self.name, self.module.state_dict(), self.optimizer.state_dict()).to_dict()
 
     def save_checkpoint(self, manager: CheckpointManager, step: int, state: dict, is_best: bool = False) -> None:
         """Model and optimiser are replicated on every rank, so global rank 0 alone writes the one file."""
         on_main(self.env, manager.save, step, state, is_best=is_best)
 
-    def load_checkpoint(self, manager: CheckpointManager, path: str | Path) -> dict:
+    def load_checkpoint(self, manager: CheckpointManager, path: str | Path) -> SavedCheckpoint:
         """Every rank reads the file and restores model and optimiser; returns the whole saved state."""
-        state = manager.load(path)
-        written_by = state["engine"].get("engine", self.name)
+        saved = manager.read(path)
+        written_by = saved.engine.name
         if written_by != self.name:
             raise ConfigError(f"checkpoint {path} was written by dist.engine={written_by}; resume it with "
                               f"dist.engine={written_by} (this run has dist.engine={self.cfg.dist.engine})")
+        if saved.engine.optimizer is None:
+            raise VascdistError(f"checkpoint '{path}' holds no optimiser state; it cannot be resumed")
         try:
-            self.load_state_dict(state["engine"])
+            self.module.load_state_dict(saved.engine.model)
+            self.optimizer.load_state_dict(saved.engine.optimizer)
         except (RuntimeError, KeyError, ValueError) as exc:  # another architecture or optimiser than the checkpoint's
             raise ConfigError(f"checkpoint {path} does not fit this run's model or optimiser "
                               f"({str(exc).strip().splitlines()[0][:200]}); resume it with the config it was "
                               "trained with") from None
-        return state
+        return saved
 
 
 def prepare_module(module: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:

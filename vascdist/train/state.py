@@ -14,15 +14,15 @@ consistent after a kill at any instant:
 - a step whose parameters are not finite is never saved (`TrainState.save`), so the last finite checkpoint stays.
 
 `TrainState` bundles what must survive a restart (engine, scheduler, loader, progress, RNG), each behind
-``state_dict``/``load_state_dict``, and saves and resumes it through the layout.
+``state_dict``/``load_state_dict``, and saves and resumes it through the layout. What a checkpoint file holds,
+and the typed view every reader goes through (`SavedCheckpoint`), are in train/saved.py; `open_checkpoint` reads
+the one a command names.
 """
 
 from __future__ import annotations
 
-import math
 import shutil
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,19 @@ from vascdist.fileio import temp_target
 from vascdist.train.checkpoint import (atomic_copy, atomic_torch_save, capture_rng_state, check_weights_only, load_file,
                                        restore_rng_state, try_load)
 from vascdist.train.layout import BEST_FILE, DEEPSPEED_DIR, STEP_FILE, STEP_TAG, RunLayout, step_files, step_stem
+from vascdist.train.saved import Progress, SavedCheckpoint, saved_progress
 
 
 
 # --------------------------------------------------------------------------------------------- layout
-def best_weights(layout: RunLayout) -> Path:
-    """The checkpoint file of a run's best model (best.pt, recovered from its step file if it was lost)."""
+def best_checkpoint(layout: RunLayout) -> SavedCheckpoint:
+    """A run's best model (best.pt, recovered from its step file if it was lost), read once."""
     manager = CheckpointManager(layout.checkpoints, 1)
-    manager.recover_best()
-    if manager.best_path.is_file():
-        return manager.best_path
+    state = manager.best_state()
+    if state is not None:
+        return SavedCheckpoint.from_state(manager.best_path, state)
+    if manager.best_path.is_file():  # there, but unreadable: the loader's line names the problem
+        return SavedCheckpoint.read(manager.best_path)
     steps = manager.step_files()
     if not steps:
         raise VascdistError(f"{layout.root}: no checkpoints (neither {BEST_FILE} nor step-*.pt in {layout.checkpoints})")
@@ -50,22 +53,15 @@ def best_weights(layout: RunLayout) -> Path:
                         f"deleted); pass a step file explicitly, e.g. {steps[-1][1]}")
 
 
-def find_checkpoint(run_or_checkpoint: str | Path) -> Path:
-    """A checkpoint file as given, or a run directory's best weights (what evaluate and predict load)."""
+def open_checkpoint(run_or_checkpoint: str | Path) -> SavedCheckpoint:
+    """A checkpoint file as given, or a run directory's best weights (what evaluate, predict and export read),
+    read once."""
     path = Path(run_or_checkpoint)
     if path.is_file():
-        return path
+        return SavedCheckpoint.read(path)
     if path.is_dir() and (path / "checkpoints").is_dir():
-        return best_weights(RunLayout(path))
+        return best_checkpoint(RunLayout(path))
     raise VascdistError(f"{path}: neither a checkpoint file nor a run directory with checkpoints")
-
-
-def model_weights(state: dict) -> dict:
-    """The model's state_dict inside a loaded checkpoint (the one place that knows where it is kept)."""
-    try:
-        return state["engine"]["model"]
-    except (KeyError, TypeError):
-        raise VascdistError("not a vascdist checkpoint (no engine.model weights)") from None
 
 
 def deepspeed_tag(step: int) -> str:
@@ -79,14 +75,14 @@ def deepspeed_root(checkpoint_dir: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-def _saved_step(state: dict) -> int | None:
-    progress = state.get("progress")
-    return progress.get("step") if isinstance(progress, dict) else None
+def _saved_step(state: dict | None) -> int | None:
+    progress = saved_progress(state)
+    return None if progress is None else progress.step
 
 
-def _saved_best_step(state: dict) -> int | None:
-    progress = state.get("progress")
-    best = progress.get("best_step") if isinstance(progress, dict) else None
+def _saved_best_step(state: dict | None) -> int | None:
+    progress = saved_progress(state)
+    best = None if progress is None else progress.best_step
     return best if isinstance(best, int) and best >= 0 else None
 
 
@@ -134,11 +130,6 @@ class CheckpointManager:
         self._remove_stale_temp_files()
         return path
 
-    def best_step_on_disk(self) -> int | None:
-        """The step best.pt holds (None if it is missing or unreadable); reads the whole file."""
-        state, _ = try_load(self.best_path, weights_only=self.weights_only) if self.best_path.is_file() else (None, "")
-        return None if state is None else _saved_step(state)
-
     def _prune(self, step: int) -> None:
         """Keep the file of `step` (just written) and the newest keep_last - 1 below it; remove any above it."""
         older = [p for s, p in self.step_files() if s < step]
@@ -161,6 +152,10 @@ class CheckpointManager:
         """Load one checkpoint file; VascdistError naming the file if it is missing, truncated or corrupt."""
         return load_file(path, map_location, self.weights_only)
 
+    def read(self, path: str | Path, map_location: Any = "cpu") -> SavedCheckpoint:
+        """One vascdist checkpoint file through the typed view (`load`'s errors, and one line for a foreign file)."""
+        return SavedCheckpoint.from_state(Path(path), self.load(path, map_location))
+
     def latest_loadable(self, map_location: Any = "cpu") -> tuple[Path, dict] | None:
         """The newest step file that loads, with its state; corrupt files are skipped with one stderr line."""
         for _, path in reversed(self.step_files()):
@@ -174,16 +169,27 @@ class CheckpointManager:
         """Rewrite best.pt from the step file of the best step recorded in the newest loadable step file, when
         best.pt is missing, unreadable or older than that step (a kill between the two writes). Returns best.pt's
         path if it was rewritten."""
+        return self._recover()[0]
+
+    def best_state(self) -> dict | None:
+        """best.pt's state after `recover_best` (None when there is no loadable best.pt)."""
+        return self._recover()[1]
+
+    def _recover(self) -> tuple[Path | None, dict | None]:
+        """(best.pt if it was rewritten, best.pt's state now); each file is read once."""
         found = self.latest_loadable()
         best_step = _saved_best_step(found[1]) if found else None
-        if best_step is None or self.best_step_on_disk() == best_step:
-            return None
+        on_disk = try_load(self.best_path, weights_only=self.weights_only)[0] if self.best_path.is_file() else None
+        if best_step is None or _saved_step(on_disk) == best_step:
+            return None, on_disk
         source = self.step_path(best_step)
-        if not source.is_file() or try_load(source, weights_only=self.weights_only)[0] is None:
-            return None
+        state = found[1] if found[0] == source else \
+            try_load(source, weights_only=self.weights_only)[0] if source.is_file() else None
+        if state is None:
+            return None, on_disk
         atomic_copy(source, self.best_path)
         print(f"recovered {self.best_path} from {source.name} (best step {best_step})", file=sys.stderr, flush=True)
-        return self.best_path
+        return self.best_path, state
 
 
 def prune_deepspeed_tags(manager: CheckpointManager) -> list[Path]:
@@ -228,35 +234,6 @@ def resolve_resume(resume: str, run_dir_checkpoints: str | Path, weights_only: b
 
 
 # --------------------------------------------------------------------------------------------- train state
-@dataclass
-class Progress:
-    """Loop counters that a checkpoint restores."""
-    step: int = 0
-    epoch: int = 0
-    best_metric: float = -math.inf
-    best_loss: float = math.inf
-    best_step: int = -1
-    evals_without_improvement: int = 0
-    bad_steps_in_a_row: int = 0
-    bad_steps_total: int = 0
-    val_thresholds: dict | None = None
-    temperature: float = 1.0  # eval.calibrate=temperature: fitted on validation at the best step
-    history: list = field(default_factory=list)
-    finished: str = ""  # why training ended ('' while it goes on): a resume of a finished run tests, never trains on
-    stopped_early: bool = False  # the end was early stopping (no longer step limit brings it back to training)
-
-    def can_train_on(self, planned_steps: int) -> bool:
-        """Whether a resumed run trains: not finished, or finished at a step limit that the resumed config raised."""
-        return not self.finished or (not self.stopped_early and self.step < planned_steps)
-
-    def state_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in Progress(**state).__dict__.items():
-            setattr(self, key, value)
-
-
 def all_finite(module: torch.nn.Module) -> bool:
     """Whether every floating parameter and buffer of `module` is finite (a diverged step leaves NaN or inf)."""
     return all(bool(torch.isfinite(t).all()) for t in (*module.parameters(), *module.buffers()) if t.is_floating_point())
@@ -280,13 +257,14 @@ class TrainState:
                 "loader": self.loader.state_dict(), "rng": capture_rng_state(), "progress": self.progress.state_dict(),
                 **self.extra}
 
-    def load_state_dict(self, saved: dict) -> None:
+    def load_state_dict(self, saved: SavedCheckpoint) -> None:
         """Restore scheduler, loader, RNG and progress (the engine restores itself from the file: DeepSpeed
         reads its own directory)."""
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.loader.load_state_dict(saved["loader"])
-        restore_rng_state(saved["rng"])
-        self.progress.load_state_dict(saved["progress"])
+        saved.require_resumable()
+        self.scheduler.load_state_dict(saved.scheduler)
+        self.loader.load_state_dict(saved.loader)
+        restore_rng_state(saved.rng)
+        self.progress.load_state_dict(saved.progress.state_dict())
 
     def save(self, finite: bool, is_best: bool = False) -> bool:
         """Checkpoint the current step on every rank (the engine decides who writes); `finite` must be the same on
@@ -313,8 +291,8 @@ class TrainState:
         if self.progress.best_step < 0:
             return
         best = self.checkpoints.best_path
-        state = self.checkpoints.load(best) if best.is_file() else None
-        if state is None or _saved_step(state) != self.progress.best_step:
+        saved = self.checkpoints.read(best) if best.is_file() else None
+        if saved is None or saved.step != self.progress.best_step:
             raise VascdistError(f"the best checkpoint (step {self.progress.best_step}) is not in {best}; "
                                 f"evaluate the run's step files explicitly with `vascdist evaluate FILE`")
-        self.engine.module.load_state_dict(model_weights(state))
+        self.engine.module.load_state_dict(saved.weights)
