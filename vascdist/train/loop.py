@@ -40,21 +40,11 @@ from vascdist.train.losses import build_loss
 from vascdist.train.optim import build_optimizer, build_scheduler, run_epochs
 from vascdist.train.precision import autocast_context
 from vascdist.train.runlog import RunLogger, log_report
+from vascdist.train.saved import DataInfo, reader_entries
 from vascdist.train.state import TrainState, all_finite
 
 class TrainingDiverged(VascdistError):
     """Too many non-finite losses in a row."""
-
-
-def data_info(index: dict) -> dict:
-    """What inference needs to know about the data a model was trained on (stored in every checkpoint): the
-    shapes, the preprocessing, and what predict abstains outside of (abstain.py) and prints (provenance.py)."""
-    from vascdist.abstain import input_profile
-    from vascdist.data.provenance import provenance_of
-    info = {k: index[k] for k in ("kind", "classes", "sample_shape", "preprocess", "normalization")}
-    profile = input_profile([r for r in index.get("recordings", []) if r.get("split") == "train"])
-    return {**info, "quality_range": index.get("quality_range", {}), "provenance": provenance_of(index).to_dict(),
-            "input_profile": profile.to_dict() if profile else None}
 
 
 def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv) -> Engine:
@@ -100,7 +90,7 @@ def build(cfg: Config, env: DistEnv, index: dict, layout: RunLayout) -> Run:
     module = prepare_module(build_model(cfg.model, len(classes), tuple(index["sample_shape"])), cfg, env)
     engine = build_engine(module, build_optimizer(cfg.optim, module), cfg, env)
     scheduler = build_scheduler(cfg.sched, engine.optimizer, len(train_loader), cfg.train.epochs)
-    extra = {"config": to_dict(cfg), "data": data_info(index), "world_size": env.world_size}
+    extra = reader_entries(to_dict(cfg), DataInfo.entry_of(index), env.world_size)
     state = TrainState(engine, scheduler, train_loader, layout, cfg.train.keep_last, extra, writer=env.is_main)
     return Run(cfg, env, classes, index["kind"] == "beats", state, InputTransform(index, env.device, cfg.train.channels_last),
                build_loss(cfg.loss, len(classes)).to(env.device), val_loader, test_loader,

@@ -1,14 +1,15 @@
 """What a checkpoint file holds, read through one typed view: `SavedCheckpoint`.
 
 A step file (``step-NNNNNNNN.pt``, ``best.pt``) is a dict of plain values so that ``torch.load(weights_only=True)``
-reads it. Its keys are spelled here and nowhere else:
+reads it. Its keys are spelled here and nowhere else (`checkpoint_entries`, `reader_entries`, `DataInfo.entry_of`
+and `EngineState.to_dict` write them; `SavedCheckpoint` reads them):
 
 - ``engine``: `EngineState` (the model's weights, the optimiser's state or DeepSpeed's ZeRO stage and tag);
 - ``scheduler``, ``loader``, ``rng``: state_dicts of the components a resume restores (opaque to readers);
 - ``progress``: `Progress`, the loop's counters with the best step and what validation chose (thresholds,
   temperature);
 - ``config``: the resolved config tree (`Config`);
-- ``data``: `DataInfo`, what the model knows of its data (written by train.loop.data_info);
+- ``data``: `DataInfo`, what the model knows of its data;
 - ``world_size``: how many ranks wrote it (DeepSpeed's partitions are per rank).
 
 Resume (both engines), evaluate, predict, export and the benchmarks read a checkpoint as a `SavedCheckpoint`, once.
@@ -122,6 +123,17 @@ class DataInfo:
                    info["normalization"], dict(info.get("quality_range") or {}), provenance_from_info(info),
                    profile_from_info(info))
 
+    @staticmethod
+    def entry_of(index: dict) -> dict:
+        """The data entry a run saves from its shard set's index: the shapes, the preprocessing, and what predict
+        abstains outside of (abstain.py: the training recordings' input profile) and prints (provenance.py)."""
+        from vascdist.abstain import input_profile
+        from vascdist.data.provenance import provenance_of
+        info = {k: index[k] for k in ("kind", "classes", "sample_shape", "preprocess", "normalization")}
+        profile = input_profile([r for r in index.get("recordings", []) if r.get("split") == "train"])
+        return {**info, "quality_range": index.get("quality_range", {}), "provenance": provenance_of(index).to_dict(),
+                "input_profile": profile.to_dict() if profile else None}
+
     def input_transform(self, device: Any = "cpu") -> InputTransform:
         """The normalisation the model was trained behind (float16 spectrograms in, normalised float32 out)."""
         from vascdist.data.transform import InputTransform
@@ -195,6 +207,20 @@ class SavedCheckpoint:
     def temperature(self) -> float:
         """The softmax temperature fitted on validation (eval.calibrate=temperature); 1.0 for none."""
         return float(self.progress.temperature)
+
+
+def checkpoint_entries(engine: dict, scheduler: dict, loader: dict, rng: dict, progress: Progress,
+                       for_readers: dict) -> dict:
+    """The dict a step file holds (TrainState.state_dict): what a resume restores, then `for_readers`
+    (reader_entries)."""
+    return {"engine": engine, "scheduler": scheduler, "loader": loader, "rng": rng, "progress": progress.state_dict(),
+            **for_readers}
+
+
+def reader_entries(config: dict, data: dict, world_size: int) -> dict:
+    """What a step file holds for its readers and a resume does not restore: the resolved config tree, the data
+    entry (DataInfo.entry_of) and the number of ranks that wrote it."""
+    return {"config": config, "data": data, "world_size": world_size}
 
 
 def with_deepspeed_tag(state: dict, tag: str) -> dict:

@@ -33,7 +33,7 @@ from vascdist.fileio import temp_target
 from vascdist.train.checkpoint import (atomic_copy, atomic_torch_save, capture_rng_state, check_weights_only, load_file,
                                        restore_rng_state, try_load)
 from vascdist.train.layout import BEST_FILE, DEEPSPEED_DIR, STEP_FILE, STEP_TAG, RunLayout, step_files, step_stem
-from vascdist.train.saved import Progress, SavedCheckpoint, saved_progress
+from vascdist.train.saved import Progress, SavedCheckpoint, checkpoint_entries, saved_progress
 
 
 
@@ -242,7 +242,8 @@ def all_finite(module: torch.nn.Module) -> bool:
 class TrainState:
     """Everything a restart restores, saved to and resumed from one run directory.
 
-    `extra` holds what is saved for readers but not restored (the config, the data description, the world size).
+    `extra` holds what is saved for readers but not restored (saved.reader_entries: the config, the data entry, the
+    world size).
     """
 
     def __init__(self, engine, scheduler, loader, layout: RunLayout, keep_last: int, extra: dict, writer: bool):
@@ -253,9 +254,8 @@ class TrainState:
         self.checkpoints = CheckpointManager(layout.checkpoints, keep_last)
 
     def state_dict(self) -> dict:
-        return {"engine": self.engine.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "loader": self.loader.state_dict(), "rng": capture_rng_state(), "progress": self.progress.state_dict(),
-                **self.extra}
+        return checkpoint_entries(self.engine.state_dict(), self.scheduler.state_dict(), self.loader.state_dict(),
+                                  capture_rng_state(), self.progress, self.extra)
 
     def load_state_dict(self, saved: SavedCheckpoint) -> None:
         """Restore scheduler, loader, RNG and progress (the engine restores itself from the file: DeepSpeed
