@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from helpers import flip_byte, run_cli
 from vascdist.errors import VascdistError
 from vascdist.runner import run_training
+from vascdist.train.saved import SavedCheckpoint
 from vascdist.train.state import CheckpointManager
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,32 @@ def test_resume_is_bitwise_exact(shards_dir, straight_run, tmp_path):
     mom_b = [s["momentum_buffer"] for s in b["engine"]["optimizer"]["state"].values()]
     assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
     assert a["loader"] == b["loader"]
-    assert summary.test.value("recording/balanced_accuracy") == resumed.test.value("recording/balanced_accuracy")
+    # The interrupted run was evaluated where its step limit ended it (steps_per_epoch + 37), which the straight
+    # run was not; unless that evaluation became the best, both test the same checkpoint, to the last digit.
+    assert resumed.best_step in (summary.best_step, steps_per_epoch + 37)
+    if resumed.best_step == summary.best_step:
+        assert summary.test.value("recording/balanced_accuracy") == resumed.test.value("recording/balanced_accuracy")
+
+
+def test_the_steps_after_the_last_evaluation_count_and_patience_counts_every_evaluation(shards_dir, straight_run,
+                                                                                        tmp_path):
+    """A step limit in the middle of an epoch is evaluated before the test (its steps can be the best checkpoint);
+    with train.eval_every, early stopping ends the run at the evaluation that uses up the patience, not at the
+    epoch's end."""
+    limit = straight_run[1].step // 2 + 13
+    limited = run_training(None, overrides(shards_dir, tmp_path, f"train.max_steps={limit}"),
+                           run_dir=str(tmp_path / "limited"), quiet=True)
+    history = SavedCheckpoint.read(tmp_path / "limited" / "checkpoints" / f"step-{limit:08d}.pt").progress.history
+    evaluated = [h["step"] for h in history]
+    epoch = evaluated[0]  # the first evaluation ends the first epoch
+    assert limit % epoch and evaluated == [epoch * (i + 1) for i in range(limit // epoch)] + [limit]
+    assert limited.best_step in evaluated
+    early = run_training(None, overrides(shards_dir, tmp_path, "train.eval_every=4", "train.early_stop_patience=1"),
+                         run_dir=str(tmp_path / "early"), quiet=True)
+    last = sorted((tmp_path / "early" / "checkpoints").glob("step-*.pt"))[-1]
+    progress = SavedCheckpoint.read(last).progress
+    assert progress.stopped_early and progress.evals_without_improvement == 1, progress.finished
+    assert early.step % 4 == 0 and early.step == progress.history[-1]["step"]
 
 
 def test_tensorboard_events_read_back(straight_run):

@@ -131,10 +131,10 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
                 loss, grad_norm = train_step(run, batch, want_norm=should_log(cfg, progress.step))
                 log_step(run, loss, grad_norm, meter, bar)
                 if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
-                    validate(run)
+                    validate(run, decide_early_stop=True)  # patience counts evaluations, mid-epoch ones too
                 elif cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
                     save(run)
-                finished = at_step_limit(run)
+                finished = progress.stopped_early or at_step_limit(run)
                 stopped = any_rank(stop_requested(), env)
                 if finished or stopped:
                     break
@@ -144,8 +144,6 @@ def train(cfg: Config, env: DistEnv, run_dir: Path, resume: str | None = None, q
                 if not cfg.train.eval_every:
                     validate(run, decide_early_stop=True)  # its checkpoint records the decision
                     finished = progress.stopped_early
-                else:
-                    finished = should_stop_early(run)
         if stopped:
             save(run)  # the exact state to resume from (mid-epoch included; finished too if this was the last step)
             return RunResult(run_dir, progress.step, stopped=True)
@@ -291,8 +289,10 @@ def should_stop_early(run: Run) -> bool:
 def test(run: Run, run_dir: Path) -> RunResult:
     """The test report of the best checkpoint at the thresholds chosen on validation; logged and returned."""
     cfg, env, progress, classes = run.cfg, run.env, run.state.progress, run.classes
-    if progress.best_step < 0:
-        validate(run)  # no evaluation happened yet (max_steps before the first one): thresholds come from val, never test
+    if not progress.history or progress.history[-1]["step"] != progress.step:
+        # The steps since the last evaluation (a step limit mid-epoch or between eval_every points, or before the
+        # first evaluation) count for the best checkpoint; thresholds come from validation, never from test.
+        validate(run)
     barrier(env)  # rank 0's last best.pt is on disk before every rank reads it
     run.state.load_best_weights()
     arrays = predict_arrays(run.state.engine.module, run.test_loader, env, cfg.train.precision, cfg.train.channels_last)
