@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vascdist.data.shard_format import INDEX
 from vascdist.errors import VascdistError
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def test_windows(cfg, info: DataInfo, shards: str | None) -> tuple[np.ndarray, d
     from vascdist.data.loader import ShardStream, StreamingLoader
     from vascdist.inference import check_compatible
     shards_dir = Path(shards or cfg.data.shards)
-    if not (shards_dir / "index.json").is_file():
+    if not (shards_dir / INDEX).is_file():
         raise VascdistError(f"{shards_dir}: the run's shard set is not there; the parity check needs its test "
                             "samples (give --shards DIR)")
     index = check_shard_set(shards_dir)

@@ -31,6 +31,7 @@ from vascdist.bench.makeshards import make_shards, samples_for_steps
 from vascdist.config import load_config
 from vascdist.dist import DistEnv
 from vascdist.models import build_model, count_flops
+from vascdist.train.layout import RunLayout
 from vascdist.train.losses import build_loss
 from vascdist.train.optim import build_optimizer
 from vascdist.train.precision import autocast_context
@@ -72,7 +73,7 @@ def full_loop(ovr: list[str], run_dir: Path, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     with TreeMemory() as mem, contextlib.redirect_stdout(io.StringIO()):
         run_training(None, ovr, run_dir=str(run_dir), quiet=True)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in RunLayout(run_dir).metrics.read_text().splitlines()]
     # windows end at steps 1, 10, 20, ...; those up to step 10 still warm up (allocator, oneDNN kernels)
     windows = [r for r in records if r.get("split") == "train" and "train/samples_per_s" in r and r["step"] > 10]
     if not windows:
@@ -123,7 +124,6 @@ def breakdown(cfg, device: torch.device, steps: int, log_dir: Path) -> dict:
     from vascdist.data.shards import load_index
     from vascdist.progress import ProgressReporter
     from vascdist.train import loop
-    from vascdist.train.layout import RunLayout
     env = DistEnv(device=device)
     run = loop.build(cfg, env, load_index(cfg.data.shards), RunLayout(log_dir))
     run.log = RunLogger(log_dir, enabled=True)

@@ -59,7 +59,7 @@ def open_checkpoint(run_or_checkpoint: str | Path) -> SavedCheckpoint:
     path = Path(run_or_checkpoint)
     if path.is_file():
         return SavedCheckpoint.read(path)
-    if path.is_dir() and (path / "checkpoints").is_dir():
+    if path.is_dir() and RunLayout(path).checkpoints.is_dir():
         return best_checkpoint(RunLayout(path))
     raise VascdistError(f"{path}: neither a checkpoint file nor a run directory with checkpoints")
 
