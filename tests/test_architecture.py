@@ -1,5 +1,6 @@
 """The import graph of vascdist has no circle: no two modules import each other, directly or through others,
-counting imports inside functions too (an import hidden in a function is still a dependency)."""
+counting imports inside functions too (an import hidden in a function is still a dependency); and the launchers a
+clone's users run by path (launch/) are the scripts the package ships, not copies."""
 
 from __future__ import annotations
 
@@ -49,3 +50,10 @@ def test_no_import_circle_inside_vascdist():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+def test_the_launchers_run_by_path_are_the_shipped_scripts():
+    from vascdist.launch import SCRIPTS
+    for name in SCRIPTS:
+        by_path, shipped = REPO / "launch" / name, REPO / "vascdist" / "launch" / name
+        assert by_path.is_symlink() and by_path.resolve() == shipped.resolve(), name

@@ -1,0 +1,1 @@
+../vascdist/launch/torchrun.sh
