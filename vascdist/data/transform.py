@@ -36,12 +36,18 @@ class InputTransform:
 
     def __call__(self, x: torch.Tensor, augment: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True).to(torch.float32, copy=True)  # never the caller's: in place below
+        floor = shift = False
         if augment is not None:
+            # Which augmentations this batch uses, read on the host before the copy: a batch without a floor or a
+            # shift (their options off) then costs no device synchronisation to find that out.
+            floor, shift = bool((augment[:, 5] != NO_FLOOR).any()), bool((augment[:, 4] != 0).any())
             augment = augment.to(self.device, non_blocking=True)
-            x = add_noise_floor(x, augment[:, 5])
+            if floor:
+                x = add_noise_floor(x, augment[:, 5])
         x.sub_(self.mean).mul_(self.inv_std)
         if augment is not None:
-            x = shift_time(x, augment[:, 4])
+            if shift:
+                x = shift_time(x, augment[:, 4])
             x.mul_(spec_augment_keep(augment, x.shape[-2], x.shape[-1]))
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
